@@ -1,0 +1,11 @@
+"""kiln's handlers: each one concern, in its own file, attached with ``attach(engine)``."""
+from callbacks.amp import AMP
+from callbacks.grad_clip import GradClip
+from callbacks.metrics_log import MetricsLog
+from callbacks.one_cycle import OneCycle
+from callbacks.progress import Progress
+from callbacks.run_summary import RunSummary
+from callbacks.tensorboard import TensorBoard
+from callbacks.validation import Validation
+
+__all__ = ["AMP", "GradClip", "MetricsLog", "OneCycle", "Progress", "RunSummary", "TensorBoard", "Validation"]

@@ -1,0 +1,76 @@
+"""GradClip: clip true-scale gradients by total norm or by value, and record the pre-clip norm."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from ignite.engine import Engine
+from ignite.engine.events import RemovableEventHandle
+
+from engine.events import StepEvents
+
+__all__ = ["GradClip"]
+
+MODES = ("norm", "value")
+
+
+class GradClip:
+    """Gradient clipping on BEFORE_OPTIMIZER_STEP, where gradients are in true units under every precision.
+
+    Writes the total gradient norm *before* clipping to ``state.grad_norm`` as a device tensor (no host
+    sync); a non-finite norm is recorded as is (the optimizer step or a guard deals with it).
+
+    Events: BEFORE_OPTIMIZER_STEP. Writes ``state.grad_norm``; mutates the parameters' ``.grad``.
+    State: none.
+
+    Args:
+        parameters: the parameters whose gradients it clips.
+        max_norm: with mode "norm", the largest total norm allowed; ``None`` only measures.
+        mode: "norm" (``clip_grad_norm_``) or "value" (``clip_grad_value_`` at ``clip_value``).
+        clip_value: with mode "value", the largest absolute gradient entry.
+        norm_type: the p of the p-norm.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1)
+        >>> clip = GradClip(model.parameters(), max_norm=1.0)
+        >>> len(clip.parameters)
+        2
+    """
+
+    def __init__(
+        self,
+        parameters: Iterable[torch.nn.Parameter],
+        max_norm: float | None = 1.0,
+        mode: str = "norm",
+        clip_value: float | None = None,
+        norm_type: float = 2.0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if max_norm is not None and max_norm <= 0:
+            raise ValueError(f"max_norm must be > 0 or None, not {max_norm}")
+        if mode == "value" and (clip_value is None or clip_value <= 0):
+            raise ValueError("mode 'value' needs clip_value > 0")
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.max_norm = max_norm
+        self.mode = mode
+        self.clip_value = clip_value
+        self.norm_type = norm_type
+
+    def attach(self, engine: Engine) -> list[RemovableEventHandle]:
+        """Clip on every optimizer step of ``engine``; returns the handles."""
+        return [engine.add_event_handler(StepEvents.BEFORE_OPTIMIZER_STEP, self)]
+
+    def __call__(self, engine: Engine) -> None:
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        if not grads:
+            engine.state.grad_norm = None
+            return
+        if self.mode == "norm" and self.max_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_norm, self.norm_type, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads, self.norm_type, foreach=True)
+            if self.mode == "value":
+                torch.nn.utils.clip_grad_value_(self.parameters, self.clip_value, foreach=True)
+        engine.state.grad_norm = norm.detach()

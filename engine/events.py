@@ -1,0 +1,58 @@
+"""The custom events kiln fires inside a training step, and the ``engine.state`` fields they guarantee."""
+from ignite.engine import EventEnum
+
+__all__ = ["StepEvents", "EpochEvents", "STEP_EVENT_COUNTERS"]
+
+
+class StepEvents(EventEnum):
+    """Events fired by kiln's training step, between ignite's ITERATION_STARTED and ITERATION_COMPLETED.
+
+    One ignite iteration processes one (micro-)batch. With ``accumulation_steps = k`` the optimizer
+    steps on every k-th batch of an epoch and on the epoch's last batch; the three optimizer events
+    fire only on those iterations::
+
+        ITERATION_STARTED                     state.lr = lr of param group 0 for this step
+          with autocast(precision):
+              loss = loss_fn(model(x), y)
+          FORWARD_COMPLETED                   state.loss: this batch's loss, detached fp32 tensor
+          (scaler.scale(loss) if fp16 else loss / window).backward()
+          -- only when the accumulation window closes: --
+          BACKWARD_COMPLETED                  raw grads exist; under fp16 still multiplied by the loss scale.
+                                              AMP unscales here.
+          BEFORE_OPTIMIZER_STEP               grads are true-scale: clip, measure, check here.
+                                              A handler may set state.skip_step = True to drop the update.
+          scaler.step(optimizer) / optimizer.step()   (skipped on inf grads or skip_step)
+          OPTIMIZER_STEP_COMPLETED            state.step_skipped, state.loss_scale, state.optimizer_step
+                                              are current: schedulers, EMA, scale monitors go here.
+          optimizer.zero_grad(set_to_none=True)
+        ITERATION_COMPLETED                   logging, metrics
+
+    ``every=``/``once=`` filters work on these events: FORWARD_COMPLETED counts ``state.iteration``, the
+    others count ``state.optimizer_step`` (optimizer steps attempted, skipped ones included).
+    """
+
+    FORWARD_COMPLETED = "forward_completed"
+    BACKWARD_COMPLETED = "backward_completed"
+    BEFORE_OPTIMIZER_STEP = "before_optimizer_step"
+    OPTIMIZER_STEP_COMPLETED = "optimizer_step_completed"
+
+
+class EpochEvents(EventEnum):
+    """Events fired on the trainer once per epoch, after ignite's EPOCH_COMPLETED handlers.
+
+    VALIDATION_COMPLETED is fired by ``callbacks.Validation`` once the epoch's validation has written
+    ``val_*`` entries into ``trainer.state.metrics``; epoch loggers listen here, so they never depend on
+    the order in which they and the validation were attached.
+    """
+
+    VALIDATION_COMPLETED = "validation_completed"
+
+
+#: Which ``engine.state`` counter each step event's ``every=``/``once=`` filter reads.
+STEP_EVENT_COUNTERS = {
+    StepEvents.FORWARD_COMPLETED: "iteration",
+    StepEvents.BACKWARD_COMPLETED: "optimizer_step",
+    StepEvents.BEFORE_OPTIMIZER_STEP: "optimizer_step",
+    StepEvents.OPTIMIZER_STEP_COMPLETED: "optimizer_step",
+    EpochEvents.VALIDATION_COMPLETED: "epoch",
+}

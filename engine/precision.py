@@ -1,0 +1,64 @@
+"""Precision policy: which autocast dtype a device trains in, and whether it needs loss scaling."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Precision", "resolve_precision", "resolve_device", "PRECISIONS"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision: ``name`` is one of fp32, bf16, fp16; ``device_type`` is "cpu" or "cuda".
+
+    ``needs_scaler`` is True for fp16 only: its gradients underflow without loss scaling.
+    """
+
+    name: str
+    device_type: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.name]
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.name == "fp16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context for the forward pass (a no-op for fp32)."""
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else the CPU; anything else is passed to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> Precision:
+    """Turn ``auto | fp32 | bf16 | fp16`` into a concrete :class:`Precision` for ``device``.
+
+    ``auto`` is fp32 on the CPU; on CUDA it is bf16 where the GPU supports it, else fp16 (with a scaler).
+
+    Raises:
+        ValueError: for an unknown name, or bf16 on a GPU without bf16 support.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    device_type = torch.device(device).type
+    if precision == "auto":
+        if device_type != "cuda":
+            return Precision("fp32", device_type)
+        return Precision("bf16" if torch.cuda.is_bf16_supported() else "fp16", device_type)
+    if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bf16; use --precision fp16")
+    return Precision(precision, device_type)

@@ -1,0 +1,209 @@
+"""``create_trainer``: the training step as an ignite process function that fires :class:`StepEvents`."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from ignite.engine import Engine, Events
+
+from engine.events import STEP_EVENT_COUNTERS, EpochEvents, StepEvents
+from engine.precision import Precision, resolve_precision
+
+__all__ = ["create_trainer", "StepOutput", "prepare_batch", "iteration_seed"]
+
+log = logging.getLogger("kiln")
+
+
+class StepOutput(NamedTuple):
+    """What the training step returns (``engine.state.output``): no host sync is needed to build it."""
+
+    loss: torch.Tensor  #: this batch's loss, detached, fp32, 0-dim
+    y_pred: torch.Tensor  #: the model's output, detached
+    y: torch.Tensor  #: the targets
+
+
+def prepare_batch(batch: Sequence[torch.Tensor], device: torch.device, non_blocking: bool = True):
+    """Move an ``(x, y)`` batch to ``device`` (a no-op for tensors already there)."""
+    x, y = batch[0], batch[1]
+    return x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The torch seed of one iteration: a pure function of the run seed and the iteration number."""
+    return (seed * 1_000_003 + iteration * 7919) % (2**63 - 1)
+
+
+def create_trainer(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    device: str | torch.device | None = None,
+    precision: str | Precision = "auto",
+    accumulation_steps: int = 1,
+    seed: int | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    prepare: Callable = prepare_batch,
+) -> Engine:
+    """Build the training engine: one ignite iteration per (micro-)batch, firing :class:`StepEvents`.
+
+    The step owns the order (autocast, loss, scaled backward, unscale, optimizer step, zero_grad);
+    handlers attached to the step events own the policy (clipping, schedules, guards, logging).
+
+    ``engine.state`` fields this engine defines (handlers read these, and write only the ones marked):
+        precision (Precision): the resolved precision policy.
+        scaler (GradScaler | None): the loss scaler the step uses; installed by ``callbacks.AMP``.
+        lr (float): LR of param group 0 used by this iteration's optimizer step.
+        loss (Tensor): this batch's loss, detached fp32 (FORWARD_COMPLETED onwards).
+        grad_norm (Tensor | None): pre-clip total grad norm; written by ``callbacks.GradClip``.
+        skip_step (bool): a BEFORE_OPTIMIZER_STEP handler may set it to drop this update.
+        step_skipped (bool): whether the last optimizer step was skipped (inf grads or skip_step).
+        loss_scale (float | None): the scaler's scale after the last step (fp16 only).
+        optimizer_step (int): optimizer steps attempted so far (skipped ones included); checkpointed.
+        epoch_loss_sum, epoch_samples: running train-loss sum (device tensor) and sample count of
+            the current epoch; ``state.metrics["train_loss"]`` is their ratio at EPOCH_COMPLETED.
+
+    Args:
+        model: the network, already on ``device``.
+        optimizer: its optimizer.
+        loss_fn: ``loss_fn(y_pred, y) -> scalar tensor``.
+        device: where batches go; defaults to the model's device.
+        precision: ``auto | fp32 | bf16 | fp16`` or a resolved :class:`Precision`.
+        accumulation_steps: batches per optimizer step (windows never cross an epoch boundary).
+        seed: when given, torch's RNG is re-seeded before every iteration from (seed, iteration), so
+            dropout and other model randomness do not depend on where a run was resumed.
+        memory_format: e.g. ``torch.channels_last`` for 4-D inputs.
+        prepare: ``prepare(batch, device) -> (x, y)``.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from engine import create_trainer
+        >>> model = torch.nn.Linear(4, 2)
+        >>> trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy)
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))] * 3
+        >>> trainer.run(data, max_epochs=2).optimizer_step
+        6
+    """
+    if accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be >= 1, not {accumulation_steps}")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    if isinstance(precision, str):
+        precision = resolve_precision(precision, device)
+
+    def train_step(engine: Engine, batch: Any) -> StepOutput:
+        state = engine.state
+        model.train()
+        x, y = prepare(batch, device)
+        if x.dim() == 4 and memory_format is not torch.contiguous_format:
+            x = x.contiguous(memory_format=memory_format)
+        if seed is not None:
+            torch.manual_seed(iteration_seed(seed, state.iteration))
+        position = (state.iteration - 1) % state.epoch_length
+        window_start = position - position % accumulation_steps
+        window = min(accumulation_steps, state.epoch_length - window_start)
+        closes_window = position - window_start + 1 == window
+
+        with precision.autocast():
+            y_pred = model(x)
+            loss = loss_fn(y_pred, y)
+        state.loss = loss.detach().float()
+        state.epoch_loss_sum += state.loss * x.shape[0]
+        state.epoch_samples += x.shape[0]
+        engine.fire_event(StepEvents.FORWARD_COMPLETED)
+
+        scaler = state.scaler
+        to_backward = loss.float() / window if window > 1 else loss
+        (scaler.scale(to_backward) if scaler is not None else to_backward).backward()
+
+        if closes_window:
+            state.optimizer_step += 1
+            state.skip_step = False
+            engine.fire_event(StepEvents.BACKWARD_COMPLETED)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # true-scale grads before anyone clips or measures them
+            engine.fire_event(StepEvents.BEFORE_OPTIMIZER_STEP)
+            _optimizer_step(state, optimizer, scaler)
+            engine.fire_event(StepEvents.OPTIMIZER_STEP_COMPLETED)
+            optimizer.zero_grad(set_to_none=True)
+        return StepOutput(state.loss, y_pred.detach(), y)
+
+    trainer = Engine(train_step)
+    trainer.register_events(*StepEvents, *EpochEvents, event_to_attr=STEP_EVENT_COUNTERS)
+    trainer.state_dict_user_keys.extend(["optimizer_step", "epoch_loss_sum", "epoch_samples"])
+    state = trainer.state
+    state.precision = precision
+    state.scaler = None
+    state.lr = optimizer.param_groups[0]["lr"]
+    state.loss = None
+    state.grad_norm = None
+    state.skip_step = False
+    state.step_skipped = False
+    state.loss_scale = None
+    state.optimizer_step = 0
+    state.epoch_loss_sum = torch.zeros((), device=device)
+    state.epoch_samples = 0
+
+    @trainer.on(Events.STARTED)
+    def _start(engine: Engine) -> None:
+        if engine.state.iteration == 0:  # a fresh run, not a resume: counters start again
+            engine.state.optimizer_step = 0
+        if engine.state.precision.needs_scaler and engine.state.scaler is None:
+            log.warning("precision fp16 without a loss scaler: small gradients will underflow; attach callbacks.AMP")
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _start_epoch(engine: Engine) -> None:
+        s = engine.state
+        resumed_mid_epoch = s.iteration % s.epoch_length != 0
+        if not resumed_mid_epoch:
+            s.epoch_loss_sum = torch.zeros((), device=device)
+            s.epoch_samples = 0
+        _position_data(s.dataloader, s.epoch, s.iteration % s.epoch_length)
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _record_lr(engine: Engine) -> None:
+        engine.state.lr = optimizer.param_groups[0]["lr"]
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _train_loss(engine: Engine) -> None:
+        s = engine.state
+        s.metrics["train_loss"] = (s.epoch_loss_sum / max(s.epoch_samples, 1)).item()
+
+    return trainer
+
+
+def _optimizer_step(state: Any, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+    """Step (or skip) and record ``step_skipped`` and ``loss_scale`` before OPTIMIZER_STEP_COMPLETED."""
+    if scaler is None:
+        if not state.skip_step:
+            optimizer.step()
+        state.step_skipped = state.skip_step
+        return
+    before = scaler.get_scale()
+    if not state.skip_step:
+        scaler.step(optimizer)  # skips the update by itself when the unscaled grads hold inf/NaN
+    scaler.update()
+    state.loss_scale = scaler.get_scale()
+    state.step_skipped = state.skip_step or state.loss_scale < before
+
+
+def _position_data(data: Any, epoch: int, start_batch: int) -> None:
+    """Tell the data which epoch starts, and at which batch (non-zero only when resuming mid-epoch).
+
+    Works with anything that has ``set_position(epoch, start_batch)`` (kiln's batchers and samplers),
+    and with a DataLoader whose sampler has ``set_epoch`` (e.g. DistributedSampler), which ignite
+    itself never calls.
+    """
+    target = data
+    if not hasattr(target, "set_position"):
+        sampler = getattr(data, "batch_sampler", None)
+        sampler = getattr(sampler, "sampler", None) or getattr(data, "sampler", None)
+        target = sampler if sampler is not None else data
+    if hasattr(target, "set_position"):
+        target.set_position(epoch, start_batch)
+    elif hasattr(target, "set_epoch"):
+        target.set_epoch(epoch - 1)
+        if start_batch:
+            log.warning("this data loader cannot start mid-epoch: the resumed epoch restarts its order")
