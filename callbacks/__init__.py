@@ -1,5 +1,7 @@
 """kiln's handlers: each one concern, in its own file, attached with ``attach(engine)``."""
 from callbacks.amp import AMP
+from callbacks.checkpoint import Checkpointer
+from callbacks.graceful_stop import GracefulStop
 from callbacks.grad_clip import GradClip
 from callbacks.metrics_log import MetricsLog
 from callbacks.one_cycle import OneCycle
@@ -8,4 +10,4 @@ from callbacks.run_summary import RunSummary
 from callbacks.tensorboard import TensorBoard
 from callbacks.validation import Validation
 
-__all__ = ["AMP", "GradClip", "MetricsLog", "OneCycle", "Progress", "RunSummary", "TensorBoard", "Validation"]
+__all__ = ["AMP", "Checkpointer", "GracefulStop", "GradClip", "MetricsLog", "OneCycle", "Progress", "RunSummary", "TensorBoard", "Validation"]

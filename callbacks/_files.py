@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_json_atomic", "append_jsonl"]
+__all__ = ["write_json_atomic", "append_jsonl", "truncate_jsonl"]
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -33,3 +33,27 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: str | Path, max_iteration: int) -> int:
+    """Drop the lines of ``path`` whose "iteration" is above ``max_iteration``; returns how many were dropped.
+
+    A resumed run replays the iterations after its checkpoint, so their lines would otherwise appear twice.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("iteration", 0) > max_iteration:
+                dropped += 1
+                continue
+        except (ValueError, AttributeError):
+            pass
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, path)
+    return dropped

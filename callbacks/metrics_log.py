@@ -7,7 +7,7 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
 from callbacks._files import append_jsonl
-from engine.events import EpochEvents
+from engine.events import EpochEvents, ensure_epoch_events
 from engine.records import epoch_record, step_record
 
 __all__ = ["MetricsLog"]
@@ -42,8 +42,7 @@ class MetricsLog:
 
     def attach(self, engine: Engine) -> list[RemovableEventHandle]:
         """Write lines as ``engine`` trains; returns the handles."""
-        if not engine.has_registered_events(EpochEvents.VALIDATION_COMPLETED):
-            engine.register_events(*EpochEvents)
+        ensure_epoch_events(engine)
         return [
             engine.add_event_handler(EpochEvents.VALIDATION_COMPLETED, self.write_epoch),
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.write_step),

@@ -10,7 +10,7 @@ from ignite.engine.events import RemovableEventHandle
 from ignite.handlers import ProgressBar
 from tqdm import tqdm
 
-from engine.events import EpochEvents
+from engine.events import EpochEvents, ensure_epoch_events
 from engine.records import epoch_record, to_float
 
 __all__ = ["Progress", "format_epoch_line"]
@@ -62,8 +62,7 @@ class Progress:
         """Show ``engine``'s progress; returns the handles."""
         if self.quiet:
             return []
-        if not engine.has_registered_events(EpochEvents.VALIDATION_COMPLETED):
-            engine.register_events(*EpochEvents)
+        ensure_epoch_events(engine)
         bar = ProgressBar(persist=False, disable=None, file=sys.stderr, dynamic_ncols=True)
         bar.attach(engine, output_transform=self._bar_values)
         self._bar = bar

@@ -9,7 +9,7 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
 from callbacks._files import write_json_atomic
-from engine.events import EpochEvents
+from engine.events import EpochEvents, ensure_epoch_events
 
 __all__ = ["RunSummary", "STATUSES"]
 
@@ -48,8 +48,7 @@ class RunSummary:
 
     def attach(self, engine: Engine) -> list[RemovableEventHandle]:
         """Track ``engine``'s run; returns the handles."""
-        if not engine.has_registered_events(EpochEvents.VALIDATION_COMPLETED):
-            engine.register_events(*EpochEvents)
+        ensure_epoch_events(engine)
         self._engine = engine
         return [
             engine.add_event_handler(Events.STARTED, self._on_started),

@@ -6,7 +6,7 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 from ignite.handlers.tensorboard_logger import TensorboardLogger
 
-from engine.events import EpochEvents
+from engine.events import EpochEvents, ensure_epoch_events
 from engine.records import epoch_record, step_record
 
 __all__ = ["TensorBoard"]
@@ -26,6 +26,7 @@ class TensorBoard:
     Args:
         log_dir: where the event files go (``RUN_DIR/tb``).
         every: iterations between training scalars.
+        purge_step: when resuming, the first step this process writes (older points from there on are dropped).
 
     Example:
         >>> import tempfile
@@ -33,16 +34,18 @@ class TensorBoard:
         >>> tb.close()
     """
 
-    def __init__(self, log_dir: str | Path, every: int = 10) -> None:
+    def __init__(self, log_dir: str | Path, every: int = 10, purge_step: int | None = None) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, not {every}")
-        self.logger = TensorboardLogger(log_dir=str(log_dir))
+        # purge_step: a resumed run tells TensorBoard to drop points at or after the step it resumes
+        # from, written by the stopped process after its last checkpoint.
+        kwargs = {"purge_step": purge_step} if purge_step is not None else {}
+        self.logger = TensorboardLogger(log_dir=str(log_dir), **kwargs)
         self.every = every
 
     def attach(self, engine: Engine) -> list[RemovableEventHandle]:
         """Log ``engine``'s scalars; returns the handles."""
-        if not engine.has_registered_events(EpochEvents.VALIDATION_COMPLETED):
-            engine.register_events(*EpochEvents)
+        ensure_epoch_events(engine)
         return [
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.log_step),
             engine.add_event_handler(EpochEvents.VALIDATION_COMPLETED, self.log_epoch),

@@ -6,19 +6,20 @@ from typing import Iterable
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
-from engine.events import EpochEvents
+from engine.events import EpochEvents, ensure_epoch_events
 
 __all__ = ["Validation"]
 
 
 class Validation:
-    """Run ``evaluator`` on ``data`` at the end of every ``every``-th epoch, then fire VALIDATION_COMPLETED.
+    """Run ``evaluator`` on ``data`` at the end of every ``every``-th epoch, then fire the epoch events.
 
     Each evaluator metric ``m`` is copied to ``trainer.state.metrics["val_" + m]``, so an epoch logger
     attached to ``EpochEvents.VALIDATION_COMPLETED`` sees the train and val figures together, whatever
     the order in which the handlers were attached.
 
-    Events: EPOCH_COMPLETED (runs the evaluator); fires EpochEvents.VALIDATION_COMPLETED.
+    Events: EPOCH_COMPLETED (runs the evaluator); fires EpochEvents.VALIDATION_COMPLETED (validated
+    epochs) and then EpochEvents.EPOCH_RECORDED (every epoch).
     Writes ``trainer.state.metrics["val_*"]``. State: none.
 
     Args:
@@ -44,15 +45,14 @@ class Validation:
 
     def attach(self, engine: Engine) -> list[RemovableEventHandle]:
         """Validate after ``engine``'s epochs; returns the handles."""
-        if not engine.has_registered_events(EpochEvents.VALIDATION_COMPLETED):
-            engine.register_events(*EpochEvents)
+        ensure_epoch_events(engine)
         return [engine.add_event_handler(Events.EPOCH_COMPLETED, self)]
 
     def __call__(self, engine: Engine) -> None:
         last = engine.state.max_epochs is not None and engine.state.epoch >= engine.state.max_epochs
-        if engine.state.epoch % self.every and not last:
-            return
-        metrics = self.evaluator.run(self.data).metrics
-        for name, value in metrics.items():
-            engine.state.metrics[f"val_{name}"] = value
-        engine.fire_event(EpochEvents.VALIDATION_COMPLETED)
+        if engine.state.epoch % self.every == 0 or last:
+            metrics = self.evaluator.run(self.data).metrics
+            for name, value in metrics.items():
+                engine.state.metrics[f"val_{name}"] = value
+            engine.fire_event(EpochEvents.VALIDATION_COMPLETED)
+        engine.fire_event(EpochEvents.EPOCH_RECORDED)

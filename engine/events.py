@@ -1,7 +1,7 @@
 """The custom events kiln fires inside a training step, and the ``engine.state`` fields they guarantee."""
-from ignite.engine import EventEnum
+from ignite.engine import Engine, EventEnum
 
-__all__ = ["StepEvents", "EpochEvents", "STEP_EVENT_COUNTERS"]
+__all__ = ["StepEvents", "EpochEvents", "STEP_EVENT_COUNTERS", "ensure_epoch_events"]
 
 
 class StepEvents(EventEnum):
@@ -38,14 +38,22 @@ class StepEvents(EventEnum):
 
 
 class EpochEvents(EventEnum):
-    """Events fired on the trainer once per epoch, after ignite's EPOCH_COMPLETED handlers.
+    """Events fired on the trainer at the end of an epoch, from within its EPOCH_COMPLETED.
 
-    VALIDATION_COMPLETED is fired by ``callbacks.Validation`` once the epoch's validation has written
-    ``val_*`` entries into ``trainer.state.metrics``; epoch loggers listen here, so they never depend on
-    the order in which they and the validation were attached.
+    ``callbacks.Validation`` fires both, in this order::
+
+        EPOCH_COMPLETED                  state.metrics["train_loss"] is set (by the trainer itself)
+          run the evaluator              (validated epochs only)
+          VALIDATION_COMPLETED           state.metrics["val_*"] are set: epoch loggers write here
+          EPOCH_RECORDED                 every record of the epoch is written: epoch-end checkpoints
+                                         go here, so a checkpoint never predates its epoch's records
+
+    Listening to these instead of EPOCH_COMPLETED keeps loggers and checkpoints independent of the
+    order in which they and the validation were attached.
     """
 
     VALIDATION_COMPLETED = "validation_completed"
+    EPOCH_RECORDED = "epoch_recorded"
 
 
 #: Which ``engine.state`` counter each step event's ``every=``/``once=`` filter reads.
@@ -55,4 +63,11 @@ STEP_EVENT_COUNTERS = {
     StepEvents.BEFORE_OPTIMIZER_STEP: "optimizer_step",
     StepEvents.OPTIMIZER_STEP_COMPLETED: "optimizer_step",
     EpochEvents.VALIDATION_COMPLETED: "epoch",
+    EpochEvents.EPOCH_RECORDED: "epoch",
 }
+
+
+def ensure_epoch_events(engine: Engine) -> None:
+    """Register :class:`EpochEvents` on ``engine`` unless it has them (``create_trainer`` registers them)."""
+    if not all(engine.has_registered_events(e) for e in EpochEvents):
+        engine.register_events(*(e for e in EpochEvents if not engine.has_registered_events(e)))

@@ -61,8 +61,11 @@ def create_trainer(
         step_skipped (bool): whether the last optimizer step was skipped (inf grads or skip_step).
         loss_scale (float | None): the scaler's scale after the last step (fp16 only).
         optimizer_step (int): optimizer steps attempted so far (skipped ones included); checkpointed.
-        epoch_loss_sum, epoch_samples: running train-loss sum (device tensor) and sample count of
-            the current epoch; ``state.metrics["train_loss"]`` is their ratio at EPOCH_COMPLETED.
+        epoch_loss_sum, epoch_loss_count: the epoch's sample-weighted sum of finite batch losses and
+            their sample count (device tensors, checkpointed); ``state.metrics["train_loss"]`` is their
+            ratio at EPOCH_COMPLETED. A non-finite batch loss is left out (guards report it).
+        epoch_samples, epoch_samples_timed: samples of the epoch so far, and those trained by this
+            process (for throughput after a mid-epoch resume).
 
     Args:
         model: the network, already on ``device``.
@@ -110,8 +113,11 @@ def create_trainer(
             y_pred = model(x)
             loss = loss_fn(y_pred, y)
         state.loss = loss.detach().float()
-        state.epoch_loss_sum += state.loss * x.shape[0]
+        finite = torch.isfinite(state.loss)  # a non-finite batch is left out of train_loss (guards report it)
+        state.epoch_loss_sum += torch.where(finite, state.loss * x.shape[0], 0.0)
+        state.epoch_loss_count += torch.where(finite, x.shape[0], 0)
         state.epoch_samples += x.shape[0]
+        state.epoch_samples_timed += x.shape[0]
         engine.fire_event(StepEvents.FORWARD_COMPLETED)
 
         scaler = state.scaler
@@ -132,7 +138,7 @@ def create_trainer(
 
     trainer = Engine(train_step)
     trainer.register_events(*StepEvents, *EpochEvents, event_to_attr=STEP_EVENT_COUNTERS)
-    trainer.state_dict_user_keys.extend(["optimizer_step", "epoch_loss_sum", "epoch_samples"])
+    trainer.state_dict_user_keys.extend(["optimizer_step", "epoch_loss_sum", "epoch_loss_count", "epoch_samples"])
     state = trainer.state
     state.precision = precision
     state.scaler = None
@@ -144,7 +150,9 @@ def create_trainer(
     state.loss_scale = None
     state.optimizer_step = 0
     state.epoch_loss_sum = torch.zeros((), device=device)
+    state.epoch_loss_count = torch.zeros((), dtype=torch.long, device=device)
     state.epoch_samples = 0
+    state.epoch_samples_timed = 0
 
     @trainer.on(Events.STARTED)
     def _start(engine: Engine) -> None:
@@ -159,7 +167,9 @@ def create_trainer(
         resumed_mid_epoch = s.iteration % s.epoch_length != 0
         if not resumed_mid_epoch:
             s.epoch_loss_sum = torch.zeros((), device=device)
+            s.epoch_loss_count = torch.zeros((), dtype=torch.long, device=device)
             s.epoch_samples = 0
+        s.epoch_samples_timed = 0  # samples trained by this process this epoch: throughput
         _position_data(s.dataloader, s.epoch, s.iteration % s.epoch_length)
 
     @trainer.on(Events.ITERATION_STARTED)
@@ -169,7 +179,7 @@ def create_trainer(
     @trainer.on(Events.EPOCH_COMPLETED)
     def _train_loss(engine: Engine) -> None:
         s = engine.state
-        s.metrics["train_loss"] = (s.epoch_loss_sum / max(s.epoch_samples, 1)).item()
+        s.metrics["train_loss"] = (s.epoch_loss_sum / s.epoch_loss_count.clamp(min=1)).item()
 
     return trainer
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from engine.precision import PRECISIONS
 
 __all__ = [
-    "Config", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
+    "Config", "CheckpointConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
     "ConfigError", "apply_overrides", "config_to_dict", "config_from_dict", "field_paths",
 ]
 
@@ -36,6 +36,7 @@ class DataConfig:
     samples: int = 1024  #: synthetic only: how many images
     num_classes: int = 10  #: synthetic only: how many classes
     data_dir: str = ""  #: where a data set on disk lives
+    num_workers: int = 0  #: 0: in-memory batches sliced by index; N: a DataLoader with N workers (same batches)
 
     def __post_init__(self) -> None:
         _check(self.dataset in ("digits", "synthetic"), f"data.dataset must be digits or synthetic, not {self.dataset!r}")
@@ -44,6 +45,7 @@ class DataConfig:
         _check(self.image_size >= 8, f"data.image_size must be >= 8, not {self.image_size}")
         _check(self.augment in ("none", "crop", "crop+flip"), f"data.augment must be none, crop or crop+flip, not {self.augment!r}")
         _check(self.samples >= 2, f"data.samples must be >= 2, not {self.samples}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, not {self.num_workers}")
         _check(self.num_classes >= 2, f"data.num_classes must be >= 2, not {self.num_classes}")
 
 
@@ -122,6 +124,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """When RUN_DIR/checkpoints/last.pt and best-*.pt are written."""
+
+    every_iterations: int = 0  #: also save last.pt every N iterations (0 = off)
+    every_minutes: float = 5.0  #: also save last.pt when this much wall time passed (0 = off)
+    keep_best: int = 1  #: how many best-by-val_accuracy checkpoints to keep (0 = none)
+
+    def __post_init__(self) -> None:
+        _check(self.every_iterations >= 0, f"checkpoint.every_iterations must be >= 0, not {self.every_iterations}")
+        _check(self.every_minutes >= 0, f"checkpoint.every_minutes must be >= 0, not {self.every_minutes}")
+        _check(self.keep_best >= 0, f"checkpoint.keep_best must be >= 0, not {self.keep_best}")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole recipe: every hyperparameter of a run."""
 
@@ -132,13 +148,14 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         _check(self.optim.lr <= self.schedule.max_lr,
                f"optim.lr ({self.optim.lr:g}, where the cycle starts) must not exceed schedule.max_lr ({self.schedule.max_lr:g})")
 
 
-SECTIONS = ("data", "model", "optim", "schedule", "train")
+SECTIONS = ("data", "model", "optim", "schedule", "train", "checkpoint")
 
 
 def field_paths(cfg: Config) -> list[str]:

@@ -1,29 +1,39 @@
 """The run assembly: a config becomes data, model, optimizer, trainer, handlers and a run directory."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import platform
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from ignite.handlers import Checkpoint
 from ignite.metrics import Accuracy, Loss
 
-from callbacks import AMP, GradClip, MetricsLog, OneCycle, Progress, RunSummary, TensorBoard, Validation
-from callbacks._files import write_json_atomic
+from callbacks import AMP, Checkpointer, GracefulStop, GradClip, MetricsLog, OneCycle, Progress, RunSummary, TensorBoard, Validation
+from callbacks._files import append_jsonl, truncate_jsonl, write_json_atomic
 from engine import Precision, create_evaluator, create_trainer, resolve_device, resolve_precision
-from recipes.config import Config, ConfigError, config_to_dict
-from recipes.data import DataError, TensorBatches, digits_tensors, random_crop_flip, split_indices, synthetic_tensors
+from engine.rng import RNGState
+from recipes.checkpoints import RunMeta, find_last_checkpoint, load_checkpoint, run_changing_differences
+from recipes.config import Config, ConfigError, apply_overrides, config_to_dict
+from recipes.data import (DataError, EpochBatchSampler, LoaderBatches, TensorBatches, digits_tensors, random_crop_flip,
+                          split_indices, synthetic_tensors)
 from recipes.models import build_model, parameter_groups
 
-__all__ = ["Assembly", "build", "train", "make_run_dir", "versions"]
+__all__ = ["Assembly", "build", "train", "resume", "evaluate_checkpoint", "make_run_dir", "versions"]
 
 
 @dataclass
 class Assembly:
-    """Everything a run is made of; ``handlers`` maps a name to each attached handler, in attach order."""
+    """Everything a run is made of; ``handlers`` maps a name to each attached handler, in attach order.
+
+    After :func:`train` or :func:`resume`: ``status`` is how it ended (completed, interrupted, ...)
+    and ``stop_signal`` the signal number that stopped it, if one did.
+    """
 
     config: Config
     run_dir: Path
@@ -33,9 +43,22 @@ class Assembly:
     optimizer: torch.optim.Optimizer
     trainer: Any
     evaluator: Any
-    train_data: TensorBatches
-    val_data: TensorBatches
+    train_data: Any
+    val_data: Any
     handlers: dict[str, Any] = field(default_factory=dict)
+    status: str = "built"
+    stop_signal: int | None = None
+
+    @property
+    def events_path(self) -> Path:
+        """RUN_DIR/events.jsonl."""
+        return self.run_dir / "events.jsonl"
+
+    def to_save(self) -> dict[str, Any]:
+        """What last.pt holds: every object whose state the run needs to continue."""
+        names = ("amp", "schedule", "summary")
+        return {"trainer": self.trainer, "model": self.model, "optimizer": self.optimizer,
+                **{n: self.handlers[n] for n in names}, "rng": RNGState(), "kiln": RunMeta(self.config)}
 
 
 def versions() -> dict[str, str]:
@@ -67,7 +90,7 @@ def make_run_dir(cfg: Config, out: str | Path | None) -> Path:
     return run_dir
 
 
-def _data(cfg: Config, device: torch.device) -> tuple[TensorBatches, TensorBatches, int, int]:
+def _data(cfg: Config, device: torch.device) -> tuple[Any, TensorBatches, int, int]:
     d = cfg.data
     if d.dataset == "digits":
         x, y = digits_tensors(d.image_size)
@@ -79,33 +102,47 @@ def _data(cfg: Config, device: torch.device) -> tuple[TensorBatches, TensorBatch
         raise DataError(f"unknown data set {d.dataset!r}")
     train_idx, val_idx = split_indices(len(x), d.val_fraction, cfg.train.seed)
     mean, std = x[train_idx].mean(), x[train_idx].std()
-    x = ((x - mean) / std).to(device)
-    y = y.to(device)
+    x = (x - mean) / std
     augment = None
     if d.augment != "none":
         flip = d.augment == "crop+flip"
         augment = lambda xb, g: random_crop_flip(xb, g, pad=max(1, d.image_size // 8), flip=flip)  # noqa: E731
-    train_idx, val_idx = train_idx.to(device), val_idx.to(device)
-    train = TensorBatches(x[train_idx], y[train_idx], d.batch_size, shuffle=True, seed=cfg.train.seed, augment=augment)
-    val = TensorBatches(x[val_idx], y[val_idx], max(d.batch_size, 256), shuffle=False)
+    seed = cfg.train.seed
+    if d.num_workers > 0:  # the DataLoader path: workers load and collate, the batches are the same
+        sampler = EpochBatchSampler(len(train_idx), d.batch_size, shuffle=True, seed=seed)
+        dataset = torch.utils.data.TensorDataset(x[train_idx], y[train_idx])
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=d.num_workers,
+                                             pin_memory=device.type == "cuda")
+        train: Any = LoaderBatches(loader, seed=seed, augment=augment)
+    else:
+        x, y = x.to(device), y.to(device)
+        train = TensorBatches(x[train_idx.to(device)], y[train_idx.to(device)], d.batch_size, shuffle=True,
+                              seed=seed, augment=augment)
+    val = TensorBatches(x[val_idx.to(x.device)].to(device), y[val_idx.to(y.device)].to(device),
+                        max(d.batch_size, 256), shuffle=False)
     return train, val, x.shape[1], num_classes
 
 
-def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: TextIO | None = None) -> Assembly:
-    """Assemble a run of ``cfg`` writing into ``run_dir`` (created), without starting it.
-
-    Handlers are attached in this order, written once here: AMP, GradClip, OneCycle, Validation,
-    MetricsLog, TensorBoard, RunSummary, Progress. None depends on that order for correctness: each
-    acts on the step or epoch event that guarantees what it needs.
-    """
-    t = cfg.train
-    device = resolve_device(t.device)
+def _resolve_runtime(cfg: Config) -> tuple[torch.device, Precision]:
+    device = resolve_device(cfg.train.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is cuda but no CUDA device is available here; use --device cpu")
     try:
-        precision = resolve_precision(t.precision, device)
+        return device, resolve_precision(cfg.train.precision, device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: TextIO | None = None,
+          resume_from_iteration: int | None = None) -> Assembly:
+    """Assemble a run of ``cfg`` writing into ``run_dir`` (created), without starting it.
+
+    Handlers are attached in this order, written once here: AMP, GradClip, OneCycle, Validation,
+    MetricsLog, TensorBoard, RunSummary, Checkpointer, GracefulStop, Progress. None depends on that
+    order for correctness: each acts on the step or epoch event that guarantees what it needs.
+    """
+    t = cfg.train
+    device, precision = _resolve_runtime(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -124,6 +161,7 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
                                  device=device, precision=precision)
     total_steps = OneCycle.total_steps_for(t.epochs, len(train_data), t.accumulation_steps)
     s = cfg.schedule
+    purge = resume_from_iteration + 1 if resume_from_iteration is not None else None
     handlers: dict[str, Any] = {
         "amp": AMP(device=device.type, init_scale=t.init_scale, growth_interval=t.growth_interval),
         "grad_clip": GradClip(model.parameters(), max_norm=t.clip_norm or None),
@@ -132,13 +170,20 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
                              anneal_strategy=s.anneal_strategy, cycle_momentum=s.cycle_momentum),
         "validation": Validation(evaluator, val_data),
         "metrics_log": MetricsLog(run_dir, every=t.log_every),
-        "tensorboard": TensorBoard(run_dir / "tb", every=t.log_every),
+        "tensorboard": TensorBoard(run_dir / "tb", every=t.log_every, purge_step=purge),
         "summary": RunSummary(run_dir),
-        "progress": Progress(quiet=quiet, stream=stream),
     }
+    run = Assembly(cfg, run_dir, device, precision, model, optimizer, trainer, evaluator, train_data, val_data, handlers)
+    c = cfg.checkpoint
+    handlers["checkpointer"] = Checkpointer(
+        run_dir / "checkpoints", run.to_save(), best_to_save={"model": model, "kiln": RunMeta(cfg)},
+        every_iterations=c.every_iterations, every_minutes=c.every_minutes, keep_best=c.keep_best,
+        events_path=run.events_path)
+    handlers["graceful_stop"] = GracefulStop()
+    handlers["progress"] = Progress(quiet=quiet, stream=stream)
     for handler in handlers.values():
         handler.attach(trainer)
-    return Assembly(cfg, run_dir, device, precision, model, optimizer, trainer, evaluator, train_data, val_data, handlers)
+    return run
 
 
 def write_config(run: Assembly) -> None:
@@ -146,25 +191,141 @@ def write_config(run: Assembly) -> None:
     write_json_atomic(run.run_dir / "config.json", {
         **config_to_dict(run.config),
         "runtime": {"device": str(run.device), "precision": run.precision.name,
-                    "batches_per_epoch": len(run.train_data), "train_samples": len(run.train_data.x),
-                    "val_samples": len(run.val_data.x), "command": " ".join(sys.argv)},
+                    "batches_per_epoch": len(run.train_data), "val_samples": len(run.val_data.x),
+                    "command": " ".join(sys.argv)},
         "versions": versions(),
     })
 
 
-def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: TextIO | None = None) -> Assembly:
-    """Build and run ``cfg`` to the end; summary.json records how it ended (also on errors)."""
-    run = build(cfg, run_dir, quiet=quiet, stream=stream)
-    write_config(run)
+def _execute(run: Assembly) -> Assembly:
+    """Run the trainer to its end or to a stop; record how it ended in summary.json and events.jsonl."""
     summary: RunSummary = run.handlers["summary"]
+    stop: GracefulStop = run.handlers["graceful_stop"]
     try:
-        run.trainer.run(run.train_data, max_epochs=cfg.train.epochs)
-    except KeyboardInterrupt:
+        run.trainer.run(run.train_data, max_epochs=run.config.train.epochs)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, last.pt is whatever was saved before
+        run.status, run.stop_signal = "interrupted", signal.SIGINT
         summary.write("interrupted")
-        raise
+        append_jsonl(run.events_path, {"event": "interrupted", "signal": "SIGINT (twice)",
+                                       "iteration": run.trainer.state.iteration, "epoch": run.trainer.state.epoch})
+        return run
     except BaseException as e:
+        run.status = "failed"
         summary.write("failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
+        stop.restore()
         run.handlers["tensorboard"].close()
+    s = run.trainer.state
+    run.status = "completed" if s.iteration >= s.max_epochs * s.epoch_length else "interrupted"
+    if stop.received is not None:
+        run.stop_signal = stop.received
+        append_jsonl(run.events_path, {"event": "interrupted", "signal": signal.Signals(stop.received).name,
+                                       "iteration": s.iteration, "epoch": s.epoch})
     return run
+
+
+def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: TextIO | None = None) -> Assembly:
+    """Build and run ``cfg`` into a new ``run_dir``; summary.json records how it ended (also on errors)."""
+    run = build(cfg, run_dir, quiet=quiet, stream=stream)
+    write_config(run)
+    return _execute(run)
+
+
+def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool = False,
+           requested: Config | None = None, force: bool = False, quiet: bool = False,
+           stream: TextIO | None = None) -> Assembly:
+    """Continue the run whose run directory (or last.pt) is ``source``, in the same run directory.
+
+    The finished run equals the uninterrupted one: weights, optimizer, schedule, scaler, counters and
+    the data position come from last.pt; lines the stopped process wrote after it are dropped from
+    metrics.jsonl and steps.jsonl, and TensorBoard drops its points from that step on.
+
+    Args:
+        source: RUN_DIR, or a path to its checkpoints/last.pt.
+        epochs: extend (or set) the run's length; refused if it changes the one-cycle schedule,
+            unless ``new_schedule`` (a second one-cycle over the added epochs).
+        requested: a config that must match the checkpoint's (``kiln train --resume``); run-changing
+            differences are refused unless ``force``.
+        force: continue despite run-changing differences in ``requested``.
+        quiet: no progress bar or epoch lines.
+
+    Raises:
+        ConfigError: a missing or unusable run directory or checkpoint, a refused config change.
+    """
+    source = Path(source)
+    last = source if source.suffix == ".pt" else find_last_checkpoint(source)
+    checkpoint, saved = load_checkpoint(last, resumable=True)
+    run_dir = last.parent.parent
+    cfg = saved
+    if requested is not None:
+        changes = run_changing_differences(saved, requested)
+        if changes and not force:
+            raise ConfigError("the config differs from the checkpoint's in fields that change the run: "
+                              + "; ".join(changes) + " (pass --force to continue anyway)")
+        cfg = requested
+    trainer_state = checkpoint["trainer"]
+    iteration, epoch_length = int(trainer_state["iteration"]), int(trainer_state["epoch_length"])
+    saved_epochs = saved.train.epochs
+    if epochs is not None and epochs != saved_epochs:
+        if epochs * epoch_length < iteration:
+            raise ConfigError(f"the run is already past epoch {epochs} (iteration {iteration})")
+        if not new_schedule:
+            raise ConfigError(f"the one-cycle schedule spans {saved_epochs} epochs; running {epochs} would change it "
+                              "(pass --new-schedule for a second one-cycle over the added epochs)")
+        cfg = apply_overrides(cfg, {"train.epochs": epochs})
+    elif iteration >= saved_epochs * epoch_length and cfg.train.epochs == saved_epochs:
+        run = build(cfg, run_dir, quiet=True)
+        run.status = "completed"
+        return run
+
+    run = build(cfg, run_dir, quiet=quiet, stream=stream, resume_from_iteration=iteration)
+    objects = run.to_save()
+    objects.pop("kiln")
+    if new_schedule and epochs is not None and epochs != saved_epochs:
+        objects.pop("schedule")
+        remaining = OneCycle.total_steps_for(epochs, epoch_length, cfg.train.accumulation_steps) - checkpoint["trainer"]["optimizer_step"]
+        sched = cfg.schedule
+        run.handlers["schedule"].__init__(run.optimizer, max_lr=sched.max_lr, total_steps=max(1, remaining),
+                                          pct_start=sched.pct_start, div_factor=sched.max_lr / cfg.optim.lr,
+                                          final_div_factor=sched.final_div_factor, anneal_strategy=sched.anneal_strategy,
+                                          cycle_momentum=sched.cycle_momentum)
+    objects["checkpointer"] = run.handlers["checkpointer"]
+    trainer_state = dict(trainer_state)
+    trainer_state["max_epochs"] = cfg.train.epochs
+    checkpoint = {**checkpoint, "trainer": trainer_state}
+    Checkpoint.load_objects(objects, checkpoint)
+    for name in ("metrics.jsonl", "steps.jsonl"):
+        truncate_jsonl(run_dir / name, iteration)
+    write_config(run)
+    append_jsonl(run.events_path, {"event": "resume", "iteration": iteration, "epoch": iteration // epoch_length,
+                                   "checkpoint": str(last), "epochs": cfg.train.epochs})
+    return _execute(run)
+
+
+def evaluate_checkpoint(path: str | Path, *, device: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint (last.pt or best-*.pt) on its recipe's validation data.
+
+    Returns ``{"loss", "accuracy", "samples", "epoch", "recipe", "device"}``.
+    """
+    checkpoint, cfg = load_checkpoint(path)
+    overrides: dict[str, Any] = {}
+    if device is not None:
+        overrides["train.device"] = device
+    if batch_size is not None:
+        overrides["data.batch_size"] = batch_size
+    cfg = apply_overrides(cfg, overrides)
+    dev, precision = _resolve_runtime(cfg)
+    _, val_data, in_channels, num_classes = _data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0)), dev)
+    model = build_model(cfg.model.name, in_channels, num_classes, cfg.data.image_size, cfg.model.channels).to(dev)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError) as e:
+        raise ConfigError(f"{path}: the model weights do not fit the recipe's model ({str(e).splitlines()[0]})") from None
+    evaluator = create_evaluator(model, {"accuracy": Accuracy(device=dev), "loss": Loss(torch.nn.CrossEntropyLoss(), device=dev)},
+                                 device=dev, precision=precision)
+    metrics = evaluator.run(val_data).metrics
+    trainer_state = checkpoint.get("trainer") or {}
+    epoch = int(trainer_state["iteration"]) // int(trainer_state["epoch_length"]) if trainer_state else None
+    return {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]), "samples": len(val_data.x),
+            "epoch": epoch, "recipe": cfg.name, "device": str(dev)}

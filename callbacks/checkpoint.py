@@ -1,0 +1,205 @@
+"""Checkpointer: last.pt (everything a run needs to continue) and the best-k by val accuracy, written atomically."""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.engine.events import RemovableEventHandle
+from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
+
+from callbacks._files import append_jsonl
+from engine.events import EpochEvents, ensure_epoch_events
+
+__all__ = ["Checkpointer", "AtomicDiskSaver", "NonFiniteCheckpointError"]
+
+log = logging.getLogger("kiln")
+
+
+class NonFiniteCheckpointError(ValueError):
+    """A checkpoint holding NaN or Inf was refused; the previous file is kept."""
+
+
+def _first_non_finite(tree: Any, path: str = "") -> str | None:
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+            return path or "<tensor>"
+        return None
+    if isinstance(tree, Mapping):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return None
+    for key, value in items:
+        found = _first_non_finite(value, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+class AtomicDiskSaver(BaseSaveHandler):
+    """An ignite save handler that never leaves a half-written or missing checkpoint behind.
+
+    Each file is written to a temporary file in the same folder, flushed and fsynced, renamed over
+    the target, and the folder is fsynced. ignite's ``Checkpoint`` asks to remove the file it
+    replaces *before* writing the new one (ignite #1986); here removals wait until the next write
+    has completed. A checkpoint holding a non-finite float tensor is refused.
+
+    Args:
+        dirname: the folder (created).
+    """
+
+    def __init__(self, dirname: str | Path) -> None:
+        self.dirname = Path(dirname)
+        self.dirname.mkdir(parents=True, exist_ok=True)
+        self._pending_removals: list[str] = []
+        for stale in self.dirname.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        bad = _first_non_finite(checkpoint)
+        if bad is not None:
+            raise NonFiniteCheckpointError(f"not saving {filename}: {bad} holds NaN or Inf")
+        path = self.dirname / filename
+        fd, tmp = tempfile.mkstemp(dir=self.dirname, prefix=f".{filename}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.dirname, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        for old in self._pending_removals:
+            if old != filename:
+                (self.dirname / old).unlink(missing_ok=True)
+        self._pending_removals = []
+
+    def remove(self, filename: str) -> None:
+        """Remove ``filename`` once the next checkpoint is safely on disk."""
+        self._pending_removals.append(filename)
+
+
+class Checkpointer:
+    """Write ``checkpoints/last.pt`` and ``checkpoints/best-*.pt`` through ignite's ``Checkpoint``.
+
+    last.pt holds ``to_save`` (every object's ``state_dict()``: model, optimizer, schedule, scaler,
+    trainer counters, RNG states, the config, ...) plus this handler's own state under
+    "checkpointer", and is written at the end of each epoch (on
+    EpochEvents.EPOCH_RECORDED, after the epoch's records), every ``every_iterations`` iterations
+    and every ``every_minutes`` minutes (on ITERATION_COMPLETED, never on an epoch's last iteration),
+    and when the run ends or is stopped (COMPLETED). The best ``keep_best`` checkpoints by
+    ``state.metrics[score_name]`` hold ``best_to_save`` and are rotated after each validation.
+    Every write is atomic (:class:`AtomicDiskSaver`); a state with NaN/Inf is never written.
+
+    Events: ITERATION_COMPLETED, EpochEvents.EPOCH_RECORDED, COMPLETED. Reads ``state.iteration``,
+    ``state.epoch_length``, ``state.metrics``. Writes files, and a "checkpoint" line per save to
+    ``events_path``. State: which best files exist (``state_dict``), kept across resume.
+
+    Args:
+        dirname: the checkpoint folder (``RUN_DIR/checkpoints``).
+        to_save: name -> object with ``state_dict()`` for last.pt.
+        best_to_save: name -> object for best-*.pt (default: ``to_save``).
+        every_iterations: also save every N iterations (0: off).
+        every_minutes: also save when this many minutes passed since the last save (0: off).
+        keep_best: how many best checkpoints to keep (0: none).
+        score_name: the metric that ranks them (higher is better).
+        events_path: events.jsonl to append a line to per save (None: no lines).
+
+    Example:
+        >>> import tempfile, torch
+        >>> model = torch.nn.Linear(2, 2)
+        >>> checkpointer = Checkpointer(tempfile.mkdtemp(), {"model": model}, every_iterations=100)
+    """
+
+    def __init__(self, dirname: str | Path, to_save: Mapping[str, Any], *, best_to_save: Mapping[str, Any] | None = None,
+                 every_iterations: int = 0, every_minutes: float = 5.0, keep_best: int = 1,
+                 score_name: str = "val_accuracy", events_path: str | Path | None = None) -> None:
+        if every_iterations < 0 or every_minutes < 0 or keep_best < 0:
+            raise ValueError("every_iterations, every_minutes and keep_best must be >= 0")
+        self.dirname = Path(dirname)
+        self.every_iterations = every_iterations
+        self.every_seconds = every_minutes * 60.0
+        self.events_path = Path(events_path) if events_path else None
+        self.score_name = score_name
+        self.last = Checkpoint({**to_save, "checkpointer": self}, AtomicDiskSaver(self.dirname), filename_pattern="last.pt", n_saved=1,
+                               greater_or_equal=True, global_step_transform=lambda e, _: e.state.iteration)
+        self.best = None
+        if keep_best:
+            self.best = Checkpoint(
+                dict(best_to_save or to_save), AtomicDiskSaver(self.dirname), filename_prefix="best",
+                score_function=self._score, score_name=score_name, n_saved=keep_best,
+                global_step_transform=lambda e, _: e.state.epoch,
+                filename_pattern="{filename_prefix}-epoch{global_step}-{score_name}={score}.{ext}",
+            )
+        self._last_save = time.monotonic()
+
+    @property
+    def last_path(self) -> Path:
+        """Where last.pt is."""
+        return self.dirname / "last.pt"
+
+    def _score(self, engine: Engine) -> float:
+        return float(engine.state.metrics.get(self.score_name, float("-inf")))
+
+    def attach(self, engine: Engine) -> list[RemovableEventHandle]:
+        """Save ``engine``'s run as it goes; returns the handles."""
+        ensure_epoch_events(engine)
+        return [
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration),
+            engine.add_event_handler(EpochEvents.EPOCH_RECORDED, self._on_epoch),
+            engine.add_event_handler(Events.COMPLETED, self.save_last),
+        ]
+
+    def _on_iteration(self, engine: Engine) -> None:
+        s = engine.state
+        if s.epoch_length and s.iteration % s.epoch_length == 0:
+            return  # the epoch-end save follows, after the epoch's records
+        due = self.every_iterations and s.iteration % self.every_iterations == 0
+        if due or (self.every_seconds and time.monotonic() - self._last_save >= self.every_seconds):
+            self.save_last(engine)
+
+    def _on_epoch(self, engine: Engine) -> None:
+        self.save_last(engine)
+        if self.best is not None and self.score_name in engine.state.metrics:
+            self._save(self.best, engine, "best")
+
+    def save_last(self, engine: Engine) -> None:
+        """Write last.pt now (refused, with a logged event, if the state holds NaN/Inf)."""
+        self._save(self.last, engine, "last")
+        self._last_save = time.monotonic()
+
+    def _save(self, checkpoint: Checkpoint, engine: Engine, kind: str) -> None:
+        try:
+            checkpoint(engine)
+        except NonFiniteCheckpointError as e:
+            log.warning("%s", e)
+            self._event(engine, {"event": "checkpoint_refused", "kind": kind, "reason": str(e)})
+            return
+        self._event(engine, {"event": "checkpoint", "kind": kind, "file": checkpoint.last_checkpoint})
+
+    def _event(self, engine: Engine, record: dict[str, Any]) -> None:
+        if self.events_path is not None:
+            append_jsonl(self.events_path, {**record, "iteration": engine.state.iteration, "epoch": engine.state.epoch})
+
+    def state_dict(self) -> dict[str, Any]:
+        """Which best checkpoints exist, so rotation continues after a resume."""
+        return {"best": self.best.state_dict() if self.best is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if self.best is not None and state.get("best"):
+            self.best.load_state_dict(state["best"])

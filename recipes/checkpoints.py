@@ -1,0 +1,109 @@
+"""Reading kiln checkpoints safely, and deciding whether a config may continue a checkpointed run."""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from recipes.config import Config, ConfigError, config_from_dict, config_to_dict
+
+__all__ = ["RunMeta", "load_checkpoint", "run_changing_differences", "CHECKPOINT_FORMAT", "find_last_checkpoint"]
+
+CHECKPOINT_FORMAT = 1
+
+#: Config keys that may differ between a checkpoint and the run continuing it: they do not change
+#: what is computed (where it runs, how often it logs or saves) or are handled on their own (epochs).
+RUN_NEUTRAL_KEYS = ("description", "train.device", "train.log_every", "train.epochs", "checkpoint.every_iterations",
+                    "checkpoint.every_minutes", "checkpoint.keep_best", "data.num_workers", "data.data_dir")
+
+
+class RunMeta:
+    """The ``kiln`` section of a checkpoint: format version and the resolved config (state_dict-able)."""
+
+    def __init__(self, cfg: Config, extra: Mapping[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.extra = dict(extra or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"format", "config", ...extra}``, weights_only-safe."""
+        return {"format": CHECKPOINT_FORMAT, "config": config_to_dict(self.cfg), **self.extra}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore: the config is read with :func:`load_checkpoint`."""
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu",
+                    resumable: bool = False) -> tuple[dict[str, Any], Config]:
+    """Load a kiln checkpoint with ``torch.load(weights_only=True)``: no pickled code ever runs.
+
+    Returns the checkpoint dict and its config.
+
+    Raises:
+        ConfigError: one line saying what is wrong: missing, not a file, truncated or corrupt,
+            holding pickled objects (refused unexecuted), not a kiln checkpoint, or (``resumable``)
+            a weights-only checkpoint that cannot continue a run.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"no checkpoint at {path}")
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise ConfigError(f"{path} holds pickled Python objects; refused without running them "
+                              "(kiln checkpoints hold only tensors, numbers and strings)") from None
+        raise ConfigError(f"{path} is corrupt ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} is truncated or corrupt: {reason}") from None
+    meta = checkpoint.get("kiln") if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ConfigError(f"{path} is not a kiln checkpoint (it has no 'kiln' section)")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} has checkpoint format {meta.get('format')}; this kiln reads format {CHECKPOINT_FORMAT}")
+    try:
+        cfg = config_from_dict(meta["config"])
+    except ConfigError as e:
+        raise ConfigError(f"{path} holds a config this kiln cannot use: {e}") from None
+    if resumable and "trainer" not in checkpoint:
+        raise ConfigError(f"{path} holds model weights only (a best-* checkpoint); resume from checkpoints/last.pt")
+    return checkpoint, cfg
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def run_changing_differences(saved: Config, requested: Config) -> list[str]:
+    """``key: saved -> requested`` for every field that would make the continued run a different run."""
+    a, b = _flatten(config_to_dict(saved)), _flatten(config_to_dict(requested))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in RUN_NEUTRAL_KEYS]
+
+
+def find_last_checkpoint(run_dir: str | Path) -> Path:
+    """RUN_DIR/checkpoints/last.pt, or a one-line ConfigError saying why there is none."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise ConfigError(f"no run directory at {run_dir}")
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a directory")
+    if not (run_dir / "config.json").exists():
+        raise ConfigError(f"{run_dir} is not a kiln run directory (no config.json)")
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        raise ConfigError(f"{run_dir} has no checkpoint to resume from (no checkpoints/last.pt)")
+    return last
