@@ -101,7 +101,8 @@ class Checkpointer:
     "checkpointer", and is written at the end of each epoch (on
     EpochEvents.EPOCH_RECORDED, after the epoch's records), every ``every_iterations`` iterations
     and every ``every_minutes`` minutes (on ITERATION_COMPLETED, never on an epoch's last iteration),
-    and when the run ends or is stopped (COMPLETED). The best ``keep_best`` checkpoints by
+    and when the run ends or is stopped (COMPLETED; unless it stopped between an epoch's last
+    iteration and that epoch's records, where the older last.pt is kept so a resume replays it). The best ``keep_best`` checkpoints by
     ``state.metrics[score_name]`` hold ``best_to_save`` and are rotated after each validation.
     Every write is atomic (:class:`AtomicDiskSaver`); a state with NaN/Inf is never written.
 
@@ -146,6 +147,7 @@ class Checkpointer:
                 filename_pattern="{filename_prefix}-epoch{global_step}-{score_name}={score}.{ext}",
             )
         self._last_save = time.monotonic()
+        self._recorded_iteration = -1
 
     @property
     def last_path(self) -> Path:
@@ -161,8 +163,18 @@ class Checkpointer:
         return [
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration),
             engine.add_event_handler(EpochEvents.EPOCH_RECORDED, self._on_epoch),
-            engine.add_event_handler(Events.COMPLETED, self.save_last),
+            engine.add_event_handler(Events.COMPLETED, self._on_completed),
         ]
+
+    def _on_completed(self, engine: Engine) -> None:
+        s = engine.state
+        stopped_early = bool(s.max_epochs and s.epoch_length) and s.iteration < s.max_epochs * s.epoch_length
+        at_epoch_end = bool(s.epoch_length) and s.iteration % s.epoch_length == 0
+        if stopped_early and at_epoch_end and self._recorded_iteration != s.iteration:
+            # stopped after an epoch's last iteration but before its validation and records: keep the
+            # older last.pt, so a resume replays that iteration and writes the epoch's records
+            return
+        self.save_last(engine)
 
     def _on_iteration(self, engine: Engine) -> None:
         s = engine.state
@@ -173,6 +185,7 @@ class Checkpointer:
             self.save_last(engine)
 
     def _on_epoch(self, engine: Engine) -> None:
+        self._recorded_iteration = engine.state.iteration
         self.save_last(engine)
         if self.best is not None and self.score_name in engine.state.metrics:
             self._save(self.best, engine, "best")

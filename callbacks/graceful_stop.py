@@ -8,6 +8,8 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
+from engine.events import EpochEvents, ensure_epoch_events
+
 __all__ = ["GracefulStop"]
 
 
@@ -15,12 +17,15 @@ class GracefulStop:
     """Turn SIGINT (Ctrl-C) and SIGTERM (schedulers, pre-emption) into ``engine.terminate()``.
 
     The iteration in progress finishes; ignite then fires TERMINATE and COMPLETED, where the
-    checkpointer writes last.pt and the summary records "interrupted". A second SIGINT raises
+    checkpointer writes last.pt and the summary records "interrupted". When the signal comes during
+    an epoch's last iteration or its validation, the stop waits for EpochEvents.EPOCH_RECORDED, so a
+    stopped run never skips an epoch's validation and records. A second SIGINT raises
     ``KeyboardInterrupt`` at once. The previous signal handlers come back when the run ends
     (``restore()``, also called on COMPLETED). Signals can only be caught in the main thread;
     elsewhere this handler does nothing.
 
-    Events: STARTED (installs the handlers), COMPLETED (restores them). Calls ``engine.terminate()``.
+    Events: STARTED (installs the handlers), ITERATION_STARTED, EpochEvents.EPOCH_RECORDED (deferred
+    stops), COMPLETED (restores them). Calls ``engine.terminate()``.
     ``received`` is the signal number that stopped the run, or None. State: none (per process).
 
     Example:
@@ -34,17 +39,34 @@ class GracefulStop:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
         self._engine: Engine | None = None
+        self._closing_epoch = False
+        self._pending = False
 
     def attach(self, engine: Engine) -> list[RemovableEventHandle]:
         """Catch the signals while ``engine`` runs; returns the handles."""
+        ensure_epoch_events(engine)
         return [
             engine.add_event_handler(Events.STARTED, self._install),
+            engine.add_event_handler(Events.ITERATION_STARTED, self._on_iteration_started),
+            engine.add_event_handler(EpochEvents.EPOCH_RECORDED, self._on_epoch_recorded),
             engine.add_event_handler(Events.COMPLETED, lambda _: self.restore()),
         ]
+
+    def _on_iteration_started(self, engine: Engine) -> None:
+        s = engine.state
+        self._closing_epoch = bool(s.epoch_length) and s.iteration % s.epoch_length == 0
+        if self._pending:
+            engine.terminate()
+
+    def _on_epoch_recorded(self, engine: Engine) -> None:
+        self._closing_epoch = False
+        if self._pending:
+            engine.terminate()
 
     def _install(self, engine: Engine) -> None:
         self._engine = engine
         self.received = None
+        self._closing_epoch = self._pending = False
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in self.signals:
@@ -55,7 +77,9 @@ class GracefulStop:
             raise KeyboardInterrupt
         if self.received is None:
             self.received = signum
-            if self._engine is not None:
+            if self._closing_epoch:  # the epoch's last iteration: stop once the epoch's records are written
+                self._pending = True
+            elif self._engine is not None:
                 self._engine.terminate()
 
     def restore(self) -> None:

@@ -58,6 +58,8 @@ class TensorBoard:
         for key in ("loss", "lr", "grad_norm", "loss_scale"):
             if record.get(key) is not None:
                 self.logger.writer.add_scalar(f"train/{key}", float(record[key]), engine.state.iteration)
+        # to the OS now, not in 2 minutes: a killed run must keep every point up to its checkpoint
+        self.logger.writer.flush()
 
     def log_epoch(self, engine: Engine) -> None:
         """Write the epoch's figures (train loss, val metrics, throughput, lr)."""
