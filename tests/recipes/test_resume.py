@@ -219,3 +219,28 @@ def test_train_resume_refuses_a_config_that_changes_the_run(tmp_path, reference)
     assert refused.stderr.startswith("kiln: error:") and refused.stderr.count("\n") == 1
     assert "schedule.max_lr: 0.01 -> 0.05" in refused.stderr and "train.seed: 0 -> 3" in refused.stderr
     assert last.read_bytes() == before
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start("train", "digits", "--epochs", "30", "--set", "train.log_every=1", "--quiet", "--out", str(run_dir))
+    wait_for_iteration(run_dir, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+
+
+def test_train_resume_with_force_continues_despite_a_changed_config(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start("train", "digits", *FAST, "--out", str(run_dir))
+    wait_for_iteration(run_dir, 8, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    last = run_dir / "checkpoints" / "last.pt"
+    forced = kiln("train", "digits", *FAST, "--set", "train.label_smoothing=0.2", "--resume", str(last), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((run_dir / "config.json").read_text())["train"]["label_smoothing"] == 0.2
