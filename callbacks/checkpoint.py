@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
@@ -54,19 +55,25 @@ class AtomicDiskSaver(BaseSaveHandler):
 
     Args:
         dirname: the folder (created).
+        save_on_rank: under data parallelism, the one rank that writes.
     """
 
-    def __init__(self, dirname: str | Path) -> None:
+    def __init__(self, dirname: str | Path, save_on_rank: int = 0) -> None:
         self.dirname = Path(dirname)
-        self.dirname.mkdir(parents=True, exist_ok=True)
+        self.save_on_rank = save_on_rank
         self._pending_removals: list[str] = []
-        for stale in self.dirname.glob(".*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
+        if idist.get_rank() == save_on_rank:
+            self.dirname.mkdir(parents=True, exist_ok=True)
+            for stale in self.dirname.glob(".*.tmp"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         bad = _first_non_finite(checkpoint)
         if bad is not None:
             raise NonFiniteCheckpointError(f"not saving {filename}: {bad} holds NaN or Inf")
+        if idist.get_rank() != self.save_on_rank:  # every rank builds the same state; one writes it
+            self._pending_removals = []
+            return
         path = self.dirname / filename
         fd, tmp = tempfile.mkstemp(dir=self.dirname, prefix=f".{filename}.", suffix=".tmp")
         try:

@@ -5,6 +5,8 @@ import signal
 import threading
 from typing import Any
 
+import ignite.distributed as idist
+import torch
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
@@ -22,10 +24,11 @@ class GracefulStop:
     stopped run never skips an epoch's validation and records. A second SIGINT raises
     ``KeyboardInterrupt`` at once. The previous signal handlers come back when the run ends
     (``restore()``, also called on COMPLETED). Signals can only be caught in the main thread;
-    elsewhere this handler does nothing.
+    elsewhere this handler does nothing. Under data parallelism the ranks agree after every iteration
+    (one all-reduce of a flag) so that all of them stop after the same one.
 
     Events: STARTED (installs the handlers), ITERATION_STARTED, EpochEvents.EPOCH_RECORDED (deferred
-    stops), COMPLETED (restores them). Calls ``engine.terminate()``.
+    stops), ITERATION_COMPLETED (ranks agree), COMPLETED (restores them). Calls ``engine.terminate()``.
     ``received`` is the signal number that stopped the run, or None. State: none (per process).
 
     Example:
@@ -48,6 +51,7 @@ class GracefulStop:
         return [
             engine.add_event_handler(Events.STARTED, self._install),
             engine.add_event_handler(Events.ITERATION_STARTED, self._on_iteration_started),
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._agree_across_ranks),
             engine.add_event_handler(EpochEvents.EPOCH_RECORDED, self._on_epoch_recorded),
             engine.add_event_handler(Events.COMPLETED, lambda _: self.restore()),
         ]
@@ -57,6 +61,21 @@ class GracefulStop:
         self._closing_epoch = bool(s.epoch_length) and s.iteration % s.epoch_length == 0
         if self._pending:
             engine.terminate()
+
+    def _agree_across_ranks(self, engine: Engine) -> None:
+        # Under data parallelism every rank must stop after the same iteration, or the others would
+        # wait forever in the next all-reduce: the ranks agree on "any rank got a signal" each step.
+        if idist.get_world_size() == 1:
+            return
+        flag = torch.tensor([self.received or 0], device=idist.device())
+        agreed = int(idist.all_reduce(flag, op="MAX").item())
+        if agreed and not (self._pending or engine.should_terminate):
+            self.received = agreed
+            s = engine.state
+            if s.epoch_length and s.iteration % s.epoch_length == 0:
+                self._pending = True
+            else:
+                engine.terminate()
 
     def _on_epoch_recorded(self, engine: Engine) -> None:
         self._closing_epoch = False
@@ -77,6 +96,8 @@ class GracefulStop:
             raise KeyboardInterrupt
         if self.received is None:
             self.received = signum
+            if idist.get_world_size() > 1:
+                return  # the ranks decide together, after this iteration
             if self._closing_epoch:  # the epoch's last iteration: stop once the epoch's records are written
                 self._pending = True
             elif self._engine is not None:

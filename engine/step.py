@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, NamedTuple, Sequence
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
@@ -179,7 +180,10 @@ def create_trainer(
     @trainer.on(Events.EPOCH_COMPLETED)
     def _train_loss(engine: Engine) -> None:
         s = engine.state
-        s.metrics["train_loss"] = (s.epoch_loss_sum / s.epoch_loss_count.clamp(min=1)).item()
+        total, count = s.epoch_loss_sum, s.epoch_loss_count
+        if idist.get_world_size() > 1:  # the loss over every rank's samples, the same figure on each rank
+            total, count = idist.all_reduce(total.clone()), idist.all_reduce(count.clone())
+        s.metrics["train_loss"] = (total / count.clamp(min=1)).item()
 
     return trainer
 
