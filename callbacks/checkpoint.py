@@ -187,6 +187,8 @@ class Checkpointer:
         s = engine.state
         if s.epoch_length and s.iteration % s.epoch_length == 0:
             return  # the epoch-end save follows, after the epoch's records
+        if getattr(s, "accumulating", False):
+            return  # accumulated gradients are not saved: wait for the optimizer step
         due = self.every_iterations and s.iteration % self.every_iterations == 0
         if due or (self.every_seconds and time.monotonic() - self._last_save >= self.every_seconds):
             self.save_last(engine)

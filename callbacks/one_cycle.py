@@ -99,11 +99,29 @@ class OneCycle:
         if self._steps_past_end == 2:  # the first is the run's last step; a second means it is too long
             log.warning("the OneCycle schedule (%d steps) has ended: the LR holds its final value", self.total_steps)
 
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the rest of the schedule (and the current LR) by ``factor``; the step count stands.
+
+        Scales the initial, peak and final LRs that ``OneCycleLR`` keeps in each param group, so every
+        later LR is ``factor`` times what it would have been. ``NanGuard`` calls this after a rollback.
+        The scaled values live in the optimizer's param groups, so they are saved and resumed with it.
+        """
+        if not factor > 0:
+            raise ValueError(f"factor must be > 0, not {factor}")
+        for group in self.optimizer.param_groups:
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                if key in group:
+                    group[key] = group[key] * factor
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        self.scheduler._last_lr = [lr * factor for lr in self.scheduler.get_last_lr()]
+
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's state (weights_only-safe)."""
-        return {"scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps}
+        return {"scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps,
+                "steps_past_end": self._steps_past_end}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.scheduler.load_state_dict(state["scheduler"])
         self.total_steps = int(state["total_steps"])
+        self._steps_past_end = int(state.get("steps_past_end", 0))

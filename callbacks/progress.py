@@ -64,9 +64,13 @@ class Progress:
             return []
         ensure_epoch_events(engine)
         bar = ProgressBar(persist=False, disable=None, file=sys.stderr, dynamic_ncols=True)
+        before = {event: list(handlers) for event, handlers in engine._event_handlers.items()}
         bar.attach(engine, output_transform=self._bar_values)
+        # ProgressBar.attach returns no handles: make them for what it registered, so detaching works
+        handles = [RemovableEventHandle(event, entry[0], engine) for event, handlers in engine._event_handlers.items()
+                   for entry in handlers if entry not in before.get(event, [])]
         self._bar = bar
-        return [engine.add_event_handler(EpochEvents.VALIDATION_COMPLETED, self.print_epoch)]
+        return [*handles, engine.add_event_handler(EpochEvents.VALIDATION_COMPLETED, self.print_epoch)]
 
     def _bar_values(self, output: Any) -> dict[str, float]:
         now = time.monotonic()

@@ -69,6 +69,7 @@ class RunSummary:
         self.write("running")
 
     def _on_completed(self, engine: Engine) -> None:
+        self.wall_seconds_before, self._started = self.wall_seconds, None  # the clock stops with the run
         s = engine.state
         planned = s.max_epochs * s.epoch_length if s.max_epochs and s.epoch_length else s.iteration
         self.write("completed" if s.iteration >= planned else "interrupted")

@@ -69,5 +69,6 @@ STEP_EVENT_COUNTERS = {
 
 def ensure_epoch_events(engine: Engine) -> None:
     """Register :class:`EpochEvents` on ``engine`` unless it has them (``create_trainer`` registers them)."""
-    if not all(engine.has_registered_events(e) for e in EpochEvents):
-        engine.register_events(*(e for e in EpochEvents if not engine.has_registered_events(e)))
+    missing = [e for e in EpochEvents if not engine.has_registered_events(e)]
+    if missing:  # with their counters, so every=/once= filters work on them
+        engine.register_events(*missing, event_to_attr={e: STEP_EVENT_COUNTERS[e] for e in missing})

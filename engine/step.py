@@ -62,6 +62,8 @@ def create_trainer(
         step_skipped (bool): whether the last optimizer step was skipped (inf grads or skip_step).
         loss_scale (float | None): the scaler's scale after the last step (fp16 only).
         optimizer_step (int): optimizer steps attempted so far (skipped ones included); checkpointed.
+        accumulating (bool): gradients of an unfinished accumulation window are pending (a checkpoint
+            taken now could not resume exactly).
         epoch_loss_sum, epoch_loss_count: the epoch's sample-weighted sum of finite batch losses and
             their sample count (device tensors, checkpointed); ``state.metrics["train_loss"]`` is their
             ratio at EPOCH_COMPLETED. A non-finite batch loss is left out (guards report it).
@@ -125,6 +127,7 @@ def create_trainer(
         to_backward = loss.float() / window if window > 1 else loss
         (scaler.scale(to_backward) if scaler is not None else to_backward).backward()
 
+        state.accumulating = not closes_window
         if closes_window:
             state.optimizer_step += 1
             state.skip_step = False
@@ -150,6 +153,7 @@ def create_trainer(
     state.step_skipped = False
     state.loss_scale = None
     state.optimizer_step = 0
+    state.accumulating = False
     state.epoch_loss_sum = torch.zeros((), device=device)
     state.epoch_loss_count = torch.zeros((), dtype=torch.long, device=device)
     state.epoch_samples = 0
@@ -157,6 +161,8 @@ def create_trainer(
 
     @trainer.on(Events.STARTED)
     def _start(engine: Engine) -> None:
+        if not engine.state.epoch_length:
+            raise ValueError("kiln's trainer needs data with a length, or run(data, epoch_length=N)")
         if engine.state.iteration == 0:  # a fresh run, not a resume: counters start again
             engine.state.optimizer_step = 0
         if engine.state.precision.needs_scaler and engine.state.scaler is None:

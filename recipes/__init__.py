@@ -1,5 +1,5 @@
 """kiln's recipes: configs, data, models, the run assembly and the CLI."""
-from recipes import digits, synthetic
+from recipes import cifar10, digits, imagefolder, synthetic
 from recipes.config import Config, ConfigError
 
 __all__ = ["RECIPES", "get_recipe"]
@@ -8,6 +8,8 @@ __all__ = ["RECIPES", "get_recipe"]
 RECIPES: dict[str, Config] = {
     "digits": digits.CONFIG,
     "synthetic": synthetic.CONFIG,
+    "cifar10": cifar10.CONFIG,
+    "imagefolder": imagefolder.CONFIG,
 }
 
 

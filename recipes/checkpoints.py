@@ -17,7 +17,8 @@ CHECKPOINT_FORMAT = 1
 #: Config keys that may differ between a checkpoint and the run continuing it: they do not change
 #: what is computed (where it runs, how often it logs or saves) or are handled on their own (epochs).
 RUN_NEUTRAL_KEYS = ("description", "train.device", "train.log_every", "train.epochs", "checkpoint.every_iterations",
-                    "checkpoint.every_minutes", "checkpoint.keep_best", "data.num_workers", "data.data_dir")
+                    "checkpoint.every_minutes", "checkpoint.keep_best", "data.num_workers", "data.data_dir",
+                    "data.download")
 
 
 class RunMeta:

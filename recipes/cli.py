@@ -1,15 +1,19 @@
 """The ``kiln`` command line: a thin click layer over ``recipes``."""
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 import yaml
 
 from recipes import RECIPES, get_recipe
+from recipes.allocator import tune_malloc
 from recipes.config import Config, ConfigError, apply_overrides, config_to_dict
 from recipes.data import DataError
+from recipes.recipe_files import load_recipe
 
 if TYPE_CHECKING:
     from recipes.run import Assembly
@@ -24,6 +28,11 @@ OPTION_KEYS = {
     "epochs": "train.epochs", "batch_size": "data.batch_size", "lr": "optim.lr", "max_lr": "schedule.max_lr",
     "weight_decay": "optim.weight_decay", "label_smoothing": "train.label_smoothing", "clip_norm": "train.clip_norm",
     "precision": "train.precision", "device": "train.device", "seed": "train.seed", "on_nan": "train.on_nan",
+    "data_dir": "data.data_dir", "download": "data.download", "model": "model.name", "weights": "model.weights",
+    "image_size": "data.image_size", "val_fraction": "data.val_fraction", "num_workers": "data.num_workers",
+    "ema": "train.ema_decay", "mixup": "train.mixup_alpha", "cutmix": "train.cutmix_alpha",
+    "early_stop": "train.early_stop_patience", "accumulation_steps": "train.accumulation_steps",
+    "channels_last": "train.channels_last", "compile": "train.compile",
 }
 
 
@@ -38,8 +47,11 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 def resolve_config(recipe: str, sets: tuple[str, ...] = (), **options: object) -> Config:
-    """The recipe with ``--set`` overrides, then explicit options (options win)."""
-    cfg = get_recipe(recipe)
+    """RECIPE (a registered name or a .yaml/.yml recipe file) with ``--set`` overrides, then explicit options.
+
+    Precedence, lowest first: the recipe, the recipe file, ``--set``, explicit options.
+    """
+    cfg = load_recipe(recipe)
     overrides = _parse_sets(sets)
     overrides.update({OPTION_KEYS[k]: v for k, v in options.items() if v is not None})
     return apply_overrides(cfg, overrides)
@@ -47,6 +59,37 @@ def resolve_config(recipe: str, sets: tuple[str, ...] = (), **options: object) -
 
 set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                           help="Override any config key, e.g. --set schedule.pct_start=0.3 (repeatable).")
+
+
+class MaxLR(click.ParamType):
+    """A positive number, or ``auto`` (run the LR range test and use its suggestion)."""
+
+    name = "FLOAT|auto"
+
+    def convert(self, value: object, param: object, ctx: object) -> float | str:
+        """``"auto"``, or the value as a float (click reports anything else as a usage error)."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)  # type: ignore[arg-type]
+
+
+def _recipe_or_run(recipe: str, sets: tuple[str, ...], kind: str, **options: object) -> tuple[Config, Path]:
+    """RECIPE's config (or the config.json of the run directory RECIPE) and where its outputs go by default."""
+    import datetime as _dt
+    import json
+
+    from recipes.config import config_from_dict
+
+    source = Path(recipe)
+    if (source / "config.json").is_file():
+        overrides = _parse_sets(sets)
+        overrides.update({OPTION_KEYS[k]: v for k, v in options.items() if v is not None})
+        return apply_overrides(config_from_dict(json.loads((source / "config.json").read_text())), overrides), source
+    cfg = resolve_config(recipe, sets, **options)
+    return cfg, Path("runs") / f"{cfg.name}-{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -83,16 +126,39 @@ def show(recipe: str, sets: tuple[str, ...]) -> None:
 @click.option("--epochs", type=int, help="Passes over the training data.")
 @click.option("--batch-size", type=int, help="Images per batch.")
 @click.option("--lr", type=float, help="LR the one-cycle starts from (AdamW).")
-@click.option("--max-lr", type=float, help="Peak LR of the one-cycle schedule.")
+@click.option("--max-lr", type=MaxLR(), help="Peak LR of the one-cycle schedule, or `auto`: run the LR range "
+              "test first and train at its suggestion (recorded in config.json and events.jsonl).")
 @click.option("--weight-decay", type=float, help="AdamW decoupled weight decay.")
 @click.option("--label-smoothing", type=float, help="Cross-entropy label smoothing, in [0, 1).")
 @click.option("--clip-norm", type=float, help="Clip the total gradient norm to this (0: measure only).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast precision.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, help="Seed of the split, init, batch order and per-step randomness.")
+@click.option("--data-dir", type=click.Path(), help="Where the data set lives (cifar10: the folder holding "
+              "cifar-10-batches-py/; imagefolder: train/ and val/ class folders).")
+@click.option("--download", is_flag=True, default=None, help="cifar10: fetch the data set into --data-dir with "
+              "torchvision's downloader if it is missing (needs a network).")
+@click.option("--model", help="Network: small_cnn, resnet9, resnet18_32, or a torchvision classification model "
+              "(resnet18, mobilenet_v3_small, efficientnet_b0, convnext_tiny, ...).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Initial weights from this local file (a state "
+              "dict; loaded with weights_only; nothing is downloaded).")
+@click.option("--image-size", type=int, help="Images are resized/cropped to this side.")
+@click.option("--val-fraction", type=float, help="Share held out for validation when the data has no val split.")
+@click.option("--num-workers", type=int, help="DataLoader worker processes (image folders).")
 @click.option("--on-nan", type=click.Choice(["skip", "rollback", "stop"]),
               help="On NaN/Inf or an fp16 loss-scale collapse: drop the update, roll back and lower the LR "
                    "(default), or stop (exit status 3).")
+@click.option("--ema", type=float, metavar="DECAY", help="Keep an EMA of the weights with this decay (e.g. 0.999); "
+              "validation, best-* checkpoints and `kiln eval` use it. 0: off.")
+@click.option("--mixup", type=float, metavar="ALPHA", help="MixUp training batches, Beta(ALPHA, ALPHA) (e.g. 0.2). 0: off.")
+@click.option("--cutmix", type=float, metavar="ALPHA", help="CutMix training batches, Beta(ALPHA, ALPHA) (e.g. 1.0). "
+              "With --mixup too, each batch gets one of them. 0: off.")
+@click.option("--early-stop", type=int, metavar="PATIENCE", help="Stop after PATIENCE epochs without a val_accuracy "
+              "gain (min gain: --set train.early_stop_min_delta=D). 0: off.")
+@click.option("--accumulation-steps", type=int, metavar="K", help="Batches per optimizer step (gradient accumulation).")
+@click.option("--channels-last", is_flag=True, default=None, help="Train and evaluate in channels_last memory format.")
+@click.option("--compile", is_flag=True, default=None, help="torch.compile the training forward (backend: --set "
+              "train.compile_backend=NAME); falls back to eager with a warning if compiling fails.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/RECIPE-TIMESTAMP).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no epoch lines; only the final lines.")
 @click.option("--resume", "resume_from", type=click.Path(dir_okay=False),
@@ -110,16 +176,21 @@ def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, fo
     """
     from recipes.run import make_run_dir, resume as resume_run, train as run_training
 
+    auto_max_lr = options.get("max_lr") == "auto"
+    if auto_max_lr:
+        options["max_lr"] = None
     cfg = resolve_config(recipe, sets, **options)
     if resume_from is not None:
         if out is not None:
             raise ConfigError("--resume continues in the checkpoint's own run directory; drop --out")
+        if auto_max_lr:
+            raise ConfigError("--max-lr auto chooses the LR of a new run; it cannot be used with --resume")
         _finish(resume_run(resume_from, requested=cfg, force=force, quiet=quiet), quiet)
         return
     run_dir = make_run_dir(cfg, out)
     if not quiet:
         click.echo(f"kiln: training {cfg.name} for {cfg.train.epochs} epochs into {run_dir}")
-    _finish(run_training(cfg, run_dir, quiet=quiet), quiet)
+    _finish(run_training(cfg, run_dir, quiet=quiet, auto_max_lr=auto_max_lr), quiet)
 
 
 @cli.command()
@@ -149,18 +220,98 @@ def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool) ->
 @click.argument("checkpoint", type=click.Path())
 @click.option("--device", help="auto, cpu, cuda or cuda:N (default: the recipe's).")
 @click.option("--batch-size", type=int, help="Images per evaluation batch.")
-def eval_(checkpoint: str, device: str | None, batch_size: int | None) -> None:
+@click.option("--data-dir", type=click.Path(), help="Evaluate on the data set here instead of the recipe's.")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average the logits of each image and its mirror.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder for confusion_matrix.png (default: the checkpoint's run directory).")
+def eval_(checkpoint: str, device: str | None, batch_size: int | None, data_dir: str | None, tta: bool,
+          out: str | None) -> None:
     """Evaluate CHECKPOINT (last.pt or best-*.pt) on its recipe's validation data.
 
+    Prints per-class accuracy, the confusion matrix, and last the loss, top-1 accuracy and top-5
+    accuracy (5 classes or more); writes confusion_matrix.png.
+
     \b
-    Example:  kiln eval runs/d5/checkpoints/last.pt
+    Example:  kiln eval runs/d5/checkpoints/last.pt --tta
     """
+    from recipes.evaluation import eval_output_dir, format_evaluation, plot_confusion_matrix
     from recipes.run import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, device=device, batch_size=batch_size)
-    epoch = f", epoch {result['epoch']}" if result["epoch"] is not None else ""
-    click.echo(f"{checkpoint} ({result['recipe']}{epoch}) on {result['samples']} validation images:")
-    click.echo(f"  loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}")
+    result = evaluate_checkpoint(checkpoint, device=device, batch_size=batch_size, data_dir=data_dir, tta=tta)
+    title = f"{result['recipe']}: confusion matrix ({result['samples']} images{', flip TTA' if tta else ''})"
+    png = plot_confusion_matrix(result["confusion_matrix"], result["class_names"],
+                                Path(out or eval_output_dir(checkpoint)) / "confusion_matrix.png", title=title)
+    click.echo(format_evaluation({**result, "confusion_matrix_png": str(png)}, checkpoint))
+
+
+@cli.command("lr-find")
+@click.argument("recipe")
+@click.option("--start-lr", type=float, default=1e-7, show_default=True, help="LR of the first iteration.")
+@click.option("--end-lr", type=float, default=10.0, show_default=True, help="LR the exponential ramp ends at.")
+@click.option("--num-iter", type=int, default=100, show_default=True, help="Iterations of the ramp (it stops "
+              "earlier if the smoothed loss passes 5x its best).")
+@click.option("--divide-by", type=float, default=3.0, show_default=True,
+              help="Suggested max_lr = the LR at the lowest smoothed loss / this.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder for lr_find.png and lr_find.json (default: runs/RECIPE-lr-find-TIMESTAMP, or RUN_DIR).")
+@set_option
+def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, divide_by: float, out: str | None,
+            sets: tuple[str, ...]) -> None:
+    """LR range test for RECIPE (or for the run in RUN_DIR): suggest one-cycle's max_lr, plot loss vs LR.
+
+    \b
+    The model, optimizer and data are RECIPE's; they are restored after the test, which trains on a
+    throwaway trainer. Given a RUN_DIR, the results go into it and `kiln report RUN_DIR` compares the
+    run's max_lr with the suggestion.
+    Example:  kiln lr-find digits
+    """
+    from recipes.lr_find import find_lr, format_result, write_lr_find
+
+    cfg, default_out = _recipe_or_run(recipe, sets, "lr-find")
+    result = find_lr(cfg, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, divide_by=divide_by)
+    json_path, png_path = write_lr_find(result, Path(out) if out else default_out, title=f"{cfg.name}: LR range test")
+    click.echo(format_result(result, cfg.name))
+    click.echo(f"wrote {png_path} and {json_path}")
+
+
+@cli.command()
+@click.argument("recipe")
+@click.option("--epochs", type=int, help="Passes over the training data.")
+@click.option("--batch-size", type=int, help="Images per batch.")
+@click.option("--lr", type=float, help="LR the one-cycle starts from.")
+@click.option("--max-lr", type=float, help="Peak LR of the one-cycle schedule.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder for schedule.png and schedule.json (default: runs/RECIPE-schedule-TIMESTAMP).")
+@set_option
+def schedule(recipe: str, out: str | None, sets: tuple[str, ...], **options: object) -> None:
+    """Plot RECIPE's one-cycle LR and beta1 over the optimizer steps, without training.
+
+    \b
+    Example:  kiln schedule digits --epochs 20 --max-lr 0.02
+    """
+    from recipes.schedule import format_schedule, schedule_series, write_schedule
+
+    cfg, default_out = _recipe_or_run(recipe, sets, "schedule", **options)
+    series = schedule_series(cfg)
+    png_path, json_path = write_schedule(series, Path(out) if out else default_out)
+    click.echo(format_schedule(series))
+    click.echo(f"wrote {png_path} and {json_path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+def report(run_dir: str) -> None:
+    """Re-draw RUN_DIR/plots, recompute the findings and write RUN_DIR/report.html.
+
+    \b
+    Example:  kiln report runs/d5
+    """
+    from recipes.report import format_findings, write_report
+
+    result = write_report(run_dir)
+    click.echo(format_findings(result.findings))
+    click.echo(f"plots: {', '.join(p.name for p in result.plots)} in {result.html_path.parent / 'plots'}")
+    click.echo(f"report: {result.html_path}")
 
 
 def _finish(run: Assembly, quiet: bool) -> None:
@@ -185,11 +336,21 @@ def _finish(run: Assembly, quiet: bool) -> None:
     final = summary.final_val_accuracy
     figures = f"best val_accuracy {best:.4f}, final {final:.4f}" if best is not None else "no validation"
     click.echo(f"done in {summary.wall_seconds:.1f}s: {figures} ({run.device}, {run.precision.name})")
+    early_stop = run.handlers.get("early_stop")
+    if early_stop is not None and early_stop.stopped_epoch is not None and s.iteration < s.max_epochs * s.epoch_length:
+        click.echo(f"stopped early after epoch {early_stop.stopped_epoch} of {s.max_epochs}: no val_accuracy gain "
+                   f"above {early_stop.min_delta:g} in {early_stop.patience} epoch{'s' if early_stop.patience > 1 else ''}")
     click.echo(f"run directory: {run.run_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input gets one line on stderr and exit status 2, never a traceback."""
+    """Entry point: bad input gets one line on stderr and exit status 2, never a traceback.
+
+    First it tunes glibc malloc (:func:`recipes.allocator.tune_malloc`: freed buffers stay in the
+    process, so CPU training steps stop page-faulting), unless the environment sets ``KILN_MALLOC=default``.
+    """
+    if os.environ.get("KILN_MALLOC", "").strip().lower() != "default":
+        tune_malloc()
     try:
         code = cli.main(args=argv, prog_name="kiln", standalone_mode=False)
     except click.exceptions.Abort:

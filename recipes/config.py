@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -24,11 +25,37 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+#: The data sets a recipe can train on.
+DATASETS = ("digits", "synthetic", "cifar10", "imagefolder")
+
+
+#: torchvision models present in every torchvision kiln supports (>= 0.19): accepted without importing
+#: torchvision.models, which takes seconds (every `kiln` command builds the registry's configs).
+_COMMON_TORCHVISION_MODELS = frozenset(
+    [f"resnet{n}" for n in (18, 34, 50, 101, 152)] + ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"]
+    + [f"efficientnet_b{i}" for i in range(8)] + [f"convnext_{s}" for s in ("tiny", "small", "base", "large")])
+
+
+def _check_model_name(name: str) -> None:
+    """kiln's own models, or a torchvision classification model; else a ConfigError with a did-you-mean."""
+    from recipes.models import KILN_MODELS, torchvision_models
+
+    if name in KILN_MODELS or name in _COMMON_TORCHVISION_MODELS:
+        return
+    known = torchvision_models()
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, list(KILN_MODELS) + known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"unknown model {name!r}; {hint}(kiln's: {', '.join(KILN_MODELS)}; or any torchvision "
+                      "classification model: resnet18, mobilenet_v3_small, efficientnet_b0, convnext_tiny, ...)")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, how it is split and batched."""
 
-    dataset: str = "digits"  #: digits | synthetic
+    dataset: str = "digits"  #: digits | synthetic | cifar10 | imagefolder
     batch_size: int = 64  #: images per optimizer step per micro-batch (per process)
     val_fraction: float = 0.2  #: share of the data held out for validation (seeded split)
     image_size: int = 32  #: images are resized to image_size x image_size
@@ -37,9 +64,10 @@ class DataConfig:
     num_classes: int = 10  #: synthetic only: how many classes
     data_dir: str = ""  #: where a data set on disk lives
     num_workers: int = 0  #: 0: in-memory batches sliced by index; N: a DataLoader with N workers (same batches)
+    download: bool = False  #: cifar10: fetch the data set into data_dir with torchvision's downloader if it is missing
 
     def __post_init__(self) -> None:
-        _check(self.dataset in ("digits", "synthetic"), f"data.dataset must be digits or synthetic, not {self.dataset!r}")
+        _check(self.dataset in DATASETS, f"data.dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, not {self.batch_size}")
         _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), not {self.val_fraction}")
         _check(self.image_size >= 8, f"data.image_size must be >= 8, not {self.image_size}")
@@ -53,11 +81,12 @@ class DataConfig:
 class ModelConfig:
     """The network."""
 
-    name: str = "small_cnn"  #: small_cnn
+    name: str = "small_cnn"  #: small_cnn | resnet9 | resnet18_32 | any torchvision classification model (resnet18, ...)
     channels: tuple[int, ...] = (32, 64, 128)  #: small_cnn: output channels of each conv block
+    weights: str = ""  #: a local file of initial weights (a state dict); nothing is downloaded
 
     def __post_init__(self) -> None:
-        _check(self.name in ("small_cnn",), f"model.name must be small_cnn, not {self.name!r}")
+        _check_model_name(self.name)
         _check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), f"model.channels must be positive, not {self.channels}")
 
 
@@ -106,9 +135,25 @@ class TrainConfig:
     label_smoothing: float = 0.1  #: cross-entropy label smoothing
     clip_norm: float = 1.0  #: clip the total grad norm to this (0 = measure only)
     accumulation_steps: int = 1  #: batches per optimizer step
+    ema_decay: float = 0.0  #: EMA of the weights, e.g. 0.999 (0 = off); validation, best-* and `kiln eval` use the EMA weights
+    mixup_alpha: float = 0.0  #: MixUp's Beta(alpha, alpha) on training batches, e.g. 0.2 (0 = off)
+    cutmix_alpha: float = 0.0  #: CutMix's Beta(alpha, alpha), e.g. 1.0 (0 = off); with mixup too, each batch gets one of them
+    early_stop_patience: int = 0  #: stop after this many validations without a val_accuracy gain (0 = off)
+    early_stop_min_delta: float = 0.0  #: the smallest val_accuracy rise that counts as a gain
+    channels_last: bool = False  #: train and evaluate in the channels_last memory format
+    compile: bool = False  #: torch.compile the training forward (falls back to eager, with a warning, if it fails)
+    compile_backend: str = "inductor"  #: the torch.compile backend (inductor, aot_eager, ...)
     init_scale: float = 65536.0  #: fp16: the first loss scale
     growth_interval: int = 2000  #: fp16: clean steps before the loss scale doubles
     log_every: int = 10  #: iterations between step lines (steps.jsonl, TensorBoard)
+    on_nan: str = "rollback"  #: skip | rollback | stop: what NanGuard does on NaN/Inf or an fp16 scale collapse
+    nan_check_every: int = 20  #: optimizer steps between NanGuard's weight checks and in-memory snapshots
+    nan_max_skips: int = 3  #: on_nan skip: skips within 100 steps before it rolls back instead
+    nan_lr_factor: float = 0.5  #: each rollback multiplies the rest of the LR schedule by this
+    nan_max_rollbacks: int = 3  #: rollbacks before the run stops as diverged
+    nan_collapse_skips: int = 10  #: fp16: skipped steps in a row that count as a loss-scale collapse
+    nan_min_loss_scale: float = 1.0  #: fp16: a loss scale below this counts as a collapse
+    nan_max_loss_ratio: float = 100.0  #: a loss above this multiple of the run's first loss counts as diverged (0 = off)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, not {self.epochs}")
@@ -116,9 +161,24 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), not {self.label_smoothing}")
         _check(self.clip_norm >= 0, f"train.clip_norm must be >= 0, not {self.clip_norm}")
         _check(self.accumulation_steps >= 1, f"train.accumulation_steps must be >= 1, not {self.accumulation_steps}")
+        _check(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), not {self.ema_decay}")
+        _check(self.mixup_alpha >= 0, f"train.mixup_alpha must be >= 0 (0 = off), not {self.mixup_alpha}")
+        _check(self.cutmix_alpha >= 0, f"train.cutmix_alpha must be >= 0 (0 = off), not {self.cutmix_alpha}")
+        _check(self.early_stop_patience >= 0, f"train.early_stop_patience must be >= 0 (0 = off), not {self.early_stop_patience}")
+        _check(self.early_stop_min_delta >= 0, f"train.early_stop_min_delta must be >= 0, not {self.early_stop_min_delta}")
+        _check(self.compile_backend.strip() != "", "train.compile_backend must not be empty")
         _check(self.init_scale > 0, f"train.init_scale must be > 0, not {self.init_scale}")
         _check(self.growth_interval >= 1, f"train.growth_interval must be >= 1, not {self.growth_interval}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, not {self.log_every}")
+        _check(self.on_nan in ("skip", "rollback", "stop"), f"train.on_nan must be skip, rollback or stop, not {self.on_nan!r}")
+        _check(self.nan_check_every >= 1, f"train.nan_check_every must be >= 1, not {self.nan_check_every}")
+        _check(self.nan_max_skips >= 1, f"train.nan_max_skips must be >= 1, not {self.nan_max_skips}")
+        _check(0 < self.nan_lr_factor <= 1, f"train.nan_lr_factor must be in (0, 1], not {self.nan_lr_factor}")
+        _check(self.nan_max_rollbacks >= 0, f"train.nan_max_rollbacks must be >= 0, not {self.nan_max_rollbacks}")
+        _check(self.nan_collapse_skips >= 1, f"train.nan_collapse_skips must be >= 1, not {self.nan_collapse_skips}")
+        _check(self.nan_min_loss_scale >= 0, f"train.nan_min_loss_scale must be >= 0, not {self.nan_min_loss_scale}")
+        _check(self.nan_max_loss_ratio == 0 or self.nan_max_loss_ratio > 1,
+               f"train.nan_max_loss_ratio must be 0 (off) or > 1, not {self.nan_max_loss_ratio}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"train.device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
 
@@ -191,11 +251,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return False
             raise ValueError
         if hint is int:
-            if isinstance(value, float) and not value.is_integer():
+            number = float(value) if isinstance(value, (str, float)) else value
+            if isinstance(number, float) and not number.is_integer():
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return int(number)
         if hint is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"bad value for {key}: {value!r} is not a finite number")
+            return number
         if hint is str:
             return str(value)
         if origin is tuple:

@@ -14,15 +14,21 @@ import torch
 from ignite.handlers import Checkpoint
 from ignite.metrics import Accuracy, Loss
 
-from callbacks import AMP, Checkpointer, GracefulStop, GradClip, MetricsLog, OneCycle, Progress, RunSummary, TensorBoard, Validation
+from callbacks import (AMP, Checkpointer, GracefulStop, GradClip, MetricsLog, NanGuard, OneCycle, Progress, RunSummary,
+                       TensorBoard, Validation)
 from callbacks._files import append_jsonl, truncate_jsonl, write_json_atomic
+from callbacks.nan_guard import summarize_diagnosis
+from callbacks import EMA, EarlyStop, MixUpCutMix
 from engine import Precision, create_evaluator, create_trainer, resolve_device, resolve_precision
 from engine.rng import RNGState
+from recipes.compiled import CompiledForward
 from recipes.checkpoints import RunMeta, find_last_checkpoint, load_checkpoint, run_changing_differences
 from recipes.config import Config, ConfigError, apply_overrides, config_to_dict
 from recipes.data import (DataError, EpochBatchSampler, LoaderBatches, TensorBatches, digits_tensors, random_crop_flip,
                           split_indices, synthetic_tensors)
-from recipes.models import build_model, parameter_groups
+from recipes.datasets import dataset_classes, load_data, num_samples
+from recipes.models import build_model, load_weights, parameter_groups
+from recipes.report import hparams as report_hparams
 
 __all__ = ["Assembly", "build", "train", "resume", "evaluate_checkpoint", "make_run_dir", "versions"]
 
@@ -32,7 +38,8 @@ class Assembly:
     """Everything a run is made of; ``handlers`` maps a name to each attached handler, in attach order.
 
     After :func:`train` or :func:`resume`: ``status`` is how it ended (completed, interrupted, ...)
-    and ``stop_signal`` the signal number that stopped it, if one did.
+    and ``stop_signal`` the signal number that stopped it, if one did. ``class_names`` go into
+    config.json (runtime) and into every checkpoint's ``kiln`` section.
     """
 
     config: Config
@@ -48,6 +55,7 @@ class Assembly:
     handlers: dict[str, Any] = field(default_factory=dict)
     status: str = "built"
     stop_signal: int | None = None
+    class_names: list[str] = field(default_factory=list)  #: the data set's classes, in label order
 
     @property
     def events_path(self) -> Path:
@@ -56,9 +64,16 @@ class Assembly:
 
     def to_save(self) -> dict[str, Any]:
         """What last.pt holds: every object whose state the run needs to continue."""
-        names = ("amp", "schedule", "summary")
+        names = ("amp", "schedule", "summary", "nan_guard")
+        optional = {n: self.handlers[n] for n in ("ema", "early_stop") if n in self.handlers}
+        if "ema" in self.handlers:  # the averaged weights: validation, best-* and `kiln eval` use them
+            optional["ema_model"] = self.handlers["ema"].ema_model
         return {"trainer": self.trainer, "model": self.model, "optimizer": self.optimizer,
-                **{n: self.handlers[n] for n in names}, "rng": RNGState(), "kiln": RunMeta(self.config)}
+                **{n: self.handlers[n] for n in names}, **optional, "rng": RNGState(), "kiln": self.meta()}
+
+    def meta(self) -> RunMeta:
+        """The ``kiln`` section of this run's checkpoints: the config and the class names."""
+        return RunMeta(self.config, extra={"class_names": list(self.class_names)})
 
 
 def versions() -> dict[str, str]:
@@ -92,6 +107,8 @@ def make_run_dir(cfg: Config, out: str | Path | None) -> Path:
 
 def _data(cfg: Config, device: torch.device) -> tuple[Any, TensorBatches, int, int]:
     d = cfg.data
+    if d.dataset in ("cifar10", "imagefolder"):  # on disk: recipes.datasets reads, batches and augments them
+        return load_data(cfg, device)
     if d.dataset == "digits":
         x, y = digits_tensors(d.image_size)
         num_classes = 10
@@ -123,6 +140,21 @@ def _data(cfg: Config, device: torch.device) -> tuple[Any, TensorBatches, int, i
     return train, val, x.shape[1], num_classes
 
 
+def _model(cfg: Config, in_channels: int, num_classes: int) -> torch.nn.Module:
+    """The recipe's network, built on the CPU with random weights; a model that cannot take this data is a ConfigError."""
+    try:
+        return build_model(cfg.model.name, in_channels, num_classes, cfg.data.image_size, cfg.model.channels)
+    except ValueError as e:
+        raise ConfigError(f"model {cfg.model.name}: {e}") from None
+
+
+def _load_weights(model: torch.nn.Module, path: str) -> str:
+    try:
+        return load_weights(model, path)
+    except ValueError as e:
+        raise ConfigError(f"--weights: {e}") from None
+
+
 def _resolve_runtime(cfg: Config) -> tuple[torch.device, Precision]:
     device = resolve_device(cfg.train.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -138,27 +170,38 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
     """Assemble a run of ``cfg`` writing into ``run_dir`` (created), without starting it.
 
     Handlers are attached in this order, written once here: AMP, GradClip, OneCycle, Validation,
-    MetricsLog, TensorBoard, RunSummary, Checkpointer, GracefulStop, Progress. None depends on that
+    MetricsLog, TensorBoard, RunSummary, (when on) EMA, MixUpCutMix, EarlyStop, then NanGuard, Checkpointer,
+    GracefulStop, Progress. None depends on that
     order for correctness: each acts on the step or epoch event that guarantees what it needs.
     """
     t = cfg.train
     device, precision = _resolve_runtime(cfg)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(t.seed)
     train_data, val_data, in_channels, num_classes = _data(cfg, device)
-    model = build_model(cfg.model.name, in_channels, num_classes, cfg.data.image_size, cfg.model.channels).to(device)
+    class_names = dataset_classes(cfg)
+    model = _model(cfg, in_channels, num_classes)
+    weights_note = None
+    if cfg.model.weights and not (run_dir / "checkpoints" / "last.pt").exists():  # a resumed run has its weights
+        weights_note = _load_weights(model, cfg.model.weights)
+    model = model.to(device)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad data or weights leave no empty run directory
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norm_and_bias),
         lr=cfg.optim.lr, betas=(0.9, cfg.optim.beta2), eps=cfg.optim.eps,
         fused=device.type == "cuda", foreach=None if device.type == "cuda" else True,
     )
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    trainer = create_trainer(model, optimizer, loss_fn, device=device, precision=precision,
-                             accumulation_steps=t.accumulation_steps, seed=t.seed)
-    evaluator = create_evaluator(model, {"accuracy": Accuracy(device=device), "loss": Loss(torch.nn.CrossEntropyLoss(), device=device)},
-                                 device=device, precision=precision)
+    forward = CompiledForward(model, t.compile_backend) if t.compile else model  # checkpoints keep `model`
+    trainer = create_trainer(forward, optimizer, loss_fn, device=device, precision=precision,
+                             accumulation_steps=t.accumulation_steps, seed=t.seed, memory_format=memory_format)
+    ema = EMA(model, decay=t.ema_decay) if t.ema_decay else None  # validation runs on the EMA weights
+    evaluator = create_evaluator(ema.ema_model if ema is not None else model,
+                                 {"accuracy": Accuracy(device=device), "loss": Loss(torch.nn.CrossEntropyLoss(), device=device)},
+                                 device=device, precision=precision, memory_format=memory_format)
     total_steps = OneCycle.total_steps_for(t.epochs, len(train_data), t.accumulation_steps)
     s = cfg.schedule
     purge = resume_from_iteration + 1 if resume_from_iteration is not None else None
@@ -170,13 +213,35 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
                              anneal_strategy=s.anneal_strategy, cycle_momentum=s.cycle_momentum),
         "validation": Validation(evaluator, val_data),
         "metrics_log": MetricsLog(run_dir, every=t.log_every),
-        "tensorboard": TensorBoard(run_dir / "tb", every=t.log_every, purge_step=purge),
+        "tensorboard": TensorBoard(run_dir / "tb", every=t.log_every, purge_step=purge, hparams=report_hparams(cfg)),
         "summary": RunSummary(run_dir),
     }
-    run = Assembly(cfg, run_dir, device, precision, model, optimizer, trainer, evaluator, train_data, val_data, handlers)
+    if ema is not None:
+        handlers["ema"] = ema
+    if t.mixup_alpha or t.cutmix_alpha:
+        handlers["mix"] = MixUpCutMix(num_classes, mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, seed=t.seed)
+    if t.early_stop_patience:
+        handlers["early_stop"] = EarlyStop(t.early_stop_patience, min_delta=t.early_stop_min_delta)
+    to_snapshot = {"model": model, "optimizer": optimizer, "schedule": handlers["schedule"]}
+    if precision.needs_scaler:
+        to_snapshot["scaler"] = handlers["amp"].scaler  # the scaler only: AMP's skip count is history, not state
+    if ema is not None:  # a rollback restores the average too, not only the weights it follows
+        to_snapshot.update(ema_model=ema.ema_model, ema=ema)
+    handlers["nan_guard"] = NanGuard(
+        model, optimizer, to_snapshot=to_snapshot, schedule=handlers["schedule"], policy=t.on_nan,
+        check_every=t.nan_check_every, max_skips=t.nan_max_skips, lr_factor=t.nan_lr_factor,
+        max_rollbacks=t.nan_max_rollbacks, max_consecutive_skips=t.nan_collapse_skips,
+        min_loss_scale=t.nan_min_loss_scale, max_loss_ratio=t.nan_max_loss_ratio or None,
+        events_path=run_dir / "events.jsonl")
+    run = Assembly(cfg, run_dir, device, precision, model, optimizer, trainer, evaluator, train_data, val_data, handlers,
+                   class_names=class_names)
+    if weights_note is not None:
+        append_jsonl(run.events_path, {"event": "weights", "path": cfg.model.weights, "note": weights_note})
+        if not quiet:
+            print(f"kiln: {weights_note}", file=stream or sys.stdout)
     c = cfg.checkpoint
     handlers["checkpointer"] = Checkpointer(
-        run_dir / "checkpoints", run.to_save(), best_to_save={"model": model, "kiln": RunMeta(cfg)},
+        run_dir / "checkpoints", run.to_save(), best_to_save={"model": model, **({"ema_model": ema.ema_model} if ema is not None else {}), "kiln": run.meta()},
         every_iterations=c.every_iterations, every_minutes=c.every_minutes, keep_best=c.keep_best,
         events_path=run.events_path)
     handlers["graceful_stop"] = GracefulStop()
@@ -191,7 +256,8 @@ def write_config(run: Assembly) -> None:
     write_json_atomic(run.run_dir / "config.json", {
         **config_to_dict(run.config),
         "runtime": {"device": str(run.device), "precision": run.precision.name,
-                    "batches_per_epoch": len(run.train_data), "val_samples": len(run.val_data.x),
+                    "batches_per_epoch": len(run.train_data), "val_samples": num_samples(run.val_data),
+                    "class_names": list(run.class_names),
                     "command": " ".join(sys.argv)},
         "versions": versions(),
     })
@@ -217,6 +283,19 @@ def _execute(run: Assembly) -> Assembly:
         stop.restore()
         run.handlers["tensorboard"].close()
     s = run.trainer.state
+    if getattr(s, "diverged", None) is not None:  # NanGuard stopped it, with the last good state restored
+        run.status = "diverged"
+        summary.write("diverged", diagnosis=summarize_diagnosis(s.diverged))
+        return run
+    early_stop = run.handlers.get("early_stop")
+    if early_stop is not None and early_stop.stopped_epoch is not None and s.iteration < s.max_epochs * s.epoch_length:
+        run.status = "completed"  # finished by its own rule, not cut short: `kiln resume` has nothing to do
+        reason = (f"val_accuracy did not rise by more than {early_stop.min_delta:g} in {early_stop.patience} "
+                  f"epoch{'s' if early_stop.patience > 1 else ''}")
+        summary.write("completed", stopped_early=True, stopped_epoch=early_stop.stopped_epoch, reason=reason)
+        append_jsonl(run.events_path, {"event": "early_stop", "iteration": s.iteration, "epoch": s.epoch,
+                                       "reason": reason, "best_val_accuracy": summary.best_val_accuracy})
+        return run
     run.status = "completed" if s.iteration >= s.max_epochs * s.epoch_length else "interrupted"
     if stop.received is not None:
         run.stop_signal = stop.received
@@ -225,11 +304,28 @@ def _execute(run: Assembly) -> Assembly:
     return run
 
 
-def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: TextIO | None = None) -> Assembly:
-    """Build and run ``cfg`` into a new ``run_dir``; summary.json records how it ended (also on errors)."""
+def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: TextIO | None = None,
+          auto_max_lr: bool = False) -> Assembly:
+    """Build and run ``cfg`` into a new ``run_dir``; summary.json records how it ended (also on errors).
+
+    With ``auto_max_lr`` the LR range test (``recipes.lr_find``) runs first, on a throwaway trainer,
+    and the run trains at its suggestion from the same initial weights; the test is recorded in
+    config.json, events.jsonl and lr_find.png. Afterwards plots/, report.html and the findings are
+    written and printed (``recipes.report``).
+    """
+    from recipes.lr_find import choose_max_lr, record_in_run
+    from recipes.report import finish_run
+
+    found = None
+    if auto_max_lr:
+        cfg, found = choose_max_lr(cfg, quiet=quiet, stream=stream)
     run = build(cfg, run_dir, quiet=quiet, stream=stream)
     write_config(run)
-    return _execute(run)
+    if found is not None:
+        record_in_run(run, found)
+    run = _execute(run)
+    finish_run(run.run_dir, stream)
+    return run
 
 
 def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool = False,
@@ -274,7 +370,8 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
             raise ConfigError(f"the one-cycle schedule spans {saved_epochs} epochs; running {epochs} would change it "
                               "(pass --new-schedule for a second one-cycle over the added epochs)")
         cfg = apply_overrides(cfg, {"train.epochs": epochs})
-    elif iteration >= saved_epochs * epoch_length and cfg.train.epochs == saved_epochs:
+    elif ((iteration >= saved_epochs * epoch_length or (checkpoint.get("early_stop") or {}).get("stopped_epoch"))
+          and cfg.train.epochs == saved_epochs):
         run = build(cfg, run_dir, quiet=True)
         run.status = "completed"
         return run
@@ -282,6 +379,9 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
     run = build(cfg, run_dir, quiet=quiet, stream=stream, resume_from_iteration=iteration)
     objects = run.to_save()
     objects.pop("kiln")
+    for name in ("ema", "ema_model", "early_stop"):  # switched on by a --force'd config change: they start afresh
+        if name not in checkpoint:
+            objects.pop(name, None)
     if new_schedule and epochs is not None and epochs != saved_epochs:
         objects.pop("schedule")
         remaining = OneCycle.total_steps_for(epochs, epoch_length, cfg.train.accumulation_steps) - checkpoint["trainer"]["optimizer_step"]
@@ -300,32 +400,51 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
     write_config(run)
     append_jsonl(run.events_path, {"event": "resume", "iteration": iteration, "epoch": iteration // epoch_length,
                                    "checkpoint": str(last), "epochs": cfg.train.epochs})
-    return _execute(run)
+    from recipes.report import finish_run
+
+    run = _execute(run)
+    finish_run(run.run_dir, stream)  # plots/, report.html and the findings, over the whole run
+    return run
 
 
-def evaluate_checkpoint(path: str | Path, *, device: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint (last.pt or best-*.pt) on its recipe's validation data.
+def evaluate_checkpoint(path: str | Path, *, device: str | None = None, batch_size: int | None = None,
+                        data_dir: str | None = None, tta: bool = False) -> dict[str, Any]:
+    """Evaluate a checkpoint (last.pt or best-*.pt) on its recipe's validation data (or on ``data_dir``'s).
 
-    Returns ``{"loss", "accuracy", "samples", "epoch", "recipe", "device"}``.
+    ``tta`` averages the logits of each image and its horizontal mirror. Returns ``{"loss",
+    "accuracy", "samples", "epoch", "recipe", "device", "top5" (None under 5 classes), "per_class",
+    "per_class_samples", "confusion_matrix" (rows: true class), "class_names", "tta"}``
+    (see :func:`recipes.evaluation.evaluate`).
+
+    Raises:
+        ConfigError / DataError: an unusable checkpoint, missing data, or data whose classes differ
+            from the ones the checkpoint was trained on.
     """
+    from recipes.evaluation import evaluate
+
     checkpoint, cfg = load_checkpoint(path)
     overrides: dict[str, Any] = {}
     if device is not None:
         overrides["train.device"] = device
     if batch_size is not None:
         overrides["data.batch_size"] = batch_size
+    if data_dir is not None:
+        overrides["data.data_dir"] = data_dir
     cfg = apply_overrides(cfg, overrides)
     dev, precision = _resolve_runtime(cfg)
-    _, val_data, in_channels, num_classes = _data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0)), dev)
-    model = build_model(cfg.model.name, in_channels, num_classes, cfg.data.image_size, cfg.model.channels).to(dev)
+    workers = cfg.data.num_workers if cfg.data.dataset == "imagefolder" else 0  # folders of images decode in workers
+    _, val_data, in_channels, num_classes = _data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers)), dev)
+    saved_names = list(checkpoint["kiln"].get("class_names") or [])
+    data_names = dataset_classes(cfg)
+    if saved_names and cfg.data.dataset == "imagefolder" and data_names != saved_names:
+        raise DataError(f"the data in {cfg.data.data_dir} has classes {data_names}; {path} was trained on {saved_names}")
+    model = _model(cfg, in_channels, num_classes).to(dev)
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint["ema_model" if "ema_model" in checkpoint else "model"])  # EMA weights first
     except (RuntimeError, KeyError) as e:
         raise ConfigError(f"{path}: the model weights do not fit the recipe's model ({str(e).splitlines()[0]})") from None
-    evaluator = create_evaluator(model, {"accuracy": Accuracy(device=dev), "loss": Loss(torch.nn.CrossEntropyLoss(), device=dev)},
-                                 device=dev, precision=precision)
-    metrics = evaluator.run(val_data).metrics
+    result = evaluate(model, val_data, num_classes, device=dev, precision=precision, tta=tta)
     trainer_state = checkpoint.get("trainer") or {}
     epoch = int(trainer_state["iteration"]) // int(trainer_state["epoch_length"]) if trainer_state else None
-    return {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]), "samples": len(val_data.x),
-            "epoch": epoch, "recipe": cfg.name, "device": str(dev)}
+    return {**result, "samples": num_samples(val_data), "epoch": epoch, "recipe": cfg.name, "device": str(dev),
+            "class_names": saved_names or data_names, "weights": "ema" if "ema_model" in checkpoint else "model"}

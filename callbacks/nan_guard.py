@@ -1,0 +1,621 @@
+"""NanGuard: catch NaN/Inf, an exploding loss and fp16 loss-scale collapse; skip the update, roll back or stop."""
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from ignite.engine.events import RemovableEventHandle
+
+from callbacks._files import append_jsonl
+from engine.events import StepEvents
+
+__all__ = ["NanGuard", "POLICIES", "format_diagnosis", "summarize_diagnosis"]
+
+log = logging.getLogger("kiln")
+
+POLICIES = ("skip", "rollback", "stop")
+
+
+class NanGuard:
+    """Watch a run for divergence and act on it: drop the update, roll back and lower the LR, or stop.
+
+    What it watches, without a host sync per iteration where no policy needs one: the loss
+    (FORWARD_COMPLETED); each parameter's gradient (BACKWARD_COMPLETED, before any handler clips or
+    mixes gradients, so the diagnosis names the right parameter whatever the attach order); weights,
+    float buffers and the largest loss against ``max_loss_ratio`` x the run's first loss, every
+    ``check_every`` optimizer steps and at each epoch's last iteration (ITERATION_COMPLETED, after
+    every optimizer-step handler), where it also snapshots the state when it is sound; under fp16 the
+    scaler's skips and scale (OPTIMIZER_STEP_COMPLETED): single skips are normal and only counted, a
+    collapse (``max_consecutive_skips`` in a row, or a scale below ``min_loss_scale``) is divergence.
+    fp32/bf16 with skip or rollback read one flag per optimizer step (BEFORE_OPTIMIZER_STEP), so a bad
+    update is never applied; stop and fp16 keep the first bad step's values on the device and read
+    them at the checks. A tensor counts as non-finite when its fp32 2-norm is (NaN/Inf, or >~1e19).
+
+    Policies: ``skip`` sets ``state.skip_step`` (no update; the schedule does not advance; non-finite
+    BatchNorm statistics come back from the snapshot) and rolls back instead past ``max_skips`` skips
+    within ``skip_window`` optimizer steps, or when dropping one update cannot help (bad weights, an
+    exploded loss, a scale collapse). ``rollback`` restores the last snapshot (deep copies of
+    ``to_snapshot``) and multiplies the rest of the LR schedule by ``lr_factor``; past
+    ``max_rollbacks`` it stops. ``stop`` restores the snapshot, sets ``state.diverged`` to the
+    diagnosis and calls ``engine.terminate()``.
+
+    Events: STARTED, the four StepEvents, ITERATION_COMPLETED. Reads ``state.loss``, ``state.batch``,
+    ``state.scaler``, ``state.step_skipped``, ``state.loss_scale``, ``state.lr``. Writes
+    ``state.skip_step``, ``state.diverged``, ``state.metrics["nan_skips"|"rollbacks"|"scale_collapses"]``
+    and, on restore, the ``to_snapshot`` objects and ``state.loss_scale``. Appends "nan_skip",
+    "rollback", "scale_collapse" and "diverged" records to ``events_path`` (rank 0 only; with several
+    ranks the checks agree through an all-reduce, so every rank takes the same action). State across
+    resume: the counters, the LR factor so far and the first loss (the snapshot is in memory only; a
+    resumed run snapshots the state it loaded).
+
+    Args:
+        model: the network whose parameters and buffers it checks.
+        optimizer: its optimizer.
+        to_snapshot: objects with state_dict/load_state_dict restored on rollback; must include the
+            model. Default: the model, the optimizer and ``schedule``.
+        schedule: an LR schedule with ``scale_lr(factor)`` (``OneCycle``); without one the param
+            groups' LR is scaled.
+        policy: "skip", "rollback" or "stop".
+        check_every: optimizer steps between weight checks, flag reads and snapshots.
+        max_skips, skip_window: skip rolls back instead past ``max_skips`` skips in the window.
+        lr_factor: what a rollback multiplies the LR schedule by.
+        max_rollbacks: rollbacks allowed before the run stops.
+        max_consecutive_skips, min_loss_scale: what counts as an fp16 loss-scale collapse.
+        max_loss_ratio: a loss above this multiple of the run's first loss is divergence (None: off).
+        history: grad-norm entries in a diagnosis.
+        events_path: the events.jsonl to append to (None: write nothing).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from engine import create_trainer
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> trainer = create_trainer(model, opt, F.cross_entropy)
+        >>> guard = NanGuard(model, opt, policy="skip")
+        >>> handles = guard.attach(trainer)
+        >>> x = torch.randn(8, 4); x[0, 0] = float("nan")
+        >>> trainer.run([(x, torch.randint(0, 2, (8,)))], max_epochs=1).metrics["nan_skips"]
+        1
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        to_snapshot: Mapping[str, Any] | None = None,
+        schedule: Any = None,
+        policy: str = "rollback",
+        check_every: int = 20,
+        max_skips: int = 3,
+        skip_window: int = 100,
+        lr_factor: float = 0.5,
+        max_rollbacks: int = 3,
+        max_consecutive_skips: int = 10,
+        min_loss_scale: float = 1.0,
+        max_loss_ratio: float | None = 100.0,
+        history: int = 16,
+        events_path: str | Path | None = None,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        for name, value, low in (("check_every", check_every, 1), ("max_skips", max_skips, 1),
+                                 ("skip_window", skip_window, 1), ("max_rollbacks", max_rollbacks, 0),
+                                 ("max_consecutive_skips", max_consecutive_skips, 1), ("history", history, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, not {value!r}")
+        if not 0 < lr_factor <= 1:
+            raise ValueError(f"lr_factor must be in (0, 1], not {lr_factor}")
+        if not min_loss_scale >= 0:
+            raise ValueError(f"min_loss_scale must be >= 0, not {min_loss_scale}")
+        if max_loss_ratio is not None and not max_loss_ratio > 1:
+            raise ValueError(f"max_loss_ratio must be > 1 or None, not {max_loss_ratio}")
+        if schedule is not None and not callable(getattr(schedule, "scale_lr", None)):
+            raise TypeError("schedule must have a scale_lr(factor) method (e.g. callbacks.OneCycle)")
+        if to_snapshot is None:
+            to_snapshot = {"model": model, "optimizer": optimizer, **({"schedule": schedule} if schedule else {})}
+        for key, obj in to_snapshot.items():
+            if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+                raise TypeError(f"to_snapshot[{key!r}] has no state_dict/load_state_dict")
+        if not any(obj is model for obj in to_snapshot.values()):
+            raise ValueError("to_snapshot must include the model")
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.to_snapshot = dict(to_snapshot)
+        self.policy, self.check_every = policy, check_every
+        self.max_skips, self.skip_window = max_skips, skip_window
+        self.lr_factor, self.max_rollbacks = lr_factor, max_rollbacks
+        self.max_consecutive_skips, self.min_loss_scale = max_consecutive_skips, min_loss_scale
+        self.max_loss_ratio, self.history = max_loss_ratio, history
+        self.events_path = Path(events_path) if events_path is not None else None
+        self.device = self.params[0][1].device
+        # kept across resume
+        self.nan_skips = self.rollbacks = self.scale_collapses = 0
+        self.lr_scale = 1.0  # the product of the factors rollbacks applied
+        self.first_loss: float | None = None  # the reference of max_loss_ratio
+        self._recent_skips: collections.deque[int] = collections.deque()
+        self._scaled = self._deferred = False
+        self._reset_run()
+
+    # ---- wiring -------------------------------------------------------------------------------
+    def attach(self, engine: Engine) -> list[RemovableEventHandle]:
+        """Guard ``engine`` (a trainer from ``engine.create_trainer``); returns the handles."""
+        engine.state.diverged = None
+        self._publish(engine)
+        return [
+            engine.add_event_handler(Events.STARTED, self._on_started),
+            engine.add_event_handler(StepEvents.FORWARD_COMPLETED, self._on_forward),
+            engine.add_event_handler(StepEvents.BACKWARD_COMPLETED, self._on_backward),
+            engine.add_event_handler(StepEvents.BEFORE_OPTIMIZER_STEP, self._on_before_step),
+            engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self._on_step_completed),
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration_completed),
+        ]
+
+    def _reset_run(self) -> None:
+        zero = torch.zeros((), device=self.device)
+        self._zero = zero
+        self._loss_sum = zero  # the window's losses added up: NaN/Inf if any of them is (device)
+        self._loss_max = zero  # the largest finite loss since the last check (device)
+        self._loss_ref = None if self.first_loss is None else torch.tensor(self.first_loss, device=self.device)
+        self._grad_norms: torch.Tensor | None = None  # per parameter, at the last BACKWARD_COMPLETED (device)
+        self._grad_total = zero
+        self._seen = torch.zeros((), dtype=torch.bool, device=self.device)  # stop, fp32/bf16: a bad step unread
+        self._first: dict[str, torch.Tensor] | None = None  # ... and the values at the first one
+        size = self.history + self.check_every + 1
+        self._norms = torch.full((size,), math.nan, device=self.device)  # ring of true-scale total grad norms
+        self._steps: collections.deque[tuple[int, float, float | None]] = collections.deque(maxlen=size)
+        self._count = 0
+        self._consecutive = 0  # fp16: skipped steps in a row
+        self._streak: dict[str, Any] | None = None  # fp16: the first step of the current run of skips
+        self._stepped_at = -1
+        self._snapshot: dict[str, Any] | None = None
+        self._finite_at = 0  # the last iteration at which the state was known sound
+
+    def _on_started(self, engine: Engine) -> None:
+        s = engine.state
+        self._reset_run()
+        self._scaled = getattr(s, "scaler", None) is not None
+        self._deferred = not self._scaled and self.policy == "stop"
+        s.diverged = None
+        if bool(self._finite_tensor()):
+            self._take_snapshot(engine)
+        else:
+            log.warning("kiln: the model's weights are non-finite before training starts; nothing to roll back to")
+        self._publish(engine)
+
+    # ---- per step: device work only, except the one read of _on_before_step ------------------
+    def _on_forward(self, engine: Engine) -> None:
+        loss = engine.state.loss
+        self._loss_sum = self._loss_sum + loss
+        if self.max_loss_ratio is not None:
+            self._loss_max = torch.fmax(self._loss_max, loss.nan_to_num(0.0, 0.0, 0.0))
+            if self._loss_ref is None:
+                self._loss_ref = loss.detach().clone()
+
+    def _on_backward(self, engine: Engine) -> None:
+        s = engine.state
+        self._grad_norms = _norms([p.grad if p.grad is not None else self._zero for _, p in self.params])
+        self._grad_total = torch.linalg.vector_norm(self._grad_norms)
+        true_scale = self._grad_total / s.loss_scale if self._scaled and s.loss_scale else self._grad_total
+        self._norms[self._count % len(self._norms)].copy_(true_scale)
+        self._steps.append((s.iteration, s.lr, s.loss_scale))
+        self._count += 1
+        if self._deferred:
+            self._record_first(s)
+
+    def _record_first(self, s: Any) -> None:
+        """Stop policy, fp32/bf16: keep on the device the values of the first bad step since the last read.
+
+        One vector per step: [loss, input sum, each parameter's norm, each gradient's norm]; its sum is
+        NaN/Inf when any entry is.
+        """
+        x = s.batch[0] if isinstance(s.batch, (list, tuple)) else s.batch
+        inputs = self._zero
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device == self.device:
+            inputs = x.sum(dtype=torch.float32)
+        params = torch._foreach_norm([p for _, p in self.params], 2, dtype=torch.float32)
+        now = torch.cat([torch.stack([self._loss_sum, inputs, *params]), self._grad_norms])
+        ok = torch.isfinite(now.sum())
+        new = ~(ok | self._seen)
+        if self._first is None:
+            self._first = {"iteration": torch.zeros((), dtype=torch.long, device=self.device), "values": now}
+        self._first = {"iteration": torch.where(new, s.iteration, self._first["iteration"]),
+                       "values": torch.where(new, now, self._first["values"])}
+        self._seen = self._seen | ~ok
+
+    def _on_before_step(self, engine: Engine) -> None:
+        if self._scaled or self._deferred or self._grad_norms is None:
+            return
+        if math.isfinite((self._loss_sum + self._grad_total).item()):  # the one host sync per optimizer step
+            return
+        engine.state.skip_step = True
+        diag = self._diagnose_step(engine)
+        self._act(engine, diag, cannot_skip="skipping cannot repair weights" if diag["cause"] == "parameter" else None)
+
+    def _on_step_completed(self, engine: Engine) -> None:
+        s = engine.state
+        self._stepped_at = s.iteration
+        if self._scaled and s.diverged is None:
+            if not s.step_skipped:
+                self._consecutive, self._streak = 0, None
+            else:
+                if self._consecutive == 0:
+                    used = self._steps[-1][2] if self._steps else s.loss_scale
+                    self._streak = {"iteration": s.iteration, "lr": s.lr, "loss_scale": used,
+                                    "loss": self._loss_sum, "grads": self._grad_norms}
+                self._consecutive += 1
+                low = s.loss_scale is not None and s.loss_scale < self.min_loss_scale
+                if self._consecutive >= self.max_consecutive_skips or low:
+                    self._on_collapse(engine)
+        self._loss_sum = self._zero
+
+    def _on_iteration_completed(self, engine: Engine) -> None:
+        s = engine.state
+        epoch_end = bool(s.epoch_length) and s.iteration % s.epoch_length == 0  # before validation sees the weights
+        due = self._stepped_at == s.iteration and s.optimizer_step % self.check_every == 0
+        if not (due or epoch_end) or s.diverged is not None:
+            return
+        sound = self._finite_tensor() & ~self._exploded()
+        if self._deferred:
+            sound = sound & ~self._seen
+        if idist.get_world_size() > 1:  # every rank acts alike, or none does
+            sound = idist.all_reduce(sound.to(torch.int32), op="MIN").bool()
+        if bool(sound):  # the host sync every check_every steps
+            self._loss_max = self._zero
+            if self._consecutive == 0:  # not in a run of fp16 skips: the scale is healthy
+                self._take_snapshot(engine)
+            return
+        if self._deferred and bool(self._seen):
+            self._act(engine, self._diagnose_deferred(engine), cannot_skip="the policy is stop")
+            return
+        params, buffers = _nonfinite_names(self.params), _nonfinite_names(self.buffers)
+        if params or buffers:
+            cause, name = ("parameter", params[0]) if params else ("buffer", buffers[0])
+            first = self._streak["iteration"] if self._streak else s.iteration
+            diag = self._diagnosis(engine, cause, first, name=name, nonfinite_parameters=params,
+                                   nonfinite_buffers=buffers, finite_at=self._finite_at)
+            self._act(engine, diag, cannot_skip="skipping cannot repair weights")
+            return
+        if not bool(self._exploded()):  # data parallel: another rank found the divergence
+            diag = self._diagnosis(engine, "other_rank", s.iteration, what="divergence on another rank",
+                                   finite_at=self._finite_at)
+            self._act(engine, diag, cannot_skip="the other ranks roll back")
+            return
+        top, ref = self._loss_max.item(), self._loss_ref.item()
+        what = f"exploding loss {top:.3g} ({top / ref:.3g}x the first loss {ref:.3g})"
+        diag = self._diagnosis(engine, "loss_explosion", s.iteration, finite_at=self._finite_at, max_loss=top,
+                               first_loss=ref, what=what)
+        self._act(engine, diag, cannot_skip="the weights that made it are already in place")
+
+    def _on_collapse(self, engine: Engine) -> None:
+        s = engine.state
+        self.scale_collapses += 1
+        streak = self._streak or {"iteration": s.iteration, "lr": s.lr, "loss_scale": s.loss_scale,
+                                  "loss": self._loss_sum, "grads": self._grad_norms}
+        self._event(engine, "scale_collapse", {"iteration": s.iteration, "epoch": s.epoch, "loss_scale": s.loss_scale,
+                                               "consecutive_skipped_steps": self._consecutive,
+                                               "streak_started_at": streak["iteration"]})
+        params = _nonfinite_names(self.params)
+        grads = self._names_of(streak["grads"])
+        name = params[0] if params else (grads[-1] if grads else None)
+        first = (f"parameter {name}" if params else "loss" if not math.isfinite(streak["loss"].item())
+                 else f"gradient of {name}" if grads else "loss scale")
+        what = f"fp16 loss-scale collapse ({self._consecutive} skipped steps in a row; first non-finite: {first})"
+        diag = self._diagnosis(engine, "loss_scale", streak["iteration"], name=name, first=first, what=what,
+                               lr=streak["lr"], loss_scale=streak["loss_scale"], loss_scale_now=s.loss_scale,
+                               consecutive_skipped_steps=self._consecutive, nonfinite_parameters=params,
+                               nonfinite_gradients=grads)
+        self._act(engine, diag, cannot_skip=f"the scaler already skipped {self._consecutive} updates in a row")
+
+    # ---- diagnosis ----------------------------------------------------------------------------
+    def _diagnose_step(self, engine: Engine) -> dict[str, Any]:
+        """fp32/bf16 before the optimizer step: the weights are still the ones the forward pass used."""
+        s = engine.state
+        params = _nonfinite_names(self.params)
+        grads = self._names_of(self._grad_norms)
+        batch = s.batch if isinstance(s.batch, (list, tuple)) else [s.batch]
+        input_bad = any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+                        for t in batch)
+        if params:
+            cause, name = "parameter", params[0]
+        elif input_bad:
+            cause, name = "input", None
+        elif not math.isfinite(self._loss_sum.item()):
+            cause, name = "loss", None
+        else:
+            cause, name = "gradient", grads[-1] if grads else None
+        return self._diagnosis(engine, cause, s.iteration, name=name, nonfinite_parameters=params,
+                               nonfinite_gradients=grads)
+
+    def _diagnose_deferred(self, engine: Engine) -> dict[str, Any]:
+        values, count = self._first["values"].tolist(), len(self.params)
+        loss, inputs, param_norms, grad_norms = values[0], values[1], values[2:2 + count], values[2 + count:]
+        params = [n for (n, _), v in zip(self.params, param_norms) if not math.isfinite(v)]
+        grads = [n for (n, _), v in zip(self.params, grad_norms) if not math.isfinite(v)]
+        if params:
+            cause, name = "parameter", params[0]
+        elif not math.isfinite(inputs):
+            cause, name = "input", None
+        elif not math.isfinite(loss):
+            cause, name = "loss", None
+        else:
+            cause, name = "gradient", grads[-1] if grads else None
+        return self._diagnosis(engine, cause, int(self._first["iteration"]), name=name, nonfinite_parameters=params,
+                               nonfinite_gradients=grads)
+
+    def _diagnosis(self, engine: Engine, cause: str, iteration: int, *, name: str | None = None,
+                   first: str | None = None, what: str | None = None, **extra: Any) -> dict[str, Any]:
+        """The record of one event: what went wrong first, where, with which LR, scale and grad norms."""
+        s = engine.state
+        at = next((step for step in reversed(self._steps) if step[0] <= iteration), None)
+        lr, scale = (at[1], at[2]) if at else (s.lr, s.loss_scale)
+        if first is None and cause not in ("loss_explosion", "other_rank"):
+            first = {"parameter": f"parameter {name}", "buffer": f"buffer {name}", "input": "input batch",
+                     "loss": "loss", "gradient": f"gradient of {name}"}[cause]
+        diag: dict[str, Any] = {
+            "iteration": iteration,
+            "epoch": (iteration - 1) // s.epoch_length + 1 if s.epoch_length else s.epoch,
+            "detected_at": s.iteration, "cause": cause, "what": what or f"non-finite {first}",
+            "first_nonfinite": first, "parameter": name,
+            "lr": extra.pop("lr", lr), "peak_lr": self._peak_lr(), "loss_scale": extra.pop("loss_scale", scale),
+            "grad_norm_history": self._grad_history(iteration), **extra,
+        }
+        diag["hint"] = _hint(diag)
+        return diag
+
+    def _grad_history(self, upto: int) -> list[dict[str, Any]]:
+        size = len(self._norms)
+        norms = self._norms.tolist()
+        entries = [(step[0], norms[(self._count - len(self._steps) + i) % size]) for i, step in enumerate(self._steps)]
+        entries = [(it, v) for it, v in entries if it <= upto][-self.history:]
+        return [{"iteration": it, "grad_norm": v if math.isfinite(v) else str(v)} for it, v in entries]
+
+    def _names_of(self, norms: torch.Tensor | None) -> list[str]:
+        """The parameters whose entry in ``norms`` is NaN/Inf."""
+        return [] if norms is None else [n for (n, _), v in zip(self.params, norms.tolist()) if not math.isfinite(v)]
+
+    def _peak_lr(self) -> float:
+        return max(float(g.get("max_lr", g["lr"])) for g in self.optimizer.param_groups)
+
+    # ---- policies -----------------------------------------------------------------------------
+    def _act(self, engine: Engine, diag: dict[str, Any], cannot_skip: str | None) -> None:
+        """Apply the policy; ``cannot_skip`` says why dropping this step's update would not be enough."""
+        s = engine.state
+        action, why = self.policy, f"policy {self.policy}"
+        if action == "skip":
+            while self._recent_skips and self._recent_skips[0] <= s.optimizer_step - self.skip_window:
+                self._recent_skips.popleft()
+            if cannot_skip:
+                action, why = "rollback", f"policy skip, but {cannot_skip}"
+            elif len(self._recent_skips) >= self.max_skips:
+                skips = len(self._recent_skips)
+                action, why = "rollback", f"policy skip, and {skips} skips within {self.skip_window} steps"
+        if action == "rollback" and self.rollbacks >= self.max_rollbacks:
+            action, why = "stop", f"{self.rollbacks} rollbacks already (max_rollbacks {self.max_rollbacks})"
+        if action == "rollback" and self._snapshot is None:
+            action, why = "stop", "no sound state to roll back to"
+        diag.update(policy=self.policy, action=action, why=why)
+        s.skip_step = True
+        if action == "skip":
+            self.nan_skips += 1
+            self._recent_skips.append(s.optimizer_step)
+            diag["restored_buffers"] = self._restore_buffers()
+            self._event(engine, "nan_skip", diag)
+            return
+        if self._snapshot is not None:
+            self._restore(engine)
+            diag["restored_iteration"] = self._snapshot["iteration"]
+        if action == "rollback":
+            self.rollbacks += 1
+            target = self.lr_scale * self.lr_factor
+            self._scale_lr(target / self._snapshot["lr_scale"])
+            self.lr_scale = target
+            diag.update(lr_scale=self.lr_scale, peak_lr_after=self._peak_lr())
+            self._event(engine, "rollback", diag)
+            return
+        s.diverged = diag
+        self._event(engine, "diverged", diag)
+        engine.terminate()
+
+    def _restore(self, engine: Engine) -> None:
+        for key, obj in self.to_snapshot.items():
+            obj.load_state_dict(_clone(self._snapshot["state"][key]))  # a fresh copy: load_state_dict may alias
+        scaler = getattr(engine.state, "scaler", None)
+        if scaler is not None:
+            engine.state.loss_scale = scaler.get_scale()
+        self._finite_at = engine.state.iteration
+        self._recent_skips.clear()
+        self._consecutive, self._streak = 0, None
+        self._seen, self._first = torch.zeros_like(self._seen), None
+        self._loss_sum = self._loss_max = self._zero
+
+    def _restore_buffers(self) -> list[str]:
+        """Skip: put back non-finite float buffers (BatchNorm statistics a bad batch went through)."""
+        bad = _nonfinite_names(self.buffers)
+        if bad and self._snapshot is not None:
+            saved = next(self._snapshot["state"][k] for k, obj in self.to_snapshot.items() if obj is self.model)
+            with torch.no_grad():
+                for name, buffer in self.buffers:
+                    if name in bad and name in saved:
+                        buffer.copy_(saved[name])
+        return bad
+
+    def _scale_lr(self, factor: float) -> None:
+        if self.schedule is not None:
+            self.schedule.scale_lr(factor)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] * factor
+
+    def _finite_tensor(self) -> torch.Tensor:
+        tensors = [p for _, p in self.params] + [b for _, b in self.buffers]
+        return torch.isfinite(torch.linalg.vector_norm(_norms(tensors)))
+
+    def _exploded(self) -> torch.Tensor:
+        if self.max_loss_ratio is None or self._loss_ref is None:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        return self._loss_max > self.max_loss_ratio * self._loss_ref  # False while the reference is NaN
+
+    def _take_snapshot(self, engine: Engine) -> None:
+        s = engine.state
+        self._finite_at = s.iteration
+        self._snapshot = {"iteration": s.iteration, "lr_scale": self.lr_scale,
+                          "state": {k: _clone(obj.state_dict()) for k, obj in self.to_snapshot.items()}}
+
+    # ---- output -------------------------------------------------------------------------------
+    def _event(self, engine: Engine, event: str, record: dict[str, Any]) -> None:
+        record = {"event": event, **record}
+        self._publish(engine)
+        if idist.get_rank() != 0:
+            return
+        if self.events_path is not None:
+            append_jsonl(self.events_path, record)
+        where = f"iteration {record['iteration']} (epoch {record['epoch']})"
+        if event == "nan_skip":
+            log.warning("kiln: %s at %s: update skipped (%d so far)", record["what"], where, self.nan_skips)
+        elif event == "rollback":
+            log.warning("kiln: %s at %s: rolled back to iteration %s, LR x%g (peak now %.3g); hint: %s",
+                        record["what"], where, record.get("restored_iteration"), self.lr_scale,
+                        record["peak_lr_after"], record["hint"])
+        elif event == "diverged":
+            log.warning("kiln: %s", summarize_diagnosis(record))
+
+    def _publish(self, engine: Engine) -> None:
+        metrics = engine.state.metrics
+        metrics["nan_skips"] = self.nan_skips
+        metrics["rollbacks"] = self.rollbacks
+        if self._scaled:
+            metrics["scale_collapses"] = self.scale_collapses
+
+    # ---- resume -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, recent skips, the LR factor so far and the first loss (weights_only-safe)."""
+        if self.first_loss is None and self._loss_ref is not None:
+            self.first_loss = float(self._loss_ref)
+        return {"nan_skips": self.nan_skips, "rollbacks": self.rollbacks, "scale_collapses": self.scale_collapses,
+                "lr_scale": self.lr_scale, "recent_skips": list(self._recent_skips), "first_loss": self.first_loss}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.nan_skips = int(state.get("nan_skips", 0))
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.scale_collapses = int(state.get("scale_collapses", 0))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self._recent_skips = collections.deque(int(step) for step in state.get("recent_skips", []))
+        first = state.get("first_loss")
+        self.first_loss = float(first) if first is not None else None
+        self._loss_ref = None if self.first_loss is None else torch.tensor(self.first_loss, device=self.device)
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's 2-norm in fp32, in one foreach call: NaN or Inf when the tensor is non-finite.
+
+    That is kiln's test for a non-finite tensor: NaN/Inf values, or values so large (about 1e19) that
+    the norm overflows. It is far cheaper than ``isfinite().all()`` per tensor on the CPU.
+    """
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+
+
+def _nonfinite_names(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    if not named:
+        return []
+    return [n for (n, _), v in zip(named, _norms([t for _, t in named]).tolist()) if not math.isfinite(v)]
+
+
+def _clone(value: Any) -> Any:
+    """A deep copy of a state dict: tensors cloned, containers rebuilt (keeping a state dict's metadata)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        out = type(value)((k, _clone(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):
+            out._metadata = copy.deepcopy(value._metadata)
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def _spread(history: list[dict[str, Any]]) -> str:
+    """``; the grad norm ranged from a to b over the last n steps`` when it varied by more than 100x."""
+    finite = [h["grad_norm"] for h in history if isinstance(h["grad_norm"], float) and h["grad_norm"] > 0]
+    if len(finite) < 2 or max(finite) < 100 * min(finite):
+        return ""
+    return f"; the grad norm ranged from {min(finite):.3g} to {max(finite):.3g} over the last {len(history)} steps"
+
+
+def _hint(d: dict[str, Any]) -> str:
+    """A plain-language next step for a diagnosis."""
+    name, it, cause = d.get("parameter"), d["iteration"], d["cause"]
+    spread = _spread(d["grad_norm_history"])
+    lr_advice = f"max_lr {d['peak_lr']:.3g} is high for this model: lower --max-lr, or run `kiln lr-find` to pick one"
+    if cause == "input":
+        return f"the input batch at iteration {it} holds NaN/Inf: check the data and its normalisation"
+    if cause == "other_rank":
+        return "another process of this data-parallel run found the divergence; its own values were sound"
+    if cause == "buffer":
+        return (f"buffer {name} (normalisation statistics) is non-finite: activations overflowed because the weights "
+                f"grew too large{spread} ({lr_advice}), or a batch with NaN/Inf went through the model")
+    if cause == "parameter":
+        return (f"parameter {name} became non-finite: an update overflowed (lr {d['lr']:.3g}) or code outside the "
+                f"optimizer wrote into the weights{spread}; if it is the LR, {lr_advice}")
+    if cause == "loss_explosion":
+        return f"the loss grew to {d['max_loss'] / d['first_loss']:.3g}x its first value{spread}: {lr_advice}"
+    if cause == "loss_scale":
+        return (f"the fp16 loss scale collapsed ({d.get('consecutive_skipped_steps')} skipped steps in a row, scale "
+                f"{d.get('loss_scale_now'):g}), first in the {d['first_nonfinite']}: the gradients overflow at any "
+                f"scale; {lr_advice}, or train in bf16 or fp32 (--precision)")
+    if cause == "gradient" and len(d.get("nonfinite_gradients") or []) == 1 and not spread:
+        return (f"only the gradient of {name} is non-finite while the loss is finite: look for an unstable operation "
+                "in that layer's backward (sqrt, log, pow, or a division near 0)")
+    what = "the loss" if cause == "loss" else "the backward pass"
+    return f"{what} overflowed with finite weights and inputs{spread}: {lr_advice}"
+
+
+def summarize_diagnosis(d: dict[str, Any]) -> str:
+    """One line: what went wrong, where, and what was done (summary.json's "diagnosis").
+
+    Example:
+        >>> summarize_diagnosis({"what": "non-finite loss", "iteration": 7, "epoch": 1, "why": "policy stop"})
+        'training diverged: non-finite loss at iteration 7 (epoch 1); stopped (policy stop)'
+    """
+    return f"training diverged: {d['what']} at iteration {d['iteration']} (epoch {d['epoch']}); stopped ({d['why']})"
+
+
+def format_diagnosis(d: dict[str, Any]) -> str:
+    """A diagnosis as a few lines for a person (the CLI prints it once when a run diverged).
+
+    Example:
+        >>> print(format_diagnosis({"what": "non-finite loss", "iteration": 7, "epoch": 1, "lr": 0.5,
+        ...     "peak_lr": 0.5, "loss_scale": None, "grad_norm_history": [{"iteration": 6, "grad_norm": 3.0}],
+        ...     "why": "policy stop", "restored_iteration": 5, "hint": "lower the LR"}))
+        training diverged: non-finite loss at iteration 7 (epoch 1)
+          lr 0.5 (peak 0.5)
+          grad norm at iterations 6-6: 3
+          stopped (policy stop); weights restored to those of iteration 5
+          hint: lower the LR
+    """
+    seen = f", last seen sound at iteration {d['finite_at']}" if d.get("finite_at") is not None else ""
+    lines = [f"training diverged: {d['what']} at iteration {d['iteration']} (epoch {d['epoch']}{seen})"]
+    scale = f", loss scale {d['loss_scale']:g}" if d.get("loss_scale") is not None else ""
+    lines.append(f"  lr {d['lr']:.3g} (peak {d['peak_lr']:.3g}){scale}")
+    history = d.get("grad_norm_history") or []
+    if history:
+        values = " ".join(f"{h['grad_norm']:.3g}" if isinstance(h["grad_norm"], float) else str(h["grad_norm"])
+                          for h in history)
+        lines.append(f"  grad norm at iterations {history[0]['iteration']}-{history[-1]['iteration']}: {values}")
+    restored = d.get("restored_iteration")
+    restored = f"; weights restored to those of iteration {restored}" if restored is not None else ""
+    lines.append(f"  stopped ({d['why']}){restored}")
+    lines.append(f"  hint: {d['hint']}")
+    return "\n".join(lines)

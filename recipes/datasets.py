@@ -1,0 +1,340 @@
+"""Data sets on disk: CIFAR-10 (held in memory as tensors) and folders of images (a seeded DataLoader).
+
+CIFAR-10 is read from torchvision's on-disk format (``cifar-10-batches-py/``: the python-pickle
+batches ``data_batch_1..5`` and ``test_batch``) into uint8 tensors once, normalised, and batched by
+index slicing with batched crop+flip augmentation on the training device (:class:`TensorBatches`).
+
+A folder of images goes through a DataLoader with workers. Its batch order still comes from an
+:class:`EpochBatchSampler` (a function of seed and epoch, resumable at any batch), and each sample's
+random transform is seeded from (seed, epoch, sample index), not from worker state: the batches are
+the same with 0 or N workers and after a resume at any batch.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from recipes.config import Config
+from recipes.data import (DataError, EpochBatchSampler, LoaderBatches, TensorBatches, mix_seed, random_crop_flip,
+                          split_indices)
+
+__all__ = [
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "load_cifar10", "cifar10_data",
+    "SeededSamples", "SampleEpochBatchSampler", "imagefolder_transforms", "imagefolder_data", "dataset_classes",
+    "load_data", "imagefolder_classes", "num_samples",
+]
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  #: per-channel mean of the CIFAR-10 training images, in [0, 1]
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)  #: per-channel standard deviation of the same
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  #: what torchvision's classification models are trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_CIFAR_FOLDER = "cifar-10-batches-py"
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_TEST = "test_batch"
+
+
+# --------------------------------------------------------------------------------------------- CIFAR-10
+
+def _cifar_folder(data_dir: Path) -> Path:
+    """DATA_DIR/cifar-10-batches-py, or DATA_DIR itself when it is that folder."""
+    if (data_dir / _CIFAR_TEST).is_file() and not (data_dir / _CIFAR_FOLDER).is_dir():
+        return data_dir
+    return data_dir / _CIFAR_FOLDER
+
+
+def _missing_cifar(data_dir: Path) -> list[str]:
+    folder = _cifar_folder(data_dir)
+    return [name for name in (*_CIFAR_TRAIN, _CIFAR_TEST) if not (folder / name).is_file()]
+
+
+def _get(entry: dict, key: str) -> Any:
+    """A key of a CIFAR pickle: ``str`` when loaded with latin1 from the real files, ``bytes`` if pickled by Python 3."""
+    if key in entry:
+        return entry[key]
+    return entry.get(key.encode())
+
+
+def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")  # the format is a pickle: torchvision reads it the same way
+        data, labels = _get(entry, "data"), _get(entry, "labels")
+        if labels is None:
+            labels = _get(entry, "fine_labels")
+        x = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(labels, dtype=np.int64)
+    except (OSError, EOFError, pickle.UnpicklingError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{path} is not a CIFAR-10 batch ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if len(x) != len(y):
+        raise DataError(f"{path} holds {len(x)} images but {len(y)} labels")
+    return torch.from_numpy(x.copy()), torch.from_numpy(y)
+
+
+def _cifar_class_names(folder: Path) -> list[str]:
+    meta = folder / "batches.meta"
+    if meta.is_file():
+        try:
+            with open(meta, "rb") as f:
+                names = _get(pickle.load(f, encoding="latin1"), "label_names")
+            if names is not None and len(names) == len(CIFAR10_CLASSES):
+                return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        except (OSError, EOFError, pickle.UnpicklingError, TypeError, ValueError, AttributeError):
+            pass  # the names are a nicety; the standard ones follow
+    return list(CIFAR10_CLASSES)
+
+
+def _download_cifar10(data_dir: Path) -> None:
+    import torchvision
+
+    try:
+        torchvision.datasets.CIFAR10(root=str(data_dir), train=True, download=True)
+    except Exception as e:  # no network, a proxy, a full disk: the user needs the reason, not a traceback
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"could not download CIFAR-10 into {data_dir} ({reason}); without a network, put "
+                        f"torchvision's {_CIFAR_FOLDER}/ folder there by hand") from None
+
+
+def load_cifar10(data_dir: str | Path, download: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor, list[str]]:
+    """CIFAR-10 from torchvision's format under ``data_dir``: ``(x_train, y_train, x_test, y_test, class names)``.
+
+    Images are uint8 ``(N, 3, 32, 32)``; labels int64. ``data_dir`` is the folder holding
+    ``cifar-10-batches-py/`` (what torchvision's ``root`` is) or that folder itself. With ``download``,
+    a missing data set is fetched with torchvision's downloader first.
+
+    Raises:
+        DataError: the files are missing (the line says where kiln looked and how to get them), a
+            download failed, or a file is not a CIFAR-10 batch.
+    """
+    data_dir = Path(data_dir)
+    if _missing_cifar(data_dir) and download:
+        _download_cifar10(data_dir)
+    missing = _missing_cifar(data_dir)
+    if missing:
+        folder = _cifar_folder(data_dir)
+        what = "no CIFAR-10 files" if len(missing) == 6 else f"CIFAR-10 files missing ({', '.join(missing)})"
+        raise DataError(f"{what} in {folder} (kiln looks for data_batch_1..5 and test_batch there); get them with: "
+                        f"kiln train cifar10 --data-dir {data_dir} --download")
+    folder = _cifar_folder(data_dir)
+    train = [_read_cifar_batch(folder / name) for name in _CIFAR_TRAIN]
+    x_test, y_test = _read_cifar_batch(folder / _CIFAR_TEST)
+    x_train = torch.cat([x for x, _ in train])
+    y_train = torch.cat([y for _, y in train])
+    classes = _cifar_class_names(folder)
+    for name, y in (("training", y_train), ("test", y_test)):
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
+            raise DataError(f"CIFAR-10 {name} labels in {folder} fall outside 0..{len(classes) - 1}")
+    return x_train, y_train, x_test, y_test, classes
+
+
+def _normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x.float().div_(255.0) - m) / s
+
+
+def cifar10_data(cfg: Config, device: torch.device) -> tuple[TensorBatches, TensorBatches, int, int]:
+    """CIFAR-10 on ``device`` as ``(train, val, in_channels, num_classes)``; val is the test batch.
+
+    The uint8 images go to the device once and are normalised there; training batches get the
+    batched random crop (4-pixel zero padding after normalisation) and horizontal flip when
+    ``data.augment`` asks for them, seeded by batch position.
+    """
+    d = cfg.data
+    if d.image_size != 32:
+        raise DataError(f"CIFAR-10 images are 32x32; data.image_size must be 32, not {d.image_size}")
+    if not d.data_dir:
+        raise DataError("cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/); get the data set "
+                        "with: kiln train cifar10 --data-dir DIR --download")
+    x_train, y_train, x_test, y_test, _ = load_cifar10(d.data_dir, d.download)
+    x_train = _normalise(x_train.to(device), CIFAR10_MEAN, CIFAR10_STD)
+    x_test = _normalise(x_test.to(device), CIFAR10_MEAN, CIFAR10_STD)
+    augment = None
+    if d.augment != "none":
+        flip = d.augment == "crop+flip"
+        augment = lambda xb, g: random_crop_flip(xb, g, pad=4, flip=flip)  # noqa: E731
+    seed = cfg.train.seed
+    train = TensorBatches(x_train, y_train.to(device), d.batch_size, shuffle=True, seed=seed, augment=augment)
+    val = TensorBatches(x_test, y_test.to(device), max(d.batch_size, 512), shuffle=False)
+    return train, val, 3, len(CIFAR10_CLASSES)
+
+
+# ------------------------------------------------------------------------------------------ image folders
+
+class SampleEpochBatchSampler(EpochBatchSampler):
+    """An :class:`EpochBatchSampler` that yields ``(index, epoch)`` pairs, for :class:`SeededSamples`.
+
+    The epoch travels with every index, so a worker process seeds each sample's transform from
+    (seed, epoch, index) without knowing where the main process is.
+    """
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = self.epoch, self.start_batch  # fixed now: the loader may pull batches ahead
+        for _, idx in self.index_batches(epoch, start):
+            yield [(i, epoch) for i in idx.tolist()]
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Samples ``indices`` of ``dataset`` (``(PIL image, label)`` items) through ``transform``.
+
+    With ``seed`` set, an item is asked for as ``(index, epoch)`` and the transform runs with torch's
+    RNG seeded from (seed, epoch, index) (torchvision's transforms draw from it), inside
+    ``torch.random.fork_rng`` so the caller's RNG is untouched: the same sample of the same epoch
+    gets the same crop and flip in any process, with any number of workers. Without ``seed``, items
+    are asked for by index and the transform must be deterministic (evaluation).
+
+    Args:
+        dataset: e.g. a torchvision ``ImageFolder`` without a transform.
+        indices: which of its samples this data set holds.
+        transform: PIL image -> tensor.
+        seed: the run's seed, for random transforms; None for deterministic ones.
+    """
+
+    def __init__(self, dataset: Any, indices: Sequence[int], transform: Callable, seed: int | None = None) -> None:
+        self.dataset, self.indices, self.transform, self.seed = dataset, list(indices), transform, seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        if self.seed is None:
+            index = int(key[0]) if isinstance(key, tuple) else int(key)
+            image, label = self.dataset[self.indices[index]]
+            return self.transform(image), label
+        if not isinstance(key, tuple):
+            raise TypeError("a seeded SeededSamples is indexed by (index, epoch); use SampleEpochBatchSampler")
+        index, epoch = int(key[0]), int(key[1])
+        image, label = self.dataset[self.indices[index]]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(self.seed, epoch, index))
+            return self.transform(image), label
+
+
+def imagefolder_transforms(image_size: int, augment: str = "crop+flip") -> tuple[Callable, Callable]:
+    """``(train, eval)`` transforms: the standard ImageNet-style ones at ``image_size``.
+
+    Train: RandomResizedCrop(image_size) (``augment`` crop or crop+flip; else the eval resize and
+    center crop), RandomHorizontalFlip (crop+flip), ToTensor, Normalize(ImageNet mean and std).
+    Eval: Resize(int(image_size * 1.14)), CenterCrop(image_size), ToTensor, Normalize.
+    """
+    from torchvision import transforms as T
+
+    tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    resize = [T.Resize(int(image_size * 1.14)), T.CenterCrop(image_size)]
+    if augment == "none":
+        train = resize
+    else:
+        train = [T.RandomResizedCrop(image_size)] + ([T.RandomHorizontalFlip()] if augment == "crop+flip" else [])
+    return T.Compose(train + tail), T.Compose(resize + tail)
+
+
+def _image_folder(root: Path) -> Any:
+    from torchvision.datasets import ImageFolder
+
+    if not root.is_dir():
+        raise DataError(f"no image folder at {root}")
+    try:
+        return ImageFolder(str(root))  # its loader converts every image to RGB (grayscale PNGs included)
+    except (FileNotFoundError, OSError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise DataError(f"{root} holds no images in class folders ({reason})") from None
+
+
+def _folders(data_dir: str) -> tuple[Path, Path | None]:
+    """The training folder and the validation folder (None: split the training folder)."""
+    if not data_dir:
+        raise DataError("imagefolder needs --data-dir DIR: a folder holding train/ and val/ class folders "
+                        "(or class folders only, split by --val-fraction)")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"no data directory at {root} (imagefolder wants DIR/train/CLASS/*.png and DIR/val/CLASS/*.png, "
+                        "or DIR/CLASS/*.png split by --val-fraction)")
+    if (root / "train").is_dir():
+        return root / "train", (root / "val") if (root / "val").is_dir() else None
+    return root, None
+
+
+def imagefolder_classes(data_dir: str) -> list[str]:
+    """The class names of an image folder: its train/ (or its own) sub-folder names, sorted (ImageFolder's order)."""
+    from torchvision.datasets.folder import find_classes
+
+    train_dir, _ = _folders(data_dir)
+    try:
+        return list(find_classes(str(train_dir))[0])
+    except FileNotFoundError as e:
+        raise DataError(f"{train_dir} holds no class folders ({str(e).strip().splitlines()[0]})") from None
+
+
+def imagefolder_data(cfg: Config, device: torch.device) -> tuple[LoaderBatches, LoaderBatches, int, int]:
+    """A folder of images as ``(train, val, 3, num_classes)``, each a DataLoader with ``data.num_workers`` workers.
+
+    ``data.data_dir`` holds ``train/`` and ``val/`` class folders, or ``train/`` only or class folders
+    only, then split into train and val by ``data.val_fraction`` (seeded). Every image is converted to
+    RGB. The training order comes from a :class:`SampleEpochBatchSampler` and each sample's transform
+    is seeded from (seed, epoch, index), so batches do not depend on the workers.
+
+    Raises:
+        DataError: a missing or empty folder, or val/ classes that differ from train/'s.
+    """
+    d, seed = cfg.data, cfg.train.seed
+    train_dir, val_dir = _folders(d.data_dir)
+    train_set = _image_folder(train_dir)
+    if val_dir is not None:
+        val_set = _image_folder(val_dir)
+        if val_set.classes != train_set.classes:
+            raise DataError(f"{val_dir} has classes {val_set.classes}, {train_dir} has {train_set.classes}; "
+                            "they must be the same folders")
+        train_idx, val_idx = list(range(len(train_set))), list(range(len(val_set)))
+    else:
+        if len(train_set) < 2:
+            raise DataError(f"{train_dir} holds {len(train_set)} image; at least 2 are needed to split off a val set")
+        val_set = train_set
+        train_idx, val_idx = (t.tolist() for t in split_indices(len(train_set), d.val_fraction, seed))
+    train_tf, eval_tf = imagefolder_transforms(d.image_size, d.augment)
+    loader_args: dict[str, Any] = {"num_workers": d.num_workers, "pin_memory": device.type == "cuda",
+                                   "persistent_workers": d.num_workers > 0}
+    train_sampler = SampleEpochBatchSampler(len(train_idx), d.batch_size, shuffle=True, seed=seed)
+    train_loader = torch.utils.data.DataLoader(SeededSamples(train_set, train_idx, train_tf, seed=seed),
+                                               batch_sampler=train_sampler, **loader_args)
+    val_sampler = EpochBatchSampler(len(val_idx), max(d.batch_size, 64), shuffle=False)
+    val_loader = torch.utils.data.DataLoader(SeededSamples(val_set, val_idx, eval_tf), batch_sampler=val_sampler,
+                                             **loader_args)
+    return LoaderBatches(train_loader, seed=seed), LoaderBatches(val_loader), 3, len(train_set.classes)
+
+
+# ------------------------------------------------------------------------------------------------ common
+
+def dataset_classes(cfg: Config) -> list[str]:
+    """The class names of ``cfg``'s data set, in label order (stored with the run and its checkpoints)."""
+    d = cfg.data
+    if d.dataset == "digits":
+        return [str(i) for i in range(10)]
+    if d.dataset == "synthetic":
+        return [f"class{i}" for i in range(d.num_classes)]
+    if d.dataset == "cifar10":
+        return _cifar_class_names(_cifar_folder(Path(d.data_dir or ".")))
+    if d.dataset == "imagefolder":
+        return imagefolder_classes(d.data_dir)
+    raise DataError(f"unknown data set {d.dataset!r}")
+
+
+def load_data(cfg: Config, device: torch.device) -> tuple[Any, Any, int, int]:
+    """``(train, val, in_channels, num_classes)`` for the on-disk data sets (cifar10, imagefolder)."""
+    if cfg.data.dataset == "cifar10":
+        return cifar10_data(cfg, device)
+    if cfg.data.dataset == "imagefolder":
+        return imagefolder_data(cfg, device)
+    raise DataError(f"{cfg.data.dataset!r} is not an on-disk data set")
+
+
+def num_samples(data: Any) -> int:
+    """How many samples one pass over ``data`` (TensorBatches or LoaderBatches) yields."""
+    if hasattr(data, "x"):
+        return len(data.x)
+    return data.sampler.samples_per_rank

@@ -1,0 +1,351 @@
+"""The LR range test: ramp the LR exponentially on a throwaway trainer, suggest a one-cycle ``max_lr``.
+
+ignite's ``FastaiLRFinder`` does the ramp, the loss smoothing, the stop on divergence and the
+restoring of the model and optimizer. It runs on a bare ``engine.create_trainer`` built here, because
+every handler on the trainer it is attached to fires during the search (checkpoints, schedules and
+loggers of a real run would act on it). kiln adds what the finder lacks: the LR each iteration really
+used (the finder records the *next* iteration's LR), the raw losses, a rule for one-cycle's peak LR,
+and the run-directory records (lr_find.json, lr_find.png, events.jsonl, config.json).
+
+The rule: ``max_lr = (LR at the lowest smoothed loss) / divide_by`` (3 by default). The lowest point of
+the smoothed loss is where raising the LR stops paying; one-cycle only visits its peak briefly, so a
+third of that LR (half a decade below it) trains fast and leaves a margin.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, TextIO
+
+import torch
+from ignite.engine import Events
+from ignite.handlers import FastaiLRFinder
+
+from callbacks import AMP, GradClip
+from callbacks._files import append_jsonl, write_json_atomic
+from engine import Precision, create_trainer, resolve_device, resolve_precision
+from recipes.config import Config, ConfigError, apply_overrides
+
+__all__ = [
+    "LRFindResult", "lr_range_test", "find_lr", "suggest_max_lr", "apply_suggestion", "choose_max_lr",
+    "write_lr_find", "record_in_run", "format_result", "load_lr_find",
+    "DEFAULT_START_LR", "DEFAULT_END_LR", "DEFAULT_NUM_ITER", "DEFAULT_DIVIDE_BY",
+]
+
+DEFAULT_START_LR = 1e-7
+DEFAULT_END_LR = 10.0
+DEFAULT_NUM_ITER = 100
+DEFAULT_DIVIDE_BY = 3.0
+DEFAULT_SMOOTH_F = 0.05
+DEFAULT_DIVERGE_TH = 5.0
+
+
+@dataclass(frozen=True)
+class LRFindResult:
+    """What a range test measured and suggests; ``to_dict()`` is the content of lr_find.json.
+
+    ``lrs[i]``, ``losses[i]`` and ``smoothed[i]`` belong to iteration ``i + 1``: the LR that step used,
+    its batch loss, and ignite's exponentially smoothed loss (``smooth_f`` weight on the new value).
+    """
+
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggestion: float  #: the suggested one-cycle max_lr
+    rule: str  #: the rule that produced it, in words, with its numbers
+    min_loss_lr: float  #: the LR at the lowest smoothed loss
+    steepest_lr: float | None  #: the LR where the smoothed loss fell fastest (per decade), for reference
+    diverged: bool  #: the test stopped early: smoothed loss > diverge_th x its best
+    start_lr: float
+    end_lr: float
+    num_iter: int
+    smooth_f: float
+    diverge_th: float
+    divide_by: float
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  #: caveats about this curve, for the user
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (non-finite losses become strings)."""
+        data = dataclasses.asdict(self)
+        for key in ("losses", "smoothed"):
+            data[key] = [v if math.isfinite(v) else str(v) for v in data[key]]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LRFindResult":
+        """Rebuild a result from :meth:`to_dict`'s output (unknown keys ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        for key in ("losses", "smoothed"):
+            values[key] = [float(v) for v in values.get(key, [])]
+        return cls(**values)
+
+    def summary(self) -> dict[str, Any]:
+        """The result without the curves: what events.jsonl and config.json record."""
+        data = self.to_dict()
+        for key in ("lrs", "losses", "smoothed"):
+            data.pop(key)
+        data["iterations"] = len(self.lrs)
+        return data
+
+
+def suggest_max_lr(lrs: list[float], smoothed: list[float], divide_by: float = DEFAULT_DIVIDE_BY) -> tuple[float, str, float, float | None, list[str]]:
+    """Apply kiln's rule to a range-test curve.
+
+    Returns ``(suggestion, rule, min_loss_lr, steepest_lr, notes)``: the suggestion is the LR at the
+    lowest smoothed loss divided by ``divide_by``; ``steepest_lr`` is where the smoothed loss fell
+    fastest per decade of LR before its minimum (ignite's ``lr_suggestion`` rule), for reference.
+
+    Raises:
+        ConfigError: fewer than 3 points, or a loss that never fell (its lowest point is the first).
+
+    Example:
+        >>> lrs = [10 ** (k / 4 - 5) for k in range(17)]
+        >>> loss = [2.0, 2.0, 1.9, 1.7, 1.4, 1.0, 0.7, 0.5, 0.45, 0.6, 1.5, 3, 6, 9, 12, 15, 18]
+        >>> suggestion, rule, at_min, steepest, notes = suggest_max_lr(lrs, loss)
+        >>> round(at_min, 6), round(suggestion / at_min, 3)
+        (0.001, 0.333)
+    """
+    if divide_by < 1:
+        raise ConfigError(f"divide_by must be >= 1, not {divide_by}")
+    finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
+    if len(finite) < 3:
+        raise ConfigError(f"the range test recorded {len(finite)} finite losses; it needs at least 3 (raise --num-iter)")
+    i_min = min(finite, key=lambda i: smoothed[i])
+    if i_min == finite[0]:
+        raise ConfigError(f"the range test's loss never fell (lowest at the first LR, {lrs[0]:.1e}): lower --start-lr")
+    notes = []
+    if i_min == finite[-1]:
+        notes.append(f"the loss was still falling at the last LR tried ({lrs[i_min]:.1e}): "
+                     "the suggestion may be low; raise --end-lr or --num-iter")
+    steepest = None
+    slopes = []
+    for i in range(1, i_min):
+        span = math.log10(lrs[i + 1]) - math.log10(lrs[i - 1])
+        if span > 0 and math.isfinite(smoothed[i + 1]) and math.isfinite(smoothed[i - 1]):
+            slopes.append(((smoothed[i + 1] - smoothed[i - 1]) / span, i))
+    if slopes:
+        steepest = lrs[min(slopes)[1]]
+    min_lr = lrs[i_min]
+    suggestion = min_lr / divide_by
+    rule = (f"LR at the lowest smoothed loss ({min_lr:.2e}, loss {smoothed[i_min]:.3f}) divided by {divide_by:g}")
+    return suggestion, rule, min_lr, steepest, notes
+
+
+def lr_range_test(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    data: Iterable,
+    *,
+    device: str | torch.device | None = None,
+    precision: str | Precision = "auto",
+    clip_norm: float | None = None,
+    init_scale: float = 2.0**16,
+    growth_interval: int = 2000,
+    seed: int | None = None,
+    start_lr: float = DEFAULT_START_LR,
+    end_lr: float = DEFAULT_END_LR,
+    num_iter: int = DEFAULT_NUM_ITER,
+    smooth_f: float = DEFAULT_SMOOTH_F,
+    diverge_th: float = DEFAULT_DIVERGE_TH,
+    divide_by: float = DEFAULT_DIVIDE_BY,
+) -> LRFindResult:
+    """Run an exponential LR range test on ``model`` and leave it, ``optimizer`` and torch's RNG as they were.
+
+    The test trains on a bare trainer (kiln's step, plus gradient clipping and fp16 loss scaling when
+    asked, as in a real run) for ``num_iter`` iterations with the LR rising from ``start_lr`` to
+    ``end_lr``; it stops early once the smoothed loss exceeds ``diverge_th`` times its best. Afterwards
+    the model's parameters and buffers, the optimizer's state and LRs, the model's train/eval mode and
+    the global torch RNG are restored exactly.
+
+    Raises:
+        ConfigError: bad arguments, or a curve the rule cannot use (see :func:`suggest_max_lr`).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+        >>> data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+        >>> before = [p.clone() for p in model.parameters()]
+        >>> result = lr_range_test(model, opt, F.cross_entropy, data, start_lr=1e-5, end_lr=10.0, num_iter=60)
+        >>> all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        True
+        >>> 1e-5 <= result.suggestion <= 10.0
+        True
+    """
+    if not 0 < start_lr < end_lr:
+        raise ConfigError(f"the range test needs 0 < start_lr < end_lr, not {start_lr:g} and {end_lr:g}")
+    if num_iter < 3:
+        raise ConfigError(f"the range test needs num_iter >= 3, not {num_iter}")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    if isinstance(precision, str):
+        precision = resolve_precision(precision, device)
+
+    trainer = create_trainer(model, optimizer, loss_fn, device=device, precision=precision, seed=seed)
+    to_save: dict[str, Any] = {"model": model, "optimizer": optimizer}
+    if precision.needs_scaler:
+        amp = AMP(device=device.type, init_scale=init_scale, growth_interval=growth_interval)
+        amp.attach(trainer)
+        to_save["amp"] = amp
+    if clip_norm:
+        GradClip(model.parameters(), max_norm=clip_norm).attach(trainer)
+    used_lrs: list[float] = []
+    losses: list[float] = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _record(engine: Any) -> None:
+        used_lrs.append(float(engine.state.lr))
+        losses.append(float(engine.state.loss))
+
+    finder = FastaiLRFinder()
+    was_training = model.training
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Run completed without loss diverging")
+        with finder.attach(trainer, to_save, output_transform=lambda out: out.loss, num_iter=num_iter,
+                           start_lr=float(start_lr), end_lr=float(end_lr), step_mode="exp",
+                           smooth_f=smooth_f, diverge_th=diverge_th) as search:
+            for group in optimizer.param_groups:  # else the first iteration runs at the optimizer's own LR
+                group["lr"] = float(start_lr)
+            search.run(data, max_epochs=1)
+    model.train(was_training)
+    seconds = time.perf_counter() - started
+
+    smoothed = [float(v) for v in finder.get_results()["loss"]]
+    count = min(len(smoothed), len(used_lrs))
+    lrs, losses, smoothed = used_lrs[:count], losses[:count], smoothed[:count]
+    suggestion, rule, min_lr, steepest, notes = suggest_max_lr(lrs, smoothed, divide_by)
+    return LRFindResult(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion, rule=rule,
+                        min_loss_lr=min_lr, steepest_lr=steepest, diverged=bool(finder._diverge_flag),
+                        start_lr=float(start_lr), end_lr=float(end_lr), num_iter=int(num_iter),
+                        smooth_f=smooth_f, diverge_th=diverge_th, divide_by=divide_by,
+                        seconds=round(seconds, 3), notes=notes)
+
+
+def _components(cfg: Config) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, Any, torch.device, Precision]:
+    """The model, optimizer, loss, training data, device and precision that ``recipes.run.build`` makes."""
+    from recipes.models import build_model, parameter_groups
+    from recipes.run import _data
+
+    t = cfg.train
+    device = resolve_device(t.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is available here; use --device cpu")
+    try:
+        precision = resolve_precision(t.precision, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    torch.manual_seed(t.seed)  # the same initial weights as the run that build() assembles
+    train_data, _, in_channels, num_classes = _data(cfg, device)
+    model = build_model(cfg.model.name, in_channels, num_classes, cfg.data.image_size, cfg.model.channels).to(device)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norm_and_bias),
+        lr=cfg.optim.lr, betas=(0.9, cfg.optim.beta2), eps=cfg.optim.eps,
+        fused=device.type == "cuda", foreach=None if device.type == "cuda" else True,
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    return model, optimizer, loss_fn, train_data, device, precision
+
+
+def find_lr(cfg: Config, *, start_lr: float = DEFAULT_START_LR, end_lr: float = DEFAULT_END_LR,
+            num_iter: int = DEFAULT_NUM_ITER, divide_by: float = DEFAULT_DIVIDE_BY,
+            smooth_f: float = DEFAULT_SMOOTH_F, diverge_th: float = DEFAULT_DIVERGE_TH) -> LRFindResult:
+    """The range test for recipe ``cfg``: its model (same seed, so the same initial weights as its run),
+    optimizer, loss (with label smoothing), training data, precision and gradient clipping."""
+    model, optimizer, loss_fn, data, device, precision = _components(cfg)
+    t = cfg.train
+    return lr_range_test(model, optimizer, loss_fn, data, device=device, precision=precision,
+                         clip_norm=t.clip_norm or None, init_scale=t.init_scale, growth_interval=t.growth_interval,
+                         seed=t.seed, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, smooth_f=smooth_f,
+                         diverge_th=diverge_th, divide_by=divide_by)
+
+
+def apply_suggestion(cfg: Config, result: LRFindResult) -> Config:
+    """``cfg`` with ``schedule.max_lr`` set to the suggestion; ``optim.lr`` (where the cycle starts)
+    keeps the recipe's ratio ``max_lr / lr`` (one-cycle's div_factor)."""
+    div_factor = cfg.schedule.max_lr / cfg.optim.lr
+    max_lr = float(f"{result.suggestion:.3g}")
+    return apply_overrides(cfg, {"schedule.max_lr": max_lr, "optim.lr": max_lr / div_factor})
+
+
+def choose_max_lr(cfg: Config, *, quiet: bool = False, stream: TextIO | None = None) -> tuple[Config, LRFindResult]:
+    """``kiln train --max-lr auto``: run :func:`find_lr` with the defaults and return ``cfg`` at its
+    suggestion (see :func:`apply_suggestion`) with the result; prints what it chose."""
+    result = find_lr(cfg)
+    chosen = apply_suggestion(cfg, result)
+    out = stream or sys.stdout
+    if quiet:
+        print(f"kiln: --max-lr auto: max_lr {chosen.schedule.max_lr:g} (LR range test; {result.rule})", file=out)
+    else:
+        print(format_result(result, cfg.name).rsplit("\nnext:", 1)[0], file=out)
+        print(f"kiln: --max-lr auto: training at max_lr {chosen.schedule.max_lr:g}, lr {chosen.optim.lr:.3g} "
+              "(where the cycle starts), from the same initial weights", file=out)
+    return chosen, result
+
+
+def write_lr_find(result: LRFindResult, out_dir: str | Path, title: str = "") -> tuple[Path, Path]:
+    """Write ``lr_find.json`` and ``lr_find.png`` (loss vs LR, log x, suggestion marked) into ``out_dir``."""
+    from recipes.plots import plot_lr_find
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "lr_find.json"
+    write_json_atomic(json_path, result.to_dict())
+    png_path = plot_lr_find(result, out_dir / "lr_find.png", title=title)
+    return json_path, png_path
+
+
+def load_lr_find(path: str | Path) -> LRFindResult:
+    """Read an ``lr_find.json``."""
+    return LRFindResult.from_dict(json.loads(Path(path).read_text()))
+
+
+def record_in_run(run: Any, result: LRFindResult) -> None:
+    """Record a range test that chose a run's max_lr: lr_find.json/png in the run directory, an
+    ``{"event": "lr_find"}`` line in events.jsonl, an ``lr_find`` section in config.json, and the
+    curve in TensorBoard (``lr_find/*`` tags). ``run`` is a ``recipes.run.Assembly`` whose config.json
+    has been written."""
+    run_dir = Path(run.run_dir)
+    write_lr_find(result, run_dir, title=f"{run.config.name}: LR range test")
+    summary = {"max_lr": "auto", "chosen_max_lr": run.config.schedule.max_lr,
+               "chosen_lr": run.config.optim.lr, **result.summary()}
+    append_jsonl(run_dir / "events.jsonl", {"event": "lr_find", "iteration": 0, "time": time.time(), **summary})
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        config["lr_find"] = summary
+        write_json_atomic(config_path, config)
+    tensorboard = getattr(run, "handlers", {}).get("tensorboard")
+    if tensorboard is not None and hasattr(tensorboard, "log_lr_find"):
+        tensorboard.log_lr_find(result.lrs, result.losses, result.smoothed, result.suggestion)
+
+
+def format_result(result: LRFindResult, recipe: str = "RECIPE") -> str:
+    """The console lines for a range test: what ran, the suggestion with its rule, and the next command."""
+    ended = (f"stopped at iteration {len(result.lrs)}: the smoothed loss passed {result.diverge_th:g}x its best"
+             if result.diverged else f"ran all {len(result.lrs)} iterations without diverging")
+    lines = [
+        f"LR range test: LR {result.start_lr:.0e} -> {result.end_lr:g} over {result.num_iter} iterations; "
+        f"{ended} ({result.seconds:.1f}s)",
+        f"suggested max_lr: {result.suggestion:.2e}",
+        f"  rule: {result.rule}",
+    ]
+    if result.steepest_lr is not None:
+        lines.append(f"  (steepest descent of the smoothed loss at {result.steepest_lr:.2e}: "
+                     "a constant-LR choice, low for one-cycle's peak)")
+    lines += [f"  note: {note}" for note in result.notes]
+    lines.append(f"next: kiln train {recipe} --max-lr {result.suggestion:.2g}   (or --max-lr auto)")
+    return "\n".join(lines)

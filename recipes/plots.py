@@ -1,0 +1,336 @@
+"""The PNG plots of a run, of an LR range test and of a one-cycle schedule (matplotlib, Agg canvas).
+
+Every plot is drawn on its own ``Figure`` with an explicit Agg canvas (no pyplot state, safe in
+threads and tests) from the records a run has already written: metrics.jsonl, steps.jsonl and
+config.json. Nothing here runs per iteration.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from recipes.lr_find import LRFindResult
+    from recipes.report import RunData
+    from recipes.schedule import ScheduleSeries
+
+__all__ = ["plot_run", "run_figures", "plot_lr_find", "lr_find_figure", "plot_schedule", "schedule_figure", "ema",
+           "RUN_PLOTS"]
+
+#: The files ``plot_run`` may write into RUN_DIR/plots (loss_scale.png only for fp16 runs).
+RUN_PLOTS = ("lr.png", "loss.png", "accuracy.png", "grad_norm.png", "loss_scale.png")
+
+_DPI = 110
+_SIZE = (8.0, 4.6)
+_TRAIN, _VAL, _ACCENT, _WARN = "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"
+
+
+def ema(values: Sequence[float], beta: float = 0.8) -> list[float]:
+    """Bias-corrected exponential moving average (weight ``beta`` on the past); NaNs are carried over.
+
+    Example:
+        >>> [round(v, 3) for v in ema([1.0, 1.0, 4.0], beta=0.5)]
+        [1.0, 1.0, 2.714]
+    """
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        if math.isfinite(v):
+            avg = beta * avg + (1 - beta) * v
+            weight = beta * weight + (1 - beta)
+        out.append(avg / weight if weight else float("nan"))
+    return out
+
+
+def _figure(title: str, size: tuple[float, float] = _SIZE) -> tuple[Figure, Any]:
+    fig = Figure(figsize=size, dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=12)
+    ax.grid(True, which="major", alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def _number(value: Any) -> float:
+    """A float from a logged value (non-finite values were logged as the strings 'nan', 'inf')."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _epoch_axis(ax: Any, batches_per_epoch: int | None) -> None:
+    """A second x-axis on top, in epochs, for plots whose x is the iteration."""
+    if batches_per_epoch:
+        top = ax.secondary_xaxis("top", functions=(lambda it: it / batches_per_epoch, lambda ep: ep * batches_per_epoch))
+        top.set_xlabel("epoch")
+
+
+def _label_log_minor_ticks(ax: Any) -> None:
+    """On a log y axis spanning few decades, also label minor ticks (all of them within a decade,
+    2, 3 and 5 within two), so the reader is never left with a single number on the axis."""
+    low, high = ax.get_ylim()
+    span = math.log10(high / low) if low > 0 and high > low else 3.0
+    keep = (2, 3, 5) if span < 2.5 else ()
+
+    def label(value: float, _pos: Any = None) -> str:
+        if value <= 0:
+            return ""
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+        return f"{value:.3g}" if span < 0.8 or mantissa in keep else ""
+
+    ax.yaxis.set_minor_formatter(FuncFormatter(label))
+
+
+def _sci(value: float, _pos: Any = None) -> str:
+    return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def run_figures(run: "RunData") -> dict[str, Figure]:
+    """A run's figures by file name: lr.png, loss.png, accuracy.png, grad_norm.png and, for an fp16 run,
+    loss_scale.png; a figure whose records are absent is left out."""
+    figures = {}
+    for name, draw in (("lr.png", _plot_lr), ("loss.png", _plot_loss), ("accuracy.png", _plot_accuracy),
+                       ("grad_norm.png", _plot_grad_norm), ("loss_scale.png", _plot_loss_scale)):
+        fig = draw(run)
+        if fig is not None:
+            figures[name] = fig
+    return figures
+
+
+def plot_run(run: "RunData", plots_dir: str | Path) -> list[Path]:
+    """Draw a run's plots (see :func:`run_figures`) into ``plots_dir``; returns the paths written."""
+    plots_dir = Path(plots_dir)
+    return [_save(fig, plots_dir / name) for name, fig in run_figures(run).items()]
+
+
+def _title(run: "RunData", what: str) -> str:
+    name = run.config.get("name") or Path(run.run_dir).name
+    return f"{name}: {what}"
+
+
+def _plot_lr(run: "RunData") -> Figure | None:
+    steps = [s for s in run.steps if s.get("lr") is not None]
+    if not steps and not run.metrics:
+        return None
+    fig, ax = _figure(_title(run, "learning rate (one-cycle)"))
+    planned = run.planned_schedule()
+    if planned is not None:
+        ax.plot(planned["iteration"], planned["lr"], color="0.55", lw=1.2, ls="--", label="planned schedule")
+    if steps:
+        ax.plot([s["iteration"] for s in steps], [s["lr"] for s in steps], "o-", color=_TRAIN, ms=3, lw=1.5,
+                label=f"logged (every {run.log_every} iterations)")
+    max_lr = run.config.get("schedule", {}).get("max_lr")
+    if max_lr:
+        ax.axhline(max_lr, color=_WARN, lw=0.8, ls=":", label=f"max_lr = {max_lr:.2g}")
+    ax.set_xlabel("iteration (batches)")
+    ax.set_ylabel("learning rate (param group 0)")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    ax.set_ylim(bottom=0)
+    _epoch_axis(ax, run.batches_per_epoch)
+    ax.legend(loc="upper right", fontsize=9)
+    return fig
+
+
+def _plot_loss(run: "RunData") -> Figure | None:
+    steps = [s for s in run.steps if s.get("loss") is not None]
+    epochs = [m for m in run.metrics if m.get("iteration") is not None]
+    if not steps and not epochs:
+        return None
+    fig, ax = _figure(_title(run, "loss"))
+    smoothing = run.config.get("train", {}).get("label_smoothing")
+    train_note = f", label smoothing {smoothing:g}" if smoothing else ""
+    if steps:
+        its = [s["iteration"] for s in steps]
+        raw = [_number(s["loss"]) for s in steps]
+        ax.plot(its, raw, color=_TRAIN, alpha=0.25, lw=1, label=f"train, every {run.log_every} iterations (raw)")
+        beta = round(max(0.0, min(0.8, 1 - 4 / len(raw))), 2)  # lighter smoothing when there are few points
+        ax.plot(its, ema(raw, beta), color=_TRAIN, lw=2, label=f"train, per iteration (smoothed, EMA {beta:g})")
+        bad = [it for it, v in zip(its, raw) if not math.isfinite(v)]
+        if bad:
+            ax.plot(bad, [max((v for v in raw if math.isfinite(v)), default=1.0)] * len(bad), "x", color=_VAL,
+                    ms=8, mew=2, label="non-finite loss")
+    train_epochs = [(m["iteration"], m["train_loss"]) for m in epochs if m.get("train_loss") is not None]
+    if train_epochs:
+        ax.plot(*zip(*train_epochs), "s-", color="#08306b", ms=5, lw=1.2, label=f"train, per epoch (mean{train_note})")
+    val_epochs = [(m["iteration"], m["val_loss"]) for m in epochs if m.get("val_loss") is not None]
+    if val_epochs:
+        ax.plot(*zip(*val_epochs), "o-", color=_VAL, ms=5, lw=1.5, label="validation, per epoch (cross-entropy)")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration (batches)")
+    ax.set_ylabel("loss (cross-entropy, nats; log scale)")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    _label_log_minor_ticks(ax)
+    _epoch_axis(ax, run.batches_per_epoch)
+    ax.legend(loc="upper right", fontsize=9)
+    return fig
+
+
+def _plot_accuracy(run: "RunData") -> Figure | None:
+    points = [(m["epoch"], 100 * m["val_accuracy"]) for m in run.metrics if m.get("val_accuracy") is not None]
+    if not points:
+        return None
+    fig, ax = _figure(_title(run, "validation accuracy"))
+    epochs, accuracy = zip(*points)
+    ax.plot(epochs, accuracy, "o-", color=_ACCENT, lw=2, ms=6, label="validation accuracy")
+    best = max(range(len(accuracy)), key=lambda i: accuracy[i])
+    ax.plot([epochs[best]], [accuracy[best]], "*", color=_WARN, ms=16, zorder=5,
+            label=f"best: {accuracy[best]:.2f}% (epoch {epochs[best]})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    low = min(accuracy)
+    ax.set_ylim(max(0.0, low - max(2.0, 0.1 * (100 - low))), 100.5)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="lower right", fontsize=9)
+    return fig
+
+
+def _plot_grad_norm(run: "RunData") -> Figure | None:
+    points = [(s["iteration"], _number(s["grad_norm"])) for s in run.steps if s.get("grad_norm") is not None]
+    points = [(it, v) for it, v in points if math.isfinite(v) and v > 0]
+    if not points:
+        return None
+    fig, ax = _figure(_title(run, "gradient norm before clipping"))
+    its, norms = zip(*points)
+    ax.plot(its, norms, "o-", color=_TRAIN, ms=3, lw=1.2, label=f"total L2 norm, every {run.log_every} iterations")
+    clip = run.config.get("train", {}).get("clip_norm")
+    if clip:
+        above = sum(v > clip for v in norms)
+        ax.axhline(clip, color=_VAL, lw=1.5, ls="--",
+                   label=f"clip_norm = {clip:g} (exceeded on {above} of {len(norms)} logged steps)")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration (batches)")
+    ax.set_ylabel("gradient norm (L2, true scale; log scale)")
+    _label_log_minor_ticks(ax)
+    _epoch_axis(ax, run.batches_per_epoch)
+    ax.legend(loc="upper right", fontsize=9)
+    return fig
+
+
+def _plot_loss_scale(run: "RunData") -> Figure | None:
+    points = [(s["iteration"], _number(s["loss_scale"])) for s in run.steps if s.get("loss_scale") is not None]
+    if not points:
+        return None
+    fig, ax = _figure(_title(run, "fp16 loss scale"))
+    init = run.config.get("train", {}).get("init_scale")
+    if init and points[0][0] > 0:
+        points.insert(0, (0, float(init)))  # the scale the run started with (train.init_scale)
+    its, scales = zip(*points)
+    ax.plot(its, scales, "o-", color=_TRAIN, lw=1.8, ms=4,
+            label=f"loss scale: init_scale at 0, then every {run.log_every} iterations")
+    skipped = [s["iteration"] for s in run.steps if s.get("step_skipped")]
+    if skipped:
+        lookup = dict(points)
+        ax.plot(skipped, [lookup[i] for i in skipped], "v", color=_VAL, ms=7, label="step skipped (inf/NaN grads)")
+    total = run.skipped_steps
+    if total is not None:
+        ax.text(0.01, 0.96, f"{total} optimizer steps skipped in all", transform=ax.transAxes, fontsize=9, va="top")
+    ax.set_yscale("log", base=2)
+    ax.set_ylim(min(scales) / 2, max(scales) * 2)
+    ax.yaxis.set_major_locator(LogLocator(base=2, numticks=12))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"2^{math.log2(v):.0f}" if v > 0 else ""))
+    ax.set_xlabel("iteration (batches)")
+    ax.set_ylabel("loss scale (multiplier, log2 scale)")
+    _epoch_axis(ax, run.batches_per_epoch)
+    ax.legend(loc="upper right", fontsize=9)
+    return fig
+
+
+def plot_lr_find(result: "LRFindResult", path: str | Path, title: str = "") -> Path:
+    """lr_find.png: see :func:`lr_find_figure`."""
+    return _save(lr_find_figure(result, title), Path(path))
+
+
+def lr_find_figure(result: "LRFindResult", title: str = "") -> Figure:
+    """Raw and smoothed loss against the LR (log x), the lowest point and the suggestion marked."""
+    fig, ax = _figure(title or "LR range test")
+    ax.plot(result.lrs, [_clip(v) for v in result.losses], color=_TRAIN, alpha=0.3, lw=1, label="loss per iteration (raw)")
+    ax.plot(result.lrs, [_clip(v) for v in result.smoothed], color=_TRAIN, lw=2.2,
+            label=f"smoothed loss (EMA, weight {result.smooth_f:g} on the new value)")
+    i_min = result.lrs.index(result.min_loss_lr) if result.min_loss_lr in result.lrs else None
+    if i_min is not None:
+        ax.plot([result.min_loss_lr], [result.smoothed[i_min]], "o", color="k", ms=7,
+                label=f"lowest smoothed loss at LR {result.min_loss_lr:.2e}")
+    if result.steepest_lr is not None:
+        ax.axvline(result.steepest_lr, color="0.5", lw=1, ls=":", label=f"steepest descent at {result.steepest_lr:.2e}")
+    ax.axvline(result.suggestion, color=_VAL, lw=2, ls="--",
+               label=f"suggested max_lr = {result.suggestion:.2e} (lowest / {result.divide_by:g})")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(_sci))
+    smooth = [v for v in result.smoothed if math.isfinite(v)]
+    raw = [v for v in result.losses if math.isfinite(v)]
+    if smooth:  # the whole valley (raw and smoothed) in view; the divergence runs off the top
+        low, start = min(smooth + raw), smooth[0]
+        span = max(start - low, 1e-3)
+        ax.set_ylim(max(0.0, low - 0.08 * span), start + 0.5 * span)
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss (cross-entropy, nats)")
+    ended = "stopped: loss diverged" if result.diverged else "no divergence before end_lr"
+    ax.text(0.01, 0.02, f"{len(result.lrs)} iterations, LR {result.start_lr:.0e} to {result.end_lr:g}; {ended}",
+            transform=ax.transAxes, fontsize=9, color="0.3")
+    ax.legend(loc="upper left", fontsize=9)
+    return fig
+
+
+def _clip(value: float) -> float:
+    return value if math.isfinite(value) else float("nan")
+
+
+def plot_schedule(series: "ScheduleSeries", path: str | Path, title: str = "") -> Path:
+    """schedule.png: see :func:`schedule_figure`."""
+    return _save(schedule_figure(series, title), Path(path))
+
+
+def schedule_figure(series: "ScheduleSeries", title: str = "") -> Figure:
+    """The LR (top) and beta1 / momentum (bottom) over optimizer steps, with the warm-up and cool-down
+    phases shaded and the peak marked."""
+    fig = Figure(figsize=(8.0, 6.2), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_lr, ax_m = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    fig.suptitle(title or "one-cycle schedule", fontsize=12)
+    steps = series.steps
+    peak = series.peak_step
+    for ax in (ax_lr, ax_m):
+        ax.grid(True, alpha=0.3)
+        ax.axvspan(steps[0], peak, color=_WARN, alpha=0.08)
+        ax.axvspan(peak, steps[-1], color=_TRAIN, alpha=0.06)
+        ax.axvline(peak, color="k", lw=1, ls="--")
+    ax_lr.plot(steps, series.lr, color=_TRAIN, lw=2, label="learning rate")
+    ax_lr.set_ylabel("learning rate (param group 0)")
+    ax_lr.set_ylim(0, max(series.lr) * 1.18)
+    ax_lr.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+    top = max(series.lr) * 1.08
+    ax_lr.text((steps[0] + peak) / 2, top, f"warm-up\nsteps {steps[0]}-{peak}", ha="center", va="center", fontsize=9)
+    ax_lr.text((peak + steps[-1]) / 2, top, f"cool-down ({series.anneal_strategy})\nsteps {peak}-{steps[-1]}",
+               ha="center", va="center", fontsize=9)
+    ax_lr.annotate(f"peak {max(series.lr):.2g}\nat step {peak}", (peak, max(series.lr)),
+                   xytext=(8, -28), textcoords="offset points", fontsize=9)
+    ax_lr.annotate(f"start {series.lr[0]:.2g}", (steps[0], series.lr[0]), xytext=(4, 6),
+                   textcoords="offset points", fontsize=9)
+    ax_lr.annotate(f"final {series.lr[-1]:.1e}", (steps[-1], series.lr[-1]), xytext=(-70, 10),
+                   textcoords="offset points", fontsize=9)
+    if series.momentum:
+        ax_m.plot(steps, series.momentum, color=_VAL, lw=2, label=series.momentum_name)
+        ax_m.set_ylabel(f"AdamW {series.momentum_name} (momentum)")
+        low, high = min(series.momentum), max(series.momentum)
+        ax_m.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
+    else:
+        ax_m.text(0.5, 0.5, "momentum is not cycled (schedule.cycle_momentum = false)", transform=ax_m.transAxes,
+                  ha="center", va="center")
+        ax_m.set_ylabel(series.momentum_name)
+    ax_m.set_xlabel("optimizer step (= iteration without gradient accumulation)")
+    if series.steps_per_epoch:
+        spe = series.steps_per_epoch
+        top_axis = ax_lr.secondary_xaxis("top", functions=(lambda s: s / spe, lambda e: e * spe))
+        top_axis.set_xlabel("epoch")
+    return fig

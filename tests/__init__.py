@@ -1,0 +1,1 @@
+"""kiln's test suite (a package, so that tests/engine never shadows the engine package)."""

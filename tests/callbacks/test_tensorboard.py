@@ -1,0 +1,96 @@
+"""TensorBoard: scalars that TensorBoard's own reader finds, at x = the trainer's iteration."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ignite.engine import Events
+from ignite.metrics import Accuracy, Loss
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from callbacks import AMP, GradClip, TensorBoard, Validation
+from engine import EpochEvents, create_evaluator, create_trainer
+
+
+def _scalars(log_dir):
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def _trainer(model, batches, precision="fp32"):
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, precision=precision)
+    AMP(device="cpu").attach(trainer)
+    GradClip(model.parameters(), max_norm=1.0).attach(trainer)
+    evaluator = create_evaluator(model, {"accuracy": Accuracy(), "loss": Loss(torch.nn.CrossEntropyLoss())})
+    Validation(evaluator, batches[:2]).attach(trainer)
+    return trainer
+
+
+def test_training_and_epoch_scalars(make_model, batches, tmp_path):
+    trainer = _trainer(make_model(), batches)
+    tb = TensorBoard(tmp_path, every=2)
+    tb.attach(trainer)
+    steps, epochs = {}, {}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.__setitem__(
+        e.state.iteration, (e.state.loss.item(), e.state.lr, e.state.grad_norm.item())))
+    trainer.add_event_handler(EpochEvents.VALIDATION_COMPLETED, lambda e: epochs.__setitem__(
+        e.state.iteration, dict(e.state.metrics)))
+    trainer.run(batches, max_epochs=2)
+    tb.close()
+
+    scalars = _scalars(tmp_path)
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/accuracy",
+                "epoch/train_loss", "epoch/images_per_second", "epoch/lr"):
+        assert tag in scalars, tag
+    assert "train/loss_scale" not in scalars  # fp32
+    assert [step for step, _ in scalars["train/loss"]] == [2, 4, 6, 8]
+    for index, tag in enumerate(("train/loss", "train/lr", "train/grad_norm")):
+        for step, value in scalars[tag]:
+            assert value == pytest.approx(steps[step][index], rel=1e-6)
+    assert [step for step, _ in scalars["val/accuracy"]] == [4, 8]
+    for step, value in scalars["val/accuracy"]:
+        assert value == pytest.approx(epochs[step]["val_accuracy"])
+    for step, value in scalars["val/loss"]:
+        assert value == pytest.approx(epochs[step]["val_loss"], rel=1e-6)
+    for step, value in scalars["epoch/train_loss"]:
+        assert value == pytest.approx(epochs[step]["train_loss"], rel=1e-6)
+    assert all(value > 0 for _, value in scalars["epoch/images_per_second"])
+
+
+def test_fp16_writes_the_loss_scale(make_model, batches, tmp_path):
+    trainer = _trainer(make_model(), batches, precision="fp16")
+    tb = TensorBoard(tmp_path, every=1)
+    tb.attach(trainer)
+    trainer.run(batches, max_epochs=1)
+    tb.close()
+    assert _scalars(tmp_path)["train/loss_scale"] == [(i, 65536.0) for i in range(1, 5)]
+
+
+def test_the_file_is_readable_before_close(make_model, batches, tmp_path):
+    trainer = _trainer(make_model(), batches)
+    tb = TensorBoard(tmp_path, every=1)
+    tb.attach(trainer)
+    trainer.run(batches, max_epochs=1)  # flushed after each validation and at the end of the run
+    assert len(_scalars(tmp_path)["train/loss"]) == 4
+    tb.close()
+
+
+def test_purge_step_drops_the_points_a_resumed_run_rewrites(tmp_path):
+    first = TensorBoard(tmp_path, every=1)
+    for step in range(1, 11):
+        first.logger.writer.add_scalar("train/loss", 1.0, step)
+    first.close()
+    time.sleep(1.05)  # tensorboardX names event files by the second: a later process gets its own file
+    resumed = TensorBoard(tmp_path, every=1, purge_step=7)
+    for step in range(7, 13):
+        resumed.logger.writer.add_scalar("train/loss", 2.0, step)
+    resumed.close()
+    assert _scalars(tmp_path)["train/loss"] == [(s, 1.0) for s in range(1, 7)] + [(s, 2.0) for s in range(7, 13)]
+
+
+def test_every_must_be_positive(tmp_path):
+    with pytest.raises(ValueError):
+        TensorBoard(tmp_path, every=0)

@@ -1,0 +1,147 @@
+"""Findings: each condition is produced on a real run and found, with evidence and the next command; a clean run has none."""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+
+from recipes.cli import main, resolve_config
+from recipes.report import format_findings, find_issues, load_run, write_report
+from recipes.run import train
+
+KINDS = {"divergence", "loss_spikes", "fp16_loss_scale", "clipping", "overfitting", "max_lr_vs_range_test"}
+
+
+def _run(tmp_path_factory, recipe, *sets, **options):
+    """Train in this process; return the run directory and what the run printed."""
+    cfg = resolve_config(recipe, sets, **options)
+    run_dir = tmp_path_factory.mktemp(recipe) / "run"
+    stream = io.StringIO()
+    train(cfg, run_dir, quiet=True, stream=stream)
+    return run_dir, stream.getvalue()
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _by_kind(run_dir):
+    findings = find_issues(load_run(run_dir))
+    assert len({f.kind for f in findings}) == len(findings)
+    for f in findings:  # every finding is complete: evidence, why, and a command to run
+        assert f.kind in KINDS and f.title and f.evidence and f.advice
+        assert f.command.startswith("kiln train ")
+    return {f.kind: f for f in findings}
+
+
+def _options(command):
+    """``--flag value`` and ``--set key=value`` pairs of a kiln command, as a dict."""
+    words = command.split()[3:]
+    pairs = {}
+    for flag, value in zip(words[::2], words[1::2]):
+        if flag == "--set":
+            key, _, value = value.partition("=")
+            pairs[key] = value
+        else:
+            pairs[flag] = value
+    return pairs
+
+
+@pytest.mark.slow
+def test_a_clean_default_run_has_no_findings(tmp_path_factory):
+    run_dir, printed = _run(tmp_path_factory, "digits")
+    assert _by_kind(run_dir) == {}
+    assert "kiln noticed nothing to fix" in printed
+    assert json.loads((run_dir / "summary.json").read_text())["best_val_accuracy"] >= 0.97
+
+
+def test_clipping_on_most_steps(tmp_path_factory):
+    run_dir, printed = _run(tmp_path_factory, "digits", clip_norm=1e-3, epochs=3)
+    finding = _by_kind(run_dir)["clipping"]
+    norms = [s["grad_norm"] for s in _lines(run_dir / "steps.jsonl")]
+    clipped = sum(n > 1e-3 for n in norms)
+    assert clipped / len(norms) > 0.5
+    assert f"on {clipped} of {len(norms)} logged steps" in finding.evidence[0]
+    suggested = float(_options(finding.command)["--clip-norm"])
+    assert sum(n > suggested for n in norms) <= 0.5 * len(norms)  # the suggested threshold clips outliers only
+    assert f"next: {finding.command}" in printed
+
+
+@pytest.fixture(scope="module")
+def high_lr_run(tmp_path_factory):
+    return _run(tmp_path_factory, "digits", max_lr=1.0, epochs=3)[0]
+
+
+def test_a_max_lr_of_1_gives_loss_spikes_or_divergence(high_lr_run):
+    findings = _by_kind(high_lr_run)
+    found = findings.get("divergence") or findings.get("loss_spikes")
+    assert found is not None, findings
+    assert _options(found.command)["--max-lr"] == "auto"
+    assert _options(found.command)["--epochs"] == "3"  # the run's own overrides are kept
+    chance = math.log(10)
+    epochs = _lines(high_lr_run / "metrics.jsonl")
+    assert max(m["train_loss"] for m in epochs) > 2 * chance or max(m["val_loss"] for m in epochs) > 2 * chance
+
+
+def test_max_lr_far_from_the_range_test_suggestion(high_lr_run, capsys):
+    assert "max_lr_vs_range_test" not in _by_kind(high_lr_run)  # no range test yet: nothing to compare
+    with pytest.raises(SystemExit) as exit_:
+        main(["lr-find", str(high_lr_run)])  # a RUN_DIR: the results go into it
+    assert exit_.value.code == 0
+    suggestion = json.loads((high_lr_run / "lr_find.json").read_text())["suggestion"]
+    assert 1.0 / suggestion > 4
+    report = write_report(high_lr_run)
+    finding = {f.kind: f for f in report.findings}["max_lr_vs_range_test"]
+    assert f"{1.0 / suggestion:.3g}x the range test's suggestion" in finding.evidence[0]
+    assert float(_options(finding.command)["--max-lr"]) == pytest.approx(suggestion, rel=0.05)
+    html = report.html_path.read_text()
+    assert 'data-kind="max_lr_vs_range_test"' in html and 'id="lr-find"' in html
+
+
+@pytest.mark.slow
+def test_overfitting_without_augmentation_or_regularisation(tmp_path_factory):
+    run_dir, _ = _run(tmp_path_factory, "digits", epochs=12, label_smoothing=0.0, weight_decay=0.0)
+    finding = _by_kind(run_dir)["overfitting"]
+    last = _lines(run_dir / "metrics.jsonl")[-1]
+    assert last["train_loss"] < 0.1 * last["val_loss"]
+    options = _options(finding.command)
+    assert options["data.augment"] == "crop" and float(options["--label-smoothing"]) > 0
+    assert float(options["--weight-decay"]) > 0
+
+
+def _fp16(tmp_path_factory, *sets):
+    small = ("data.samples=640", "data.image_size=16", "model.channels=8,16")
+    return _run(tmp_path_factory, "synthetic", *small, *sets, precision="fp16", epochs=2)[0]
+
+
+def test_fp16_a_too_high_init_scale_skips_the_first_steps(tmp_path_factory):
+    run_dir = _fp16(tmp_path_factory, f"train.init_scale={2.0 ** 24}")
+    finding = _by_kind(run_dir)["fp16_loss_scale"]
+    epochs = _lines(run_dir / "metrics.jsonl")
+    skipped, steps = epochs[-1]["skipped_steps"], epochs[-1]["iteration"]
+    assert f"{skipped} of {steps} optimizer steps skipped" in finding.evidence[0]
+    assert "init_scale" in finding.advice
+    assert float(_options(finding.command)["train.init_scale"]) == epochs[-1]["loss_scale"]
+
+
+def test_fp16_a_short_growth_interval_skips_all_along(tmp_path_factory):
+    run_dir = _fp16(tmp_path_factory, "train.growth_interval=1")
+    finding = _by_kind(run_dir)["fp16_loss_scale"]
+    assert "growth_interval" in finding.advice
+    assert int(_options(finding.command)["train.growth_interval"]) > 1
+
+
+def test_fp16_with_default_scaling_has_no_loss_scale_finding(tmp_path_factory):
+    run_dir = _fp16(tmp_path_factory)
+    assert "fp16_loss_scale" not in _by_kind(run_dir)
+
+
+def test_console_lists_each_finding_with_evidence_and_next_command(high_lr_run):
+    findings = find_issues(load_run(high_lr_run))
+    text = format_findings(findings)
+    assert text.startswith(f"kiln noticed {len(findings)} thing")
+    for f in findings:
+        assert f"[{f.kind}] {f.title}" in text and f"next: {f.command}" in text
+        assert all(f"- {e}" in text for e in f.evidence)

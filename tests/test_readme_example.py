@@ -1,0 +1,55 @@
+"""The README's Python example runs as written, and is the same text as docs/example_step_events.py."""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SINGLE_THREAD_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADING = "## From Python: attach your own handler to a step event"
+EXAMPLE = ROOT / "docs" / "example_step_events.py"
+RESULT = re.compile(r"(\d+) optimizer steps, train_loss")
+
+
+def _section() -> str:
+    readme = (ROOT / "README.md").read_text()
+    if HEADING not in readme:
+        pytest.fail(f"README.md has no heading {HEADING!r}: the Python example belongs under it")
+    section = readme.split(HEADING, 1)[1]
+    return re.split(r"^## ", section, maxsplit=1, flags=re.MULTILINE)[0]
+
+
+def readme_example() -> str:
+    """The first ```python block under HEADING, exactly as the README shows it."""
+    match = re.search(r"^```python\n(.*?)^```", _section(), flags=re.MULTILINE | re.DOTALL)
+    if match is None:
+        pytest.fail(f"README.md has no ```python block under {HEADING!r}: embed docs/example_step_events.py there")
+    return match.group(1)
+
+
+def test_the_readme_example_is_docs_example_step_events():
+    assert readme_example() == EXAMPLE.read_text(), \
+        "README.md's example and docs/example_step_events.py differ: copy one into the other"
+
+
+def test_the_readme_example_runs_as_written(digits):
+    code = readme_example()
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **SINGLE_THREAD_ENV})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if RESULT.search(line)]
+    assert lines, result.stdout
+    # two epochs over every digit in batches of 64, one optimizer step per batch
+    steps = int(RESULT.search(lines[-1]).group(1))
+    assert steps == 2 * math.ceil(len(digits[0]) / 64)
+    # and the output the README shows has the same count
+    shown = RESULT.search(_section().split(code, 1)[1])
+    if shown is not None:
+        assert int(shown.group(1)) == steps
