@@ -66,7 +66,10 @@ class MixUpCutMix:
             mixes.append((v2.MixUp(alpha=mixup_alpha, num_classes=num_classes), 1.0 - cutmix_prob))
         if cutmix_alpha > 0:
             mixes.append((v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes), cutmix_prob))
-        self.transform = mixes[0][0] if len(mixes) == 1 else v2.RandomChoice([m for m, _ in mixes], p=[p for _, p in mixes])
+        if len(mixes) == 1:
+            self.transform = mixes[0][0]
+        else:
+            self.transform = v2.RandomChoice([m for m, _ in mixes], p=[p for _, p in mixes])
 
     def attach(self, engine: Engine) -> list[RemovableEventHandle]:
         """Mix ``engine``'s batches; returns the handles."""

@@ -33,7 +33,8 @@ class NanGuard:
     ``check_every`` optimizer steps and at each epoch's last iteration (ITERATION_COMPLETED, after
     every optimizer-step handler), where it also snapshots the state when it is sound; under fp16 the
     scaler's skips and scale (OPTIMIZER_STEP_COMPLETED): single skips are normal and only counted, a
-    collapse (``max_consecutive_skips`` in a row, or a scale below ``min_loss_scale``) is divergence.
+    collapse (``max_consecutive_skips`` in a row once a scale has worked, or a scale below
+    ``min_loss_scale``) is divergence; the skips that bring a too-high ``init_scale`` down are not.
     fp32/bf16 with skip or rollback read one flag per optimizer step (BEFORE_OPTIMIZER_STEP), so a bad
     update is never applied; stop and fp16 keep the first bad step's values on the device and read
     them at the checks. A tensor counts as non-finite when its fp32 2-norm is (NaN/Inf, or >~1e19).
@@ -52,8 +53,9 @@ class NanGuard:
     and, on restore, the ``to_snapshot`` objects and ``state.loss_scale``. Appends "nan_skip",
     "rollback", "scale_collapse" and "diverged" records to ``events_path`` (rank 0 only; with several
     ranks the checks agree through an all-reduce, so every rank takes the same action). State across
-    resume: the counters, the LR factor so far and the first loss (the snapshot is in memory only; a
-    resumed run snapshots the state it loaded).
+    resume: the counters, the LR factor so far, the first loss and whether the fp16 scale has worked
+    (the snapshot is in memory only: a run resumed and then rolled back returns to the state it
+    loaded or a later one, not to the uninterrupted run's older snapshot).
 
     Args:
         model: the network whose parameters and buffers it checks.
@@ -143,6 +145,7 @@ class NanGuard:
         self.nan_skips = self.rollbacks = self.scale_collapses = 0
         self.lr_scale = 1.0  # the product of the factors rollbacks applied
         self.first_loss: float | None = None  # the reference of max_loss_ratio
+        self.scale_found = False  # fp16: the scaler has made a step; skips before it are its calibration
         self._recent_skips: collections.deque[int] = collections.deque()
         self._scaled = self._deferred = False
         self._reset_run()
@@ -247,7 +250,7 @@ class NanGuard:
         self._stepped_at = s.iteration
         if self._scaled and s.diverged is None:
             if not s.step_skipped:
-                self._consecutive, self._streak = 0, None
+                self._consecutive, self._streak, self.scale_found = 0, None, True
             else:
                 if self._consecutive == 0:
                     used = self._steps[-1][2] if self._steps else s.loss_scale
@@ -255,7 +258,7 @@ class NanGuard:
                                     "loss": self._loss_sum, "grads": self._grad_norms}
                 self._consecutive += 1
                 low = s.loss_scale is not None and s.loss_scale < self.min_loss_scale
-                if self._consecutive >= self.max_consecutive_skips or low:
+                if low or (self.scale_found and self._consecutive >= self.max_consecutive_skips):
                     self._on_collapse(engine)
         self._loss_sum = self._zero
 
@@ -503,7 +506,8 @@ class NanGuard:
         if self.first_loss is None and self._loss_ref is not None:
             self.first_loss = float(self._loss_ref)
         return {"nan_skips": self.nan_skips, "rollbacks": self.rollbacks, "scale_collapses": self.scale_collapses,
-                "lr_scale": self.lr_scale, "recent_skips": list(self._recent_skips), "first_loss": self.first_loss}
+                "lr_scale": self.lr_scale, "recent_skips": list(self._recent_skips), "first_loss": self.first_loss,
+                "scale_found": self.scale_found}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -512,6 +516,7 @@ class NanGuard:
         self.scale_collapses = int(state.get("scale_collapses", 0))
         self.lr_scale = float(state.get("lr_scale", 1.0))
         self._recent_skips = collections.deque(int(step) for step in state.get("recent_skips", []))
+        self.scale_found = bool(state.get("scale_found", False))
         first = state.get("first_loss")
         self.first_loss = float(first) if first is not None else None
         self._loss_ref = None if self.first_loss is None else torch.tensor(self.first_loss, device=self.device)

@@ -140,7 +140,8 @@ def create_trainer(
             optimizer.zero_grad(set_to_none=True)
         return StepOutput(state.loss, y_pred.detach(), y)
 
-    trainer = Engine(train_step)
+    trainer = _Trainer(train_step)
+    trainer.device = device
     trainer.register_events(*StepEvents, *EpochEvents, event_to_attr=STEP_EVENT_COUNTERS)
     trainer.state_dict_user_keys.extend(["optimizer_step", "epoch_loss_sum", "epoch_loss_count", "epoch_samples"])
     state = trainer.state
@@ -192,6 +193,32 @@ def create_trainer(
         s.metrics["train_loss"] = (total / count.clamp(min=1)).item()
 
     return trainer
+
+
+class _Trainer(Engine):
+    """An ignite Engine whose checkpointed train-loss accumulators cover every data-parallel rank.
+
+    Each rank sums its own batches' losses; ``state_dict`` (called on every rank at the same
+    iteration by a checkpoint) saves the sum over the ranks, and ``load_state_dict`` gives it to
+    rank 0 alone, so the epoch's train_loss after a resume equals the uninterrupted one.
+    """
+
+    def state_dict(self) -> Any:
+        state = super().state_dict()
+        if idist.get_world_size() > 1:
+            for key in ("epoch_loss_sum", "epoch_loss_count"):
+                state[key] = idist.all_reduce(state[key].clone())
+        return state
+
+    device = torch.device("cpu")  #: where the accumulators live (a checkpoint may be loaded onto the CPU)
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        super().load_state_dict(state_dict)
+        self.state.epoch_loss_sum = self.state.epoch_loss_sum.to(self.device)
+        self.state.epoch_loss_count = self.state.epoch_loss_count.to(self.device)
+        if idist.get_world_size() > 1 and idist.get_rank() != 0:
+            self.state.epoch_loss_sum = torch.zeros_like(self.state.epoch_loss_sum)
+            self.state.epoch_loss_count = torch.zeros_like(self.state.epoch_loss_count)
 
 
 def _optimizer_step(state: Any, optimizer: torch.optim.Optimizer, scaler: Any) -> None:

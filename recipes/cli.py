@@ -1,7 +1,10 @@
 """The ``kiln`` command line: a thin click layer over ``recipes``."""
 from __future__ import annotations
 
+import functools
+import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,10 +12,11 @@ from typing import TYPE_CHECKING
 import click
 import yaml
 
-from recipes import RECIPES, get_recipe
+from recipes import RECIPES
 from recipes.allocator import tune_malloc
 from recipes.config import Config, ConfigError, apply_overrides, config_to_dict
 from recipes.data import DataError
+from recipes.launch import LAUNCHER_SIGNALS, launch, under_torchrun
 from recipes.recipe_files import load_recipe
 
 if TYPE_CHECKING:
@@ -146,8 +150,8 @@ def show(recipe: str, sets: tuple[str, ...]) -> None:
 @click.option("--val-fraction", type=float, help="Share held out for validation when the data has no val split.")
 @click.option("--num-workers", type=int, help="DataLoader worker processes (image folders).")
 @click.option("--on-nan", type=click.Choice(["skip", "rollback", "stop"]),
-              help="On NaN/Inf or an fp16 loss-scale collapse: drop the update, roll back and lower the LR "
-                   "(default), or stop (exit status 3).")
+              help="On NaN/Inf, an exploding loss or an fp16 loss-scale collapse: drop the update, roll back "
+                   "and lower the LR (default), or stop (exit status 3).")
 @click.option("--ema", type=float, metavar="DECAY", help="Keep an EMA of the weights with this decay (e.g. 0.999); "
               "validation, best-* checkpoints and `kiln eval` use it. 0: off.")
 @click.option("--mixup", type=float, metavar="ALPHA", help="MixUp training batches, Beta(ALPHA, ALPHA) (e.g. 0.2). 0: off.")
@@ -164,33 +168,85 @@ def show(recipe: str, sets: tuple[str, ...]) -> None:
 @click.option("--resume", "resume_from", type=click.Path(dir_okay=False),
               help="Continue the run of this last.pt (in its run directory) with this config.")
 @click.option("--force", is_flag=True, help="With --resume: continue even if the config changes the run.")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes to spawn on this machine (ignite.distributed). --batch-size is per "
+              "process: the global batch is N times larger, and the LR is not rescaled.")
+@click.option("--backend", type=click.Choice(["gloo", "nccl"]), help="torch.distributed backend (default: nccl "
+              "with CUDA, else gloo).")
 @set_option
-def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, force: bool, sets: tuple[str, ...],
-          **options: object) -> None:
+def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, force: bool, nproc_per_node: int,
+          backend: str | None, sets: tuple[str, ...], **options: object) -> None:
     """Train RECIPE and write a run directory.
 
     \b
     Example:  kiln train digits --epochs 5 --max-lr 0.02 --out runs/d5
     Stop it with Ctrl-C or SIGTERM: it saves, and `kiln resume RUN_DIR` continues it.
-    Exit status: 0 done, 2 bad input, 3 diverged (NaN/Inf that --on-nan could not fix), 130 Ctrl-C.
+    Exit status: 0 done, 2 bad input, 3 diverged (NaN/Inf or an exploding loss --on-nan could not fix),
+    130 Ctrl-C.
+    Several processes: --nproc-per-node N here, or under torchrun (see the README).
     """
-    from recipes.run import make_run_dir, resume as resume_run, train as run_training
+    from recipes.run import make_run_dir, plan_resume
 
     auto_max_lr = options.get("max_lr") == "auto"
     if auto_max_lr:
         options["max_lr"] = None
     cfg = resolve_config(recipe, sets, **options)
+    world_size = _world_size(nproc_per_node)
+    if auto_max_lr and world_size > 1:
+        raise ConfigError("--max-lr auto runs in one process: run `kiln lr-find` first and pass its --max-lr")
     if resume_from is not None:
         if out is not None:
             raise ConfigError("--resume continues in the checkpoint's own run directory; drop --out")
         if auto_max_lr:
             raise ConfigError("--max-lr auto chooses the LR of a new run; it cannot be used with --resume")
-        _finish(resume_run(resume_from, requested=cfg, force=force, quiet=quiet), quiet)
+        plan_resume(resume_from, requested=cfg, force=force, world_size=world_size)
+        job = functools.partial(_resume_job, resume_from, dict(requested=cfg, force=force, quiet=quiet))
+        _launch(job, nproc_per_node, backend, Path(resume_from).parent.parent)
         return
     run_dir = make_run_dir(cfg, out)
-    if not quiet:
-        click.echo(f"kiln: training {cfg.name} for {cfg.train.epochs} epochs into {run_dir}")
-    _finish(run_training(cfg, run_dir, quiet=quiet, auto_max_lr=auto_max_lr), quiet)
+    if not quiet and _is_rank_zero():
+        parallel = f" in {world_size} processes (global batch {cfg.data.batch_size * world_size})" if world_size > 1 else ""
+        click.echo(f"kiln: training {cfg.name} for {cfg.train.epochs} epochs{parallel} into {run_dir}")
+    _launch(functools.partial(_train_job, cfg, run_dir, quiet, auto_max_lr), nproc_per_node, backend, run_dir)
+
+
+def _train_job(cfg: Config, run_dir: Path, quiet: bool, auto_max_lr: bool) -> int:
+    from recipes.run import train as run_training
+
+    return _final_lines(run_training(cfg, run_dir, quiet=quiet, auto_max_lr=auto_max_lr))
+
+
+def _resume_job(source: str, options: dict) -> int:
+    from recipes.run import resume as resume_run
+
+    return _final_lines(resume_run(source, **options))
+
+
+def _world_size(nproc_per_node: int) -> int:
+    return nproc_per_node if nproc_per_node > 1 else int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun() else 1
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _launch(job: functools.partial, nproc_per_node: int, backend: str | None, run_dir: Path) -> None:
+    """Run ``job`` here, under torchrun, or in spawned processes; exit with the run's status."""
+    if nproc_per_node <= 1:
+        code = launch(job, backend=backend)
+        if code:
+            sys.exit(code)
+        return
+    try:
+        launch(job, nproc_per_node=nproc_per_node, backend=backend)
+    except Exception as e:  # a rank raised: torch.multiprocessing reports its traceback above
+        click.echo(f"kiln: a training process failed: {str(e).strip().splitlines()[-1]}", err=True)
+        sys.exit(1)
+    status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    if status == "diverged":
+        sys.exit(EXIT_DIVERGED)
+    if status == "interrupted" and signal.SIGINT in LAUNCHER_SIGNALS:
+        sys.exit(130)
 
 
 @cli.command()
@@ -198,22 +254,27 @@ def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, fo
 @click.option("--epochs", type=int, help="Run to this many epochs in all (needs --new-schedule if it changes).")
 @click.option("--new-schedule", is_flag=True, help="With --epochs: a second one-cycle over the added epochs.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no epoch lines; only the final lines.")
-def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool) -> None:
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes: as many as the run was started with.")
+@click.option("--backend", type=click.Choice(["gloo", "nccl"]), help="torch.distributed backend.")
+def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, nproc_per_node: int,
+           backend: str | None) -> None:
     """Continue the run in RUN_DIR from its checkpoints/last.pt, exactly where it stopped.
 
     \b
     Example:  kiln resume runs/d5
     """
-    from recipes.run import resume as resume_run
+    from recipes.run import plan_resume
 
-    run = resume_run(run_dir, epochs=epochs, new_schedule=new_schedule, quiet=quiet)
-    if run.status == "completed" and run.trainer.state.iteration == 0:
-        click.echo(f"{run_dir} already completed its {run.config.train.epochs} epochs; nothing to resume "
-                   "(use --epochs N --new-schedule to train further)")
+    plan = plan_resume(run_dir, epochs=epochs, new_schedule=new_schedule, world_size=_world_size(nproc_per_node))
+    if plan.finished:
+        click.echo(f"{run_dir} has already finished ({plan.iteration // plan.epoch_length} of {plan.saved.train.epochs} "
+                   "epochs); nothing to resume (use --epochs N --new-schedule to train further)")
         return
-    if not quiet:
-        click.echo(f"kiln: resumed {run.run_dir}")
-    _finish(run, quiet)
+    if not quiet and _is_rank_zero():
+        click.echo(f"kiln: resuming {run_dir} at iteration {plan.iteration}")
+    job = functools.partial(_resume_job, run_dir, dict(epochs=epochs, new_schedule=new_schedule, quiet=quiet))
+    _launch(job, nproc_per_node, backend, plan.last.parent.parent)
 
 
 @cli.command("eval")
@@ -314,24 +375,26 @@ def report(run_dir: str) -> None:
     click.echo(f"report: {result.html_path}")
 
 
-def _finish(run: Assembly, quiet: bool) -> None:
-    """The final lines of a run, and its exit status: 0, 3 when it diverged, or 130 when Ctrl-C stopped it."""
-    import signal
-
+def _final_lines(run: Assembly) -> int:
+    """Print the final lines of a run (rank 0 only); return its exit status: 0, 3 diverged, 130 Ctrl-C."""
     from callbacks.nan_guard import format_diagnosis
 
     summary = run.handlers["summary"]
     s = run.trainer.state
     if run.status == "diverged":
-        click.echo(f"kiln: {format_diagnosis(s.diverged)}", err=True)
-        click.echo(f"run directory: {run.run_dir} (summary.json status \"diverged\"; details in events.jsonl)")
-        sys.exit(EXIT_DIVERGED)
+        if run.writes:
+            click.echo(f"kiln: {format_diagnosis(s.diverged)}", err=True)
+            click.echo(f"run directory: {run.run_dir} (summary.json status \"diverged\"; details in events.jsonl)")
+        return EXIT_DIVERGED
     if run.status == "interrupted":
         name = signal.Signals(run.stop_signal).name if run.stop_signal else "a stop"
-        click.echo(f"stopped by {name} at iteration {s.iteration} (epoch {s.epoch}); checkpoint saved. "
-                   f"Continue with: kiln resume {run.run_dir}")
-        click.echo(f"run directory: {run.run_dir}")
-        sys.exit(130 if run.stop_signal == signal.SIGINT else 0)
+        if run.writes:
+            click.echo(f"stopped by {name} at iteration {s.iteration} (epoch {s.epoch}); checkpoint saved. "
+                       f"Continue with: kiln resume {run.run_dir}")
+            click.echo(f"run directory: {run.run_dir}")
+        return 130 if run.stop_signal == signal.SIGINT else 0
+    if not run.writes:
+        return 0
     best = summary.best_val_accuracy
     final = summary.final_val_accuracy
     figures = f"best val_accuracy {best:.4f}, final {final:.4f}" if best is not None else "no validation"
@@ -341,6 +404,7 @@ def _finish(run: Assembly, quiet: bool) -> None:
         click.echo(f"stopped early after epoch {early_stop.stopped_epoch} of {s.max_epochs}: no val_accuracy gain "
                    f"above {early_stop.min_delta:g} in {early_stop.patience} epoch{'s' if early_stop.patience > 1 else ''}")
     click.echo(f"run directory: {run.run_dir}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

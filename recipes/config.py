@@ -146,6 +146,7 @@ class TrainConfig:
     init_scale: float = 65536.0  #: fp16: the first loss scale
     growth_interval: int = 2000  #: fp16: clean steps before the loss scale doubles
     log_every: int = 10  #: iterations between step lines (steps.jsonl, TensorBoard)
+    sync_bn: bool = False  #: data parallel: synchronise BatchNorm statistics across processes
     on_nan: str = "rollback"  #: skip | rollback | stop: what NanGuard does on NaN/Inf or an fp16 scale collapse
     nan_check_every: int = 20  #: optimizer steps between NanGuard's weight checks and in-memory snapshots
     nan_max_skips: int = 3  #: on_nan skip: skips within 100 steps before it rolls back instead

@@ -1,6 +1,7 @@
 """Running a kiln job in one process, in N spawned processes, or under torchrun, through ignite.distributed."""
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -30,11 +31,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _quiet_ignite() -> None:
+    # ignite.distributed logs every spawn and wrap at INFO; kiln prints its own lines
+    for name in ("ignite.distributed.launcher.Parallel", "ignite.distributed.auto.auto_model",
+                 "ignite.distributed.auto.auto_dataloader"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _worker(local_rank: int, job: Callable[[], Any], nproc: int) -> None:
+    _quiet_ignite()
     # Share the machine's cores between the ranks instead of every rank using all of them.
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     job()
+    idist.barrier()  # no rank tears the process group down while another still uses it (gloo aborts)
 
 
 def launch(job: Callable[[], Any], *, nproc_per_node: int = 1, backend: str | None = None) -> Any:
@@ -48,6 +58,7 @@ def launch(job: Callable[[], Any], *, nproc_per_node: int = 1, backend: str | No
 
     ``job`` must be picklable (a module-level function or a ``functools.partial`` of one).
     """
+    _quiet_ignite()
     if nproc_per_node > 1:
         previous = {sig: signal.signal(sig, _pass_on_to_children) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -62,6 +73,7 @@ def launch(job: Callable[[], Any], *, nproc_per_node: int = 1, backend: str | No
         result = []
         with idist.Parallel(backend=backend or default_backend()) as parallel:
             parallel.run(lambda local_rank: result.append(job()))
+            idist.barrier()
         return result[0] if result else None
     return job()
 

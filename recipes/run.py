@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import ignite.distributed as idist
 import torch
 from ignite.handlers import Checkpoint
 from ignite.metrics import Accuracy, Loss
@@ -24,13 +25,14 @@ from engine.rng import RNGState
 from recipes.compiled import CompiledForward
 from recipes.checkpoints import RunMeta, find_last_checkpoint, load_checkpoint, run_changing_differences
 from recipes.config import Config, ConfigError, apply_overrides, config_to_dict
-from recipes.data import (DataError, EpochBatchSampler, LoaderBatches, TensorBatches, digits_tensors, random_crop_flip,
-                          split_indices, synthetic_tensors)
+from recipes.data import (DataError, EpochBatchSampler, LoaderBatches, TensorBatches, digits_tensors, mix_seed,
+                          random_crop_flip, split_indices, synthetic_tensors)
 from recipes.datasets import dataset_classes, load_data, num_samples
 from recipes.models import build_model, load_weights, parameter_groups
 from recipes.report import hparams as report_hparams
 
-__all__ = ["Assembly", "build", "train", "resume", "evaluate_checkpoint", "make_run_dir", "versions"]
+__all__ = ["Assembly", "build", "train", "resume", "plan_resume", "ResumePlan", "evaluate_checkpoint", "make_run_dir",
+           "versions"]
 
 
 @dataclass
@@ -56,6 +58,12 @@ class Assembly:
     status: str = "built"
     stop_signal: int | None = None
     class_names: list[str] = field(default_factory=list)  #: the data set's classes, in label order
+    world_size: int = 1  #: data-parallel processes; only rank 0 writes files and prints
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run directory (rank 0 of a data-parallel group)."""
+        return idist.get_rank() == 0
 
     @property
     def events_path(self) -> Path:
@@ -73,7 +81,7 @@ class Assembly:
 
     def meta(self) -> RunMeta:
         """The ``kiln`` section of this run's checkpoints: the config and the class names."""
-        return RunMeta(self.config, extra={"class_names": list(self.class_names)})
+        return RunMeta(self.config, extra={"class_names": list(self.class_names), "world_size": self.world_size})
 
 
 def versions() -> dict[str, str]:
@@ -140,6 +148,12 @@ def _data(cfg: Config, device: torch.device) -> tuple[Any, TensorBatches, int, i
     return train, val, x.shape[1], num_classes
 
 
+def _shard(data: Any, rank: int, world_size: int) -> Any:
+    """Make ``data`` (TensorBatches or LoaderBatches) read this rank's share of every epoch's order."""
+    data.sampler.rank, data.sampler.world_size = rank, world_size
+    return data
+
+
 def _model(cfg: Config, in_channels: int, num_classes: int) -> torch.nn.Module:
     """The recipe's network, built on the CPU with random weights; a model that cannot take this data is a ConfigError."""
     try:
@@ -171,33 +185,45 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
 
     Handlers are attached in this order, written once here: AMP, GradClip, OneCycle, Validation,
     MetricsLog, TensorBoard, RunSummary, (when on) EMA, MixUpCutMix, EarlyStop, then NanGuard, Checkpointer,
-    GracefulStop, Progress. None depends on that
-    order for correctness: each acts on the step or epoch event that guarantees what it needs.
+    GracefulStop, Progress. None depends on that order for correctness: each acts on the step or epoch
+    event that guarantees what it needs.
     """
     t = cfg.train
     device, precision = _resolve_runtime(cfg)
     run_dir = Path(run_dir)
+    rank, world_size = idist.get_rank(), idist.get_world_size()
+    writes = rank == 0
+    quiet = quiet or not writes
 
     torch.manual_seed(t.seed)
     train_data, val_data, in_channels, num_classes = _data(cfg, device)
+    if world_size > 1:  # each rank reads every world_size-th sample of the same (seed, epoch) order
+        _shard(train_data, rank, world_size)
+        _shard(val_data, rank, world_size)
     class_names = dataset_classes(cfg)
     model = _model(cfg, in_channels, num_classes)
     weights_note = None
     if cfg.model.weights and not (run_dir / "checkpoints" / "last.pt").exists():  # a resumed run has its weights
         weights_note = _load_weights(model, cfg.model.weights)
     model = model.to(device)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad data or weights leave no empty run directory
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad data or weights leave no empty run directory
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    ddp_model = model
+    if world_size > 1:  # DDP (gradients all-reduced); `model` stays the plain module that checkpoints hold
+        ddp_model = idist.auto_model(model, sync_bn=t.sync_bn)
+        model = ddp_model.module
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norm_and_bias),
         lr=cfg.optim.lr, betas=(0.9, cfg.optim.beta2), eps=cfg.optim.eps,
         fused=device.type == "cuda", foreach=None if device.type == "cuda" else True,
     )
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    forward = CompiledForward(model, t.compile_backend) if t.compile else model  # checkpoints keep `model`
+    forward = CompiledForward(ddp_model, t.compile_backend) if t.compile else ddp_model  # checkpoints keep `model`
+    step_seed = t.seed if rank == 0 else mix_seed(t.seed, rank)  # dropout masks differ between ranks
     trainer = create_trainer(forward, optimizer, loss_fn, device=device, precision=precision,
-                             accumulation_steps=t.accumulation_steps, seed=t.seed, memory_format=memory_format)
+                             accumulation_steps=t.accumulation_steps, seed=step_seed, memory_format=memory_format)
     ema = EMA(model, decay=t.ema_decay) if t.ema_decay else None  # validation runs on the EMA weights
     evaluator = create_evaluator(ema.ema_model if ema is not None else model,
                                  {"accuracy": Accuracy(device=device), "loss": Loss(torch.nn.CrossEntropyLoss(), device=device)},
@@ -212,10 +238,13 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
                              div_factor=s.max_lr / cfg.optim.lr, final_div_factor=s.final_div_factor,
                              anneal_strategy=s.anneal_strategy, cycle_momentum=s.cycle_momentum),
         "validation": Validation(evaluator, val_data),
-        "metrics_log": MetricsLog(run_dir, every=t.log_every),
-        "tensorboard": TensorBoard(run_dir / "tb", every=t.log_every, purge_step=purge, hparams=report_hparams(cfg)),
         "summary": RunSummary(run_dir),
     }
+    if writes:  # one process writes the run's records
+        handlers["metrics_log"] = MetricsLog(run_dir, every=t.log_every)
+        handlers["tensorboard"] = TensorBoard(run_dir / "tb", every=t.log_every, purge_step=purge,
+                                              hparams=report_hparams(cfg))
+    events_path = run_dir / "events.jsonl" if writes else None
     if ema is not None:
         handlers["ema"] = ema
     if t.mixup_alpha or t.cutmix_alpha:
@@ -232,32 +261,39 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
         check_every=t.nan_check_every, max_skips=t.nan_max_skips, lr_factor=t.nan_lr_factor,
         max_rollbacks=t.nan_max_rollbacks, max_consecutive_skips=t.nan_collapse_skips,
         min_loss_scale=t.nan_min_loss_scale, max_loss_ratio=t.nan_max_loss_ratio or None,
-        events_path=run_dir / "events.jsonl")
+        events_path=events_path)
     run = Assembly(cfg, run_dir, device, precision, model, optimizer, trainer, evaluator, train_data, val_data, handlers,
-                   class_names=class_names)
-    if weights_note is not None:
+                   class_names=class_names, world_size=world_size)
+    if weights_note is not None and writes:
         append_jsonl(run.events_path, {"event": "weights", "path": cfg.model.weights, "note": weights_note})
         if not quiet:
             print(f"kiln: {weights_note}", file=stream or sys.stdout)
     c = cfg.checkpoint
+    best_to_save = {"model": model, "kiln": run.meta()}
+    if ema is not None:  # best-* are ranked by the EMA's val_accuracy: they hold the EMA weights too
+        best_to_save["ema_model"] = ema.ema_model
     handlers["checkpointer"] = Checkpointer(
-        run_dir / "checkpoints", run.to_save(), best_to_save={"model": model, **({"ema_model": ema.ema_model} if ema is not None else {}), "kiln": run.meta()},
+        run_dir / "checkpoints", run.to_save(), best_to_save=best_to_save,
         every_iterations=c.every_iterations, every_minutes=c.every_minutes, keep_best=c.keep_best,
-        events_path=run.events_path)
+        events_path=events_path)
     handlers["graceful_stop"] = GracefulStop()
     handlers["progress"] = Progress(quiet=quiet, stream=stream)
-    for handler in handlers.values():
-        handler.attach(trainer)
+    for name, handler in handlers.items():
+        if writes or name != "summary":  # the summary object exists on every rank for its checkpointed state
+            handler.attach(trainer)
     return run
 
 
 def write_config(run: Assembly) -> None:
     """config.json: the resolved recipe, plus what it resolved to on this machine and the versions."""
+    if not run.writes:
+        return
     write_json_atomic(run.run_dir / "config.json", {
         **config_to_dict(run.config),
         "runtime": {"device": str(run.device), "precision": run.precision.name,
                     "batches_per_epoch": len(run.train_data), "val_samples": num_samples(run.val_data),
-                    "class_names": list(run.class_names),
+                    "class_names": list(run.class_names), "world_size": run.world_size,
+                    "global_batch_size": run.config.data.batch_size * run.world_size,
                     "command": " ".join(sys.argv)},
         "versions": versions(),
     })
@@ -271,37 +307,54 @@ def _execute(run: Assembly) -> Assembly:
         run.trainer.run(run.train_data, max_epochs=run.config.train.epochs)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, last.pt is whatever was saved before
         run.status, run.stop_signal = "interrupted", signal.SIGINT
-        summary.write("interrupted")
-        append_jsonl(run.events_path, {"event": "interrupted", "signal": "SIGINT (twice)",
-                                       "iteration": run.trainer.state.iteration, "epoch": run.trainer.state.epoch})
+        if run.writes:
+            summary.write("interrupted")
+            append_jsonl(run.events_path, {"event": "interrupted", "signal": "SIGINT (twice)",
+                                           "iteration": run.trainer.state.iteration, "epoch": run.trainer.state.epoch})
         return run
     except BaseException as e:
         run.status = "failed"
-        summary.write("failed", error=f"{type(e).__name__}: {e}")
+        if run.writes:
+            summary.write("failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
         stop.restore()
-        run.handlers["tensorboard"].close()
+        if "tensorboard" in run.handlers:
+            run.handlers["tensorboard"].close()
     s = run.trainer.state
+    summary_extra: dict[str, Any] = {}
+    event: dict[str, Any] | None = None
+    early_stop = run.handlers.get("early_stop")
     if getattr(s, "diverged", None) is not None:  # NanGuard stopped it, with the last good state restored
         run.status = "diverged"
-        summary.write("diverged", diagnosis=summarize_diagnosis(s.diverged))
-        return run
-    early_stop = run.handlers.get("early_stop")
-    if early_stop is not None and early_stop.stopped_epoch is not None and s.iteration < s.max_epochs * s.epoch_length:
+        summary_extra["diagnosis"] = summarize_diagnosis(s.diverged)
+    elif early_stop is not None and early_stop.stopped_epoch is not None and s.iteration < s.max_epochs * s.epoch_length:
         run.status = "completed"  # finished by its own rule, not cut short: `kiln resume` has nothing to do
         reason = (f"val_accuracy did not rise by more than {early_stop.min_delta:g} in {early_stop.patience} "
                   f"epoch{'s' if early_stop.patience > 1 else ''}")
-        summary.write("completed", stopped_early=True, stopped_epoch=early_stop.stopped_epoch, reason=reason)
-        append_jsonl(run.events_path, {"event": "early_stop", "iteration": s.iteration, "epoch": s.epoch,
-                                       "reason": reason, "best_val_accuracy": summary.best_val_accuracy})
-        return run
-    run.status = "completed" if s.iteration >= s.max_epochs * s.epoch_length else "interrupted"
-    if stop.received is not None:
-        run.stop_signal = stop.received
-        append_jsonl(run.events_path, {"event": "interrupted", "signal": signal.Signals(stop.received).name,
-                                       "iteration": s.iteration, "epoch": s.epoch})
+        summary_extra.update(stopped_early=True, stopped_epoch=early_stop.stopped_epoch, reason=reason)
+        event = {"event": "early_stop", "reason": reason, "best_val_accuracy": summary.best_val_accuracy}
+    else:
+        run.status = "completed" if s.iteration >= s.max_epochs * s.epoch_length else "interrupted"
+        if stop.received is not None:
+            run.stop_signal = stop.received
+            event = {"event": "interrupted", "signal": signal.Signals(stop.received).name}
+    if run.world_size > 1:
+        summary_extra["rank_parameter_checksums"] = _parameter_checksums(run.model)
+    if run.writes:
+        if summary_extra or run.status != "completed":
+            summary.write(run.status, **summary_extra)
+        if event is not None:
+            append_jsonl(run.events_path, {**event, "iteration": s.iteration, "epoch": s.epoch})
     return run
+
+
+def _parameter_checksums(model: torch.nn.Module) -> list[float]:
+    """One float64 checksum of the parameters per rank (all-gathered): equal when the ranks agree."""
+    with torch.no_grad():
+        total = sum((p.double() * (i + 1)).sum() for i, p in enumerate(model.parameters()))
+    gathered = idist.all_gather(total.reshape(1).to(idist.device()))
+    return [float(v) for v in gathered]
 
 
 def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: TextIO | None = None,
@@ -328,6 +381,59 @@ def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
     return run
 
 
+@dataclass
+class ResumePlan:
+    """What :func:`plan_resume` found: the checkpoint, its config, the config to continue with, where."""
+
+    last: Path
+    checkpoint: dict[str, Any]
+    saved: Config
+    config: Config
+    iteration: int
+    epoch_length: int
+    finished: bool  #: the run already ended (all epochs, or early stopping) and nothing changes that
+
+
+def plan_resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool = False,
+                requested: Config | None = None, force: bool = False, world_size: int | None = None) -> ResumePlan:
+    """Check that the run at ``source`` can continue as asked (see :func:`resume`), without building it.
+
+    Raises:
+        ConfigError: a missing or unusable run directory or checkpoint, a refused config change, a
+            schedule change without ``new_schedule``, or a different number of processes.
+    """
+    source = Path(source)
+    last = source if source.suffix == ".pt" else find_last_checkpoint(source)
+    checkpoint, saved = load_checkpoint(last, resumable=True)
+    cfg = saved
+    if requested is not None:
+        changes = run_changing_differences(saved, requested)
+        if changes and not force:
+            raise ConfigError("the config differs from the checkpoint's in fields that change the run: "
+                              + "; ".join(changes) + " (pass --force to continue anyway)")
+        cfg = requested
+    saved_world = int(checkpoint["kiln"].get("world_size", 1))
+    world_size = idist.get_world_size() if world_size is None else world_size
+    if saved_world != world_size:
+        raise ConfigError(f"{last} was written by {saved_world} process(es) and the batch order depends on it: "
+                          f"resume with --nproc-per-node {saved_world}")
+    trainer_state = checkpoint["trainer"]
+    iteration, epoch_length = int(trainer_state["iteration"]), int(trainer_state["epoch_length"])
+    saved_epochs = saved.train.epochs
+    finished = False
+    if epochs is not None and epochs != saved_epochs:
+        if epochs * epoch_length < iteration:
+            raise ConfigError(f"the run is already past epoch {epochs} (iteration {iteration})")
+        if not new_schedule:
+            raise ConfigError(f"the one-cycle schedule spans {saved_epochs} epochs; running {epochs} would change it "
+                              "(pass --new-schedule for a second one-cycle over the added epochs)")
+        cfg = apply_overrides(cfg, {"train.epochs": epochs})
+    elif cfg.train.epochs == saved_epochs:
+        stopped_early = (checkpoint.get("early_stop") or {}).get("stopped_epoch")
+        finished = iteration >= saved_epochs * epoch_length or bool(stopped_early)
+    return ResumePlan(last, checkpoint, saved, cfg, iteration, epoch_length, finished)
+
+
 def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool = False,
            requested: Config | None = None, force: bool = False, quiet: bool = False,
            stream: TextIO | None = None) -> Assembly:
@@ -349,29 +455,11 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
     Raises:
         ConfigError: a missing or unusable run directory or checkpoint, a refused config change.
     """
-    source = Path(source)
-    last = source if source.suffix == ".pt" else find_last_checkpoint(source)
-    checkpoint, saved = load_checkpoint(last, resumable=True)
-    run_dir = last.parent.parent
-    cfg = saved
-    if requested is not None:
-        changes = run_changing_differences(saved, requested)
-        if changes and not force:
-            raise ConfigError("the config differs from the checkpoint's in fields that change the run: "
-                              + "; ".join(changes) + " (pass --force to continue anyway)")
-        cfg = requested
+    plan = plan_resume(source, epochs=epochs, new_schedule=new_schedule, requested=requested, force=force)
+    last, checkpoint, saved, cfg = plan.last, plan.checkpoint, plan.saved, plan.config
+    run_dir, iteration, epoch_length, saved_epochs = last.parent.parent, plan.iteration, plan.epoch_length, saved.train.epochs
     trainer_state = checkpoint["trainer"]
-    iteration, epoch_length = int(trainer_state["iteration"]), int(trainer_state["epoch_length"])
-    saved_epochs = saved.train.epochs
-    if epochs is not None and epochs != saved_epochs:
-        if epochs * epoch_length < iteration:
-            raise ConfigError(f"the run is already past epoch {epochs} (iteration {iteration})")
-        if not new_schedule:
-            raise ConfigError(f"the one-cycle schedule spans {saved_epochs} epochs; running {epochs} would change it "
-                              "(pass --new-schedule for a second one-cycle over the added epochs)")
-        cfg = apply_overrides(cfg, {"train.epochs": epochs})
-    elif ((iteration >= saved_epochs * epoch_length or (checkpoint.get("early_stop") or {}).get("stopped_epoch"))
-          and cfg.train.epochs == saved_epochs):
+    if plan.finished:
         run = build(cfg, run_dir, quiet=True)
         run.status = "completed"
         return run
@@ -395,11 +483,12 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
     trainer_state["max_epochs"] = cfg.train.epochs
     checkpoint = {**checkpoint, "trainer": trainer_state}
     Checkpoint.load_objects(objects, checkpoint)
-    for name in ("metrics.jsonl", "steps.jsonl"):
-        truncate_jsonl(run_dir / name, iteration)
-    write_config(run)
-    append_jsonl(run.events_path, {"event": "resume", "iteration": iteration, "epoch": iteration // epoch_length,
-                                   "checkpoint": str(last), "epochs": cfg.train.epochs})
+    if run.writes:
+        for name in ("metrics.jsonl", "steps.jsonl"):
+            truncate_jsonl(run_dir / name, iteration)
+        write_config(run)
+        append_jsonl(run.events_path, {"event": "resume", "iteration": iteration, "epoch": iteration // epoch_length,
+                                       "checkpoint": str(last), "epochs": cfg.train.epochs})
     from recipes.report import finish_run
 
     run = _execute(run)

@@ -78,7 +78,7 @@ def _all_finite(tree: Any) -> bool:
 
 def make_run(tmp_path: Path, policy: str, *, precision: str = "fp32", batch_norm: bool = True, max_lr: float = 0.05,
              weight_decay: float = 0.0, epochs: int = 2, clip_first: bool = True, batches: int = BATCHES,
-             **guard_options: Any) -> Run:
+             init_scale: float = 2.0**16, **guard_options: Any) -> Run:
     """Build the trainer; attach AMP, GradClip, OneCycle and NanGuard (GradClip before or after NanGuard)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -87,7 +87,7 @@ def make_run(tmp_path: Path, policy: str, *, precision: str = "fp32", batch_norm
     trainer = create_trainer(model, optimizer, F.cross_entropy, precision=precision, seed=0)
     data = random_batches(count=batches, batch_size=8, seed=3)
     schedule = OneCycle(optimizer, max_lr=max_lr, total_steps=epochs * len(data))
-    amp = AMP(device="cpu")
+    amp = AMP(device="cpu", init_scale=init_scale)
     to_snapshot = {"model": model, "optimizer": optimizer, "schedule": schedule}
     if precision == "fp16":
         to_snapshot["scaler"] = amp.scaler
@@ -363,6 +363,12 @@ def test_fp16_scale_collapse_triggers_the_policy(tmp_path, policy):
         assert _params_equal(run.weights_at_start[6], restored, run.model)
         assert run.guard.scale_collapses == 1 and run.guard.lr_scale == 0.5
     assert run.amp.scaler.get_scale() >= 2.0**13 and _all_finite(run.weights())
+
+
+def test_fp16_skips_that_bring_a_huge_init_scale_down_are_not_a_collapse(tmp_path):
+    run = make_run(tmp_path, "stop", precision="fp16", epochs=1, max_consecutive_skips=3, init_scale=2.0**40)
+    state = start(run)  # 2^40 overflows fp16 gradients: the scaler skips until the scale fits
+    assert run.amp.skipped_steps > 3 and state.diverged is None and run.events() == []
 
 
 def test_fp16_a_scale_below_the_floor_is_a_collapse(tmp_path):

@@ -1,0 +1,99 @@
+"""Data parallelism through ignite.distributed on gloo: spawned by kiln, and under torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.recipes.test_resume import assert_same_run, final_state, metric_lines
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+KILN = [sys.executable, "-m", "recipes.cli"]
+SMALL = ["--set", "data.image_size=16", "--set", "train.log_every=1", "--set", "checkpoint.every_iterations=3",
+         "--quiet"]
+
+
+def kiln(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*KILN, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    """digits, 4 epochs, 2 processes of 32 images: a global batch of 64, like the 1-process recipe."""
+    root = tmp_path_factory.mktemp("dp")
+    run_dir = root / "run"
+    done = kiln("train", "digits", "--epochs", "4", "--batch-size", "32", "--nproc-per-node", "2", *SMALL,
+                "--out", str(run_dir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run_dir
+
+
+def test_two_processes_train_in_step_and_write_one_run_directory(two_process_run, tmp_path):
+    s = summary(two_process_run)
+    assert s["status"] == "completed" and s["epochs_completed"] == 4
+    checksums = s["rank_parameter_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1], "the ranks' parameters differ"
+    assert sorted(p.name for p in two_process_run.parent.iterdir()) == ["run"], "only one run directory"
+    config = json.loads((two_process_run / "config.json").read_text())
+    assert config["runtime"]["world_size"] == 2 and config["runtime"]["global_batch_size"] == 64
+    assert [line["epoch"] for line in metric_lines(two_process_run)] == [1, 2, 3, 4]
+
+    single = tmp_path / "single"
+    done = kiln("train", "digits", "--epochs", "4", "--batch-size", "64", *SMALL, "--out", str(single))
+    assert done.returncode == 0, done.stderr
+    assert abs(summary(single)["final_val_accuracy"] - s["final_val_accuracy"]) <= 0.02
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_and_resume_is_bit_identical(two_process_run, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([*KILN, "train", "digits", "--epochs", "4", "--batch-size", "32", "--nproc-per-node", "2",
+                             *SMALL, "--out", str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    steps = run_dir / "steps.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if steps.exists() and steps.read_text().count("\n") >= 17:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-2000:]
+    assert summary(run_dir)["status"] == "interrupted"
+    stopped = final_state(run_dir)["trainer"]["iteration"]
+    assert 17 <= stopped < 48
+
+    wrong = kiln("resume", str(run_dir))
+    assert wrong.returncode == 2 and "--nproc-per-node 2" in wrong.stderr
+    resumed = kiln("resume", str(run_dir), "--nproc-per-node", "2", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_run(run_dir, two_process_run)
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
+def test_the_same_recipe_runs_under_torchrun(two_process_run, tmp_path):
+    run_dir = tmp_path / "run"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    done = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "recipes.cli", "train", "digits",
+                           "--epochs", "4", "--batch-size", "32", *SMALL, "--out", str(run_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # torchrun sets one thread per process, kiln's spawn shares the cores: same batches, same run
+    assert summary(run_dir)["rank_parameter_checksums"] == summary(two_process_run)["rank_parameter_checksums"]
+    assert metric_lines(run_dir) == metric_lines(two_process_run)
+    got, want = final_state(run_dir)["model"], final_state(two_process_run)["model"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
