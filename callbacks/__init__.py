@@ -9,9 +9,10 @@ from callbacks.metrics_log import MetricsLog
 from callbacks.mix import MixUpCutMix
 from callbacks.nan_guard import NanGuard
 from callbacks.one_cycle import OneCycle
+from callbacks.optuna_pruning import OptunaPruning
 from callbacks.progress import Progress
 from callbacks.run_summary import RunSummary
 from callbacks.tensorboard import TensorBoard
 from callbacks.validation import Validation
 
-__all__ = ["AMP", "Checkpointer", "EarlyStop", "EMA", "GracefulStop", "GradClip", "MetricsLog", "MixUpCutMix", "NanGuard", "OneCycle", "Progress", "RunSummary", "TensorBoard", "Validation"]
+__all__ = ["AMP", "Checkpointer", "EarlyStop", "EMA", "GracefulStop", "GradClip", "MetricsLog", "MixUpCutMix", "NanGuard", "OneCycle", "OptunaPruning", "Progress", "RunSummary", "TensorBoard", "Validation"]

@@ -6,26 +6,40 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
-__all__ = ["write_json_atomic", "append_jsonl", "truncate_jsonl"]
+__all__ = ["write_atomic", "write_json_atomic", "append_jsonl", "truncate_jsonl"]
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as JSON to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that a crash at any instant leaves either the old file or the new one.
+
+    ``write(f)`` fills a temporary file beside ``path``; it is flushed and fsynced, renamed over
+    ``path``, and the folder is fsynced so the rename itself survives a power cut.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_strict(data), f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as strict JSON to ``path`` atomically (see :func:`write_atomic`)."""
+    text = json.dumps(_strict(data), indent=2, allow_nan=False) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:

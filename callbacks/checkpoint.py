@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +13,7 @@ from ignite.engine.events import RemovableEventHandle
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 
-from callbacks._files import append_jsonl
+from callbacks._files import append_jsonl, write_atomic
 from engine.events import EpochEvents, ensure_epoch_events
 
 __all__ = ["Checkpointer", "AtomicDiskSaver", "NonFiniteCheckpointError"]
@@ -74,22 +72,7 @@ class AtomicDiskSaver(BaseSaveHandler):
         if idist.get_rank() != self.save_on_rank:  # every rank builds the same state; one writes it
             self._pending_removals = []
             return
-        path = self.dirname / filename
-        fd, tmp = tempfile.mkstemp(dir=self.dirname, prefix=f".{filename}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.dirname, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.dirname / filename, lambda f: torch.save(checkpoint, f))
         for old in self._pending_removals:
             if old != filename:
                 (self.dirname / old).unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
-from engine.precision import Precision, resolve_precision
+from engine.precision import Precision, resolve_for_model
 from engine.step import prepare_batch
 
 __all__ = ["create_evaluator"]
@@ -46,11 +46,7 @@ def create_evaluator(
         >>> 0.0 <= evaluator.run(data).metrics["accuracy"] <= 1.0
         True
     """
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    if isinstance(precision, str):
-        precision = resolve_precision(precision, device)
+    device, precision = resolve_for_model(model, device, precision)
 
     def eval_step(engine: Engine, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = prepare(batch, device)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Precision", "resolve_precision", "resolve_device", "PRECISIONS"]
+__all__ = ["Precision", "resolve_precision", "resolve_device", "resolve_for_model", "PRECISIONS"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,3 +62,10 @@ def resolve_precision(precision: str, device: str | torch.device) -> Precision:
     if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU does not support bf16; use --precision fp16")
     return Precision(precision, device_type)
+
+
+def resolve_for_model(model: torch.nn.Module, device: str | torch.device | None,
+                      precision: str | Precision) -> tuple[torch.device, Precision]:
+    """The device (default: the model's) and the resolved precision the builders run with."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    return device, resolve_precision(precision, device) if isinstance(precision, str) else precision

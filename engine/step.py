@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from engine.events import STEP_EVENT_COUNTERS, EpochEvents, StepEvents
-from engine.precision import Precision, resolve_precision
+from engine.precision import Precision, resolve_for_model
 
 __all__ = ["create_trainer", "StepOutput", "prepare_batch", "iteration_seed"]
 
@@ -93,11 +93,7 @@ def create_trainer(
     """
     if accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be >= 1, not {accumulation_steps}")
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    if isinstance(precision, str):
-        precision = resolve_precision(precision, device)
+    device, precision = resolve_for_model(model, device, precision)
 
     def train_step(engine: Engine, batch: Any) -> StepOutput:
         state = engine.state

@@ -18,7 +18,10 @@ CHECKPOINT_FORMAT = 1
 #: what is computed (where it runs, how often it logs or saves) or are handled on their own (epochs).
 RUN_NEUTRAL_KEYS = ("description", "train.device", "train.log_every", "train.epochs", "checkpoint.every_iterations",
                     "checkpoint.every_minutes", "checkpoint.keep_best", "data.num_workers", "data.data_dir",
-                    "data.download")
+                    "data.download",
+                    "train.compile", "train.compile_backend", "train.channels_last", "train.on_nan",
+                    "train.nan_check_every", "train.nan_max_skips", "train.nan_lr_factor", "train.nan_max_rollbacks",
+                    "train.nan_collapse_skips", "train.nan_min_loss_scale", "train.nan_max_loss_ratio")
 
 
 class RunMeta:

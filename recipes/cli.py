@@ -360,6 +360,54 @@ def schedule(recipe: str, out: str | None, sets: tuple[str, ...], **options: obj
 
 
 @cli.command()
+@click.argument("recipe")
+@click.option("--trials", type=int, required=True, help="Trials in the study (complete or pruned), shared by all workers.")
+@click.option("--param", "params", multiple=True, metavar="KEY=SPEC", help="Search KEY (max_lr, weight_decay, "
+              "label_smoothing, batch_size, or any section.key) over log:LOW:HIGH, LOW:HIGH, int:LOW:HIGH or "
+              "choice:A,B,... (repeatable; default: max_lr, weight_decay, label_smoothing, batch_size around the recipe's).")
+@click.option("--epochs", type=int, help="Epochs of every trial.")
+@click.option("--max-lr", type=MaxLR(), help="A fixed max_lr, or `auto`: the LR range test, once per batch size.")
+@click.option("--storage", help="Optuna storage URL (SQLAlchemy: sqlite:///f.db, postgresql://...; default: "
+              "sqlite in --out). Workers on one storage and --study share the study.")
+@click.option("--study", "study_name", help="Study name (default: the recipe's name).")
+@click.option("--pruner", type=click.Choice(["median", "none"]), default="median", show_default=True,
+              help="Stop trials whose per-epoch val_accuracy is below the median of earlier trials.")
+@click.option("--out", type=click.Path(file_okay=False), help="Sweep directory (default: runs/RECIPE-sweep); "
+              "re-running the same command continues its study.")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=10, hidden=True,
+              help="Seconds between a worker's heartbeats; a trial silent for 3x this is marked failed.")
+@set_option
+def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None, max_lr: object, storage: str | None,
+          study_name: str | None, pruner: str, out: str | None, heartbeat: int, sets: tuple[str, ...]) -> None:
+    """Search RECIPE's hyperparameters with Optuna (TPE, seeded; objective: best val_accuracy).
+
+    \b
+    Every trial is a kiln run in OUT/trials/NNN; weak trials are pruned after an epoch. At the end:
+    a table, OUT/sweep.json, OUT/best.yaml (`kiln train OUT/best.yaml`), OUT/plots and OUT/sweep.html.
+    Example:  kiln sweep digits --trials 12 --epochs 4
+    Several workers: start `kiln sweep` with the same --storage URL and --study on each machine.
+    """
+    import optuna
+
+    from recipes.sweep import SweepInterrupted, default_space, parse_param, run_sweep
+
+    if trials < 1:
+        raise ConfigError(f"--trials must be >= 1, not {trials}")
+    auto = max_lr == "auto"
+    cfg = resolve_config(recipe, sets, epochs=epochs, max_lr=None if auto else max_lr)
+    fixed = _parse_sets(sets)
+    fixed.update({OPTION_KEYS[k]: v for k, v in (("epochs", epochs), ("max_lr", None if auto else max_lr)) if v is not None})
+    space = [parse_param(p, cfg) for p in params] or default_space(cfg, with_max_lr=not auto and max_lr is None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        run_sweep(recipe, cfg, space, n_trials=trials, out=Path(out or f"runs/{cfg.name}-sweep"), storage=storage,
+                  study_name=study_name, pruner=pruner, auto_max_lr=auto, fixed=fixed, heartbeat_interval=heartbeat)
+    except SweepInterrupted as e:
+        click.echo(f"kiln: {e}", err=True)
+        sys.exit(130)
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path())
 def report(run_dir: str) -> None:
     """Re-draw RUN_DIR/plots, recompute the findings and write RUN_DIR/report.html.

@@ -30,6 +30,7 @@ from ignite.handlers import FastaiLRFinder
 from callbacks import AMP, GradClip
 from callbacks._files import append_jsonl, write_json_atomic
 from engine import Precision, create_trainer, resolve_device, resolve_precision
+from engine.precision import resolve_for_model
 from recipes.config import Config, ConfigError, apply_overrides
 
 __all__ = [
@@ -187,11 +188,7 @@ def lr_range_test(
         raise ConfigError(f"the range test needs 0 < start_lr < end_lr, not {start_lr:g} and {end_lr:g}")
     if num_iter < 3:
         raise ConfigError(f"the range test needs num_iter >= 3, not {num_iter}")
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    if isinstance(precision, str):
-        precision = resolve_precision(precision, device)
+    device, precision = resolve_for_model(model, device, precision)
 
     trainer = create_trainer(model, optimizer, loss_fn, device=device, precision=precision, seed=seed)
     to_save: dict[str, Any] = {"model": model, "optimizer": optimizer}

@@ -358,8 +358,11 @@ def _parameter_checksums(model: torch.nn.Module) -> list[float]:
 
 
 def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: TextIO | None = None,
-          auto_max_lr: bool = False) -> Assembly:
+          auto_max_lr: bool = False, extra_handlers: dict[str, Any] | None = None) -> Assembly:
     """Build and run ``cfg`` into a new ``run_dir``; summary.json records how it ended (also on errors).
+
+    ``extra_handlers`` (name -> handler) are attached to the trainer after the recipe's own and join
+    ``run.handlers`` (e.g. ``kiln sweep``'s ``OptunaPruning``).
 
     With ``auto_max_lr`` the LR range test (``recipes.lr_find``) runs first, on a throwaway trainer,
     and the run trains at its suggestion from the same initial weights; the test is recorded in
@@ -373,6 +376,9 @@ def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
     if auto_max_lr:
         cfg, found = choose_max_lr(cfg, quiet=quiet, stream=stream)
     run = build(cfg, run_dir, quiet=quiet, stream=stream)
+    for name, handler in (extra_handlers or {}).items():
+        handler.attach(run.trainer)
+        run.handlers[name] = handler
     write_config(run)
     if found is not None:
         record_in_run(run, found)

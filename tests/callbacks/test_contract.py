@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import optuna
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,10 @@ SETTINGS: dict[str, Setting] = {
     "OneCycle": Setting(
         make=lambda w: callbacks.OneCycle(w.optimizer, max_lr=0.1, total_steps=EPOCHS * len(w.batches)),
         acted=lambda h, w: len(set(w.notes["lr"])) > 1,
+    ),
+    "OptunaPruning": Setting(  # an in-memory study's trial; its pruner has too few trials to prune
+        make=lambda w: callbacks.OptunaPruning(optuna.create_study(direction="maximize").ask()),
+        acted=lambda h, w: bool(h.trial.study.trials[h.trial.number].intermediate_values),
     ),
     "Progress": Setting(
         make=lambda w: callbacks.Progress(stream=io.StringIO()),

@@ -199,7 +199,7 @@ def test_extending_a_finished_run_needs_a_new_schedule(tmp_path, reference):
     run_dir = tmp_path / "run"
     subprocess.run(["cp", "-r", str(reference), str(run_dir)], check=True)
     again = kiln("resume", str(run_dir))
-    assert again.returncode == 0 and "already completed" in again.stdout
+    assert again.returncode == 0 and "already finished" in again.stdout
     refused = kiln("resume", str(run_dir), "--epochs", "3")
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "--new-schedule" in refused.stderr

@@ -1,0 +1,169 @@
+"""``kiln sweep``: --param parsing, the default space, a real (tiny) study with its files, resuming it,
+bad input as one line with exit status 2; slow: best.yaml reproduces the best trial, and two workers
+share one study (one killed mid-trial) without running a trial twice."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from recipes import RECIPES
+from recipes.cli import main
+from recipes.config import ConfigError, apply_overrides
+from recipes.recipe_files import load_recipe_file
+from recipes.sweep import ParamSpec, default_space, parse_param, run_sweep, trial_config
+from tests.conftest import SINGLE_THREAD_ENV
+
+KILN = str(Path(sys.executable).with_name("kiln"))
+ENV = {**os.environ, **SINGLE_THREAD_ENV}
+DIGITS = RECIPES["digits"]
+TINY = apply_overrides(DIGITS, {"data.image_size": 16, "train.epochs": 1, "data.batch_size": 128})
+
+
+def test_param_specs_take_bare_and_dotted_keys():
+    assert parse_param("max_lr=log:1e-3:1e-1", DIGITS) == ParamSpec("schedule.max_lr", "log", 1e-3, 1e-1)
+    assert parse_param("train.label_smoothing=0:0.3", DIGITS) == ParamSpec("train.label_smoothing", "float", 0.0, 0.3)
+    assert parse_param("batch_size=choice:32,64,128", DIGITS) == ParamSpec("data.batch_size", "choice", choices=(32, 64, 128))
+    assert parse_param("batch_size=16:64", DIGITS).kind == "int"  # an integer field gets integer draws
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("max_lr=log:1e-3", "expected KEY=log:LOW:HIGH"),
+    ("max_lr", "expected KEY=log:LOW:HIGH"),
+    ("max_lr=log:0:1", "LOW > 0"),
+    ("max_lr=0.1:0.01", "LOW must be below HIGH"),
+    ("maxlr=log:1e-3:1e-1", "did you mean 'max_lr'"),
+    ("batch_size=choice:32,big", "is not an integer"),
+    ("batch_size=1.5:4", "integer"),
+])
+def test_bad_param_specs_are_one_line_errors(spec, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_param(spec, DIGITS)
+    assert "\n" not in str(info.value)
+
+
+def test_the_default_space_is_centred_on_the_recipe():
+    space = {p.key: p for p in default_space(DIGITS)}
+    assert set(space) == {"schedule.max_lr", "optim.weight_decay", "train.label_smoothing", "data.batch_size"}
+    assert (space["schedule.max_lr"].low, space["schedule.max_lr"].high) == pytest.approx((1e-3, 1e-1))
+    assert space["data.batch_size"].choices == (32, 64, 128)
+    assert "schedule.max_lr" not in {p.key for p in default_space(DIGITS, with_max_lr=False)}
+
+
+def test_a_new_max_lr_keeps_where_the_cycle_starts_relative_to_it():
+    cfg = trial_config(DIGITS, {"schedule.max_lr": 0.002})
+    assert cfg.optim.lr == pytest.approx(0.002 * DIGITS.optim.lr / DIGITS.schedule.max_lr)
+
+
+def _space():
+    return [ParamSpec("schedule.max_lr", "log", 3e-3, 3e-2), ParamSpec("train.label_smoothing", "float", 0.0, 0.3)]
+
+
+def test_a_tiny_sweep_writes_its_runs_and_results_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    result = run_sweep("digits", TINY, _space(), n_trials=2, out=out, storage=None, study_name=None,
+                       fixed={"data.image_size": "16", "train.epochs": 1, "data.batch_size": "128"})
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["000", "001"]
+    for run_dir in (out / "trials").iterdir():  # every trial is a normal kiln run directory
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+        assert (run_dir / "metrics.jsonl").exists() and (run_dir / "report.html").exists()
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [t["rank"] for t in sweep["trials"]] == [1, 2]
+    assert sweep["best"]["best_val_accuracy"] == pytest.approx(result.study.best_value)
+    assert {"optimization_history.png", "accuracy_vs_max_lr.png", "accuracy_vs_label_smoothing.png",
+            "param_importances.png"} <= {p.name for p in result.plots}
+    assert "data:image/png;base64," in (out / "sweep.html").read_text()
+    table = capsys.readouterr().out.splitlines()
+    assert table[-3].split()[:2] == ["rank", "trial"] and table[-2].split()[0] == "1"
+
+    best = load_recipe_file(str(out / "best.yaml"))
+    assert yaml.safe_load((out / "best.yaml").read_text())["base"] == "digits"
+    best_params = result.study.best_params
+    assert best.schedule.max_lr == pytest.approx(best_params["schedule.max_lr"])
+    assert (best.data.image_size, best.train.epochs, best.data.batch_size) == (16, 1, 128)
+
+    again = run_sweep("digits", TINY, _space(), n_trials=3, out=out, storage=None, study_name=None,
+                      fixed={"data.image_size": "16", "train.epochs": 1, "data.batch_size": "128"})
+    assert len(again.study.trials) == 3  # continued the same study: one more trial, not three
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["000", "001", "002"]
+    with pytest.raises(ConfigError, match="different space"):
+        run_sweep("digits", TINY, _space()[:1], n_trials=3, out=out, storage=None, study_name=None,
+                  fixed={"data.image_size": "16", "train.epochs": 1, "data.batch_size": "128"})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trials", "2", "--param", "max_lr=log:1e-3"], "--param 'max_lr=log:1e-3': expected"),
+    (["--trials", "2", "--param", "learning_rate=0:1"], "unknown config key 'learning_rate'"),
+    (["--trials", "2", "--storage", "postgresql://kiln:secret@nowhere/db"], "cannot open the study storage postgresql://kiln:***@nowhere/db"),
+    (["--trials", "0"], "--trials must be >= 1"),
+    (["--trials", "2", "--max-lr", "auto", "--param", "max_lr=log:1e-3:1e-1"], "--max-lr auto chooses max_lr"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path, capfd):
+    with pytest.raises(SystemExit) as info:
+        main(["sweep", "digits", *args, "--out", str(tmp_path / "sweep")])
+    out, err = capfd.readouterr()
+    assert info.value.code == 2
+    assert err.count("\n") == 1 and message in err and "secret" not in err
+    assert not (tmp_path / "sweep" / "trials").exists()
+
+
+@pytest.mark.slow
+def test_best_yaml_reproduces_the_best_trial(tmp_path):
+    out = tmp_path / "sweep"
+    sweep = subprocess.run([KILN, "sweep", "digits", "--trials", "3", "--epochs", "2", "--set", "data.image_size=16",
+                            "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert sweep.returncode == 0, sweep.stderr
+    best = json.loads((out / "sweep.json").read_text())["best"]
+    again = subprocess.run([KILN, "train", str(out / "best.yaml"), "--quiet", "--out", str(tmp_path / "again")],
+                           env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    reproduced = json.loads((tmp_path / "again" / "summary.json").read_text())["best_val_accuracy"]
+    assert reproduced == best["best_val_accuracy"]  # same seed, same figure
+
+
+def _trial_numbers(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as con:
+        return dict(con.execute("select state, count(*) from trials group by state").fetchall())
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_study_and_one_dying_mid_trial_leaves_it_consistent(tmp_path):
+    out = tmp_path / "sweep"
+    n = 4
+    args = [KILN, "sweep", "digits", "--trials", str(n), "--epochs", "2", "--set", "data.image_size=16",
+            "--out", str(out), "--pruner", "none", "--heartbeat", "2"]
+    out.mkdir()
+    first = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # kill the first worker while it is inside a trial
+            time.sleep(0.5)
+            trials = out / "trials"
+            if trials.exists() and len(list(trials.glob("*/metrics.jsonl"))) >= 1:
+                break
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        stdout, stderr = second.communicate(timeout=600)
+    finally:
+        for p in (first, second):
+            if p.poll() is None:
+                p.kill()
+    assert second.returncode == 0, stderr
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{out / 'sweep.db'}")
+    states = [t.state for t in study.trials if not t.user_attrs.get("surplus")]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == n
+    assert optuna.trial.TrialState.RUNNING not in states  # the dead worker's trial was marked failed
+    run_dirs = [t.user_attrs["run_dir"] for t in study.trials if "run_dir" in t.user_attrs]
+    assert len(run_dirs) == len(set(run_dirs))  # no trial run twice
+    assert len(json.loads((out / "sweep.json").read_text())["trials"]) >= n
