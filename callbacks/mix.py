@@ -7,7 +7,6 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
-from torchvision.transforms import v2
 
 from engine.step import iteration_seed
 
@@ -61,6 +60,8 @@ class MixUpCutMix:
             raise ValueError(f"cutmix_prob must be in [0, 1], not {cutmix_prob}")
         self.num_classes, self.seed = num_classes, seed
         self.mixup_alpha, self.cutmix_alpha, self.cutmix_prob = mixup_alpha, cutmix_alpha, cutmix_prob
+        from torchvision.transforms import v2  # here, not at import: it costs every kiln start 0.5 s
+
         mixes = []
         if mixup_alpha > 0:
             mixes.append((v2.MixUp(alpha=mixup_alpha, num_classes=num_classes), 1.0 - cutmix_prob))

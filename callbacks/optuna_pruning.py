@@ -20,7 +20,8 @@ class OptunaPruning:
     and, instead of raising ``optuna.TrialPruned`` inside ignite's loop (which would end the run as a
     crash, with no checkpoint or summary), it calls ``trainer.terminate()``: the epoch's records and
     checkpoint are written and the run ends normally. The caller then reads ``pruned`` and raises
-    ``optuna.TrialPruned`` from its objective. Each step is reported once (step = ``state.epoch``).
+    ``optuna.TrialPruned`` from its objective. Each step is reported once (step = ``state.epoch``);
+the last epoch is reported but never pruned, since the run has nothing left to save.
 
     Events: STARTED, EpochEvents.VALIDATION_COMPLETED. Reads ``state.metrics[score_name]``,
     ``state.epoch``. Calls ``trial.report``, ``trial.should_prune`` and ``engine.terminate()``.
@@ -66,6 +67,7 @@ class OptunaPruning:
             return
         self.trial.report(float(value), step)
         self._reported.add(step)
-        if self.trial.should_prune():
+        finished = engine.state.max_epochs is not None and step >= engine.state.max_epochs
+        if not finished and self.trial.should_prune():  # at the last epoch there is nothing left to save
             self.pruned, self.pruned_epoch = True, step
             engine.terminate()

@@ -30,6 +30,14 @@ def prepare_batch(batch: Sequence[torch.Tensor], device: torch.device, non_block
     return x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
 
 
+def _seed_generators(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and the training GPU's. torch.manual_seed does the same for every
+    device but formats three stack traces for lazy seeding: about 200 us per call."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()].manual_seed(seed)
+
+
 def iteration_seed(seed: int, iteration: int) -> int:
     """The torch seed of one iteration: a pure function of the run seed and the iteration number."""
     return (seed * 1_000_003 + iteration * 7919) % (2**63 - 1)
@@ -97,12 +105,13 @@ def create_trainer(
 
     def train_step(engine: Engine, batch: Any) -> StepOutput:
         state = engine.state
-        model.train()
+        if not model.training:  # the evaluator put it in eval mode (a per-step train() costs 30-130 us)
+            model.train()
         x, y = prepare(batch, device)
         if x.dim() == 4 and memory_format is not torch.contiguous_format:
             x = x.contiguous(memory_format=memory_format)
         if seed is not None:
-            torch.manual_seed(iteration_seed(seed, state.iteration))
+            _seed_generators(iteration_seed(seed, state.iteration), device)
         position = (state.iteration - 1) % state.epoch_length
         window_start = position - position % accumulation_steps
         window = min(accumulation_steps, state.epoch_length - window_start)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -176,15 +177,29 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 
 
 def digits_tensors(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled 8x8 digits (1797 images, no download), upsampled to ``image_size``, in [0, 1]."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise DataError("the digits data set comes with scikit-learn: pip install scikit-learn") from e
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), upsampled to ``image_size``, in [0, 1].
+
+    The CSV that scikit-learn ships is read directly: importing ``sklearn.datasets`` costs 0.7 s.
+    """
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.exists():
+        table = np.loadtxt(csv, delimiter=",", dtype=np.float32)
+        images, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    else:  # a scikit-learn that keeps the file elsewhere
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:  # pragma: no cover - a declared dependency
+            raise DataError("the digits data set comes with scikit-learn: pip install scikit-learn") from e
+        digits = load_digits()
+        images, target = digits.images.astype(np.float32), digits.target
+    x = torch.from_numpy(images).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return x, torch.tensor(digits.target, dtype=torch.long)
+    return x, torch.from_numpy(target).long()
 
 
 def synthetic_tensors(samples: int, num_classes: int, image_size: int, seed: int,

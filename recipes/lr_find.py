@@ -251,7 +251,7 @@ def _components(cfg: Config) -> tuple[torch.nn.Module, torch.optim.Optimizer, An
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norm_and_bias),
         lr=cfg.optim.lr, betas=(0.9, cfg.optim.beta2), eps=cfg.optim.eps,
-        fused=device.type == "cuda", foreach=None if device.type == "cuda" else True,
+        fused=True,  # one kernel per step, on the CPU too (foreach AdamW: 2-7x slower there)
     )
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     return model, optimizer, loss_fn, train_data, device, precision

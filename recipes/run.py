@@ -217,7 +217,7 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norm_and_bias),
         lr=cfg.optim.lr, betas=(0.9, cfg.optim.beta2), eps=cfg.optim.eps,
-        fused=device.type == "cuda", foreach=None if device.type == "cuda" else True,
+        fused=True,  # one kernel per step, on the CPU too (foreach AdamW: 2-7x slower there)
     )
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     forward = CompiledForward(ddp_model, t.compile_backend) if t.compile else ddp_model  # checkpoints keep `model`

@@ -32,7 +32,7 @@ from recipes.config import Config, ConfigError, apply_overrides, config_to_dict,
 from recipes.recipe_files import is_recipe_file
 
 __all__ = ["ParamSpec", "parse_param", "default_space", "open_study", "run_sweep", "SweepResult", "format_table",
-           "write_results", "trial_config", "SweepInterrupted"]
+           "write_results", "trial_config", "SweepInterrupted", "TrialSeededTPE"]
 
 #: What counts towards a sweep's ``--trials``: a trial that failed (its worker died) is replaced.
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -197,6 +197,12 @@ def _safe_url(url: str) -> str:
         return url
 
 
+def _creation_race(error: Exception) -> bool:
+    """Whether ``error`` is another worker creating the same tables at the same moment."""
+    text = str(error).lower()
+    return any(k in text for k in ("unique constraint", "already exists", "database is locked", "duplicate"))
+
+
 def open_study(name: str, storage_url: str, *, seed: int, pruner: str, n_trials: int,
                heartbeat_interval: int = 10, grace_period: int | None = None) -> optuna.Study:
     """Create the study, or load it if it exists, in ``storage_url`` (heartbeats on).
@@ -207,14 +213,19 @@ def open_study(name: str, storage_url: str, *, seed: int, pruner: str, n_trials:
     kwargs: dict[str, Any] = {}
     if storage_url.startswith("sqlite"):  # several workers on one file: wait for the lock, don't fail on it
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=heartbeat_interval,
-                                                 grace_period=grace_period or 3 * heartbeat_interval, **kwargs)
-    except Exception as e:  # a driver that is missing, a host that does not answer, a malformed URL
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot open the study storage {_safe_url(storage_url)}: {reason[:200]}") from None
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=heartbeat_interval,
+                                                     grace_period=grace_period or 3 * heartbeat_interval, **kwargs)
+            break
+        except Exception as e:  # a driver that is missing, a host that does not answer, a malformed URL
+            if attempt < 3 and _creation_race(e):  # workers started together both create the schema: retry
+                time.sleep(0.5 + attempt)
+                continue
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot open the study storage {_safe_url(storage_url)}: {reason[:200]}") from None
     pruners = {"median": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
                "none": optuna.pruners.NopPruner()}
     if pruner not in pruners:
@@ -236,15 +247,17 @@ def _check_same_sweep(study: optuna.Study, identity: dict[str, Any]) -> None:
                           "re-run it with the same arguments, or pick another --study or --out")
 
 
-def _auto_max_lr(study: optuna.Study, cfg: Config, stream: TextIO) -> Config:
-    """``cfg`` at the LR range test's suggestion for its batch size: run once per batch size per study
-    (kept in the study's user attrs, so every worker reuses it)."""
+def _auto_max_lr(study: optuna.Study, base: Config, cfg: Config, stream: TextIO) -> Config:
+    """``cfg`` at the LR range test's suggestion for its batch size: run once per batch size per study, on
+    ``base`` at that batch size (not on whichever trial asked first), and kept in the study's user
+    attrs, so every worker reuses it."""
     from recipes.lr_find import choose_max_lr
 
     attr = f"auto_max_lr:batch_size={cfg.data.batch_size}"
     found = study.user_attrs.get(attr)
     if found is None:
-        chosen, _ = choose_max_lr(cfg, quiet=True, stream=stream)
+        chosen, _ = choose_max_lr(apply_overrides(base, {"data.batch_size": cfg.data.batch_size}), quiet=True,
+                                  stream=stream)
         found = study.user_attrs.get(attr)  # another worker may have finished first: use the study's figure
         if found is None:
             found = {"schedule.max_lr": chosen.schedule.max_lr, "optim.lr": chosen.optim.lr}
@@ -307,7 +320,7 @@ def run_sweep(recipe: str, base: Config, space: list[ParamSpec], *, n_trials: in
         params = {p.key: p.suggest(trial) for p in space}
         cfg = trial_config(base, params)
         if auto_max_lr:
-            cfg = _auto_max_lr(study, cfg, out_stream)
+            cfg = _auto_max_lr(study, base, cfg, out_stream)
         run_dir = _trial_dir(out, trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("config", {k: v for k, v in _flat(config_to_dict(cfg)).items()})
@@ -453,7 +466,12 @@ def _plots(study: optuna.Study, out: Path, space_keys: list[str]) -> list[Path]:
             except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances of a parameter that never varied
                 plt.close("all")
                 continue
-        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        first = ax.flat[0] if hasattr(ax, "flat") else ax
+        if name != "param_importances":
+            first.set_ylabel("best val_accuracy")
+        if name.startswith("accuracy_vs_"):
+            first.set_title(f"{study.study_name}: best val_accuracy vs {name[len('accuracy_vs_'):]}")
+        fig = first.figure
         fig.set_size_inches(7, 4.5)
         fig.tight_layout()
         path = plots_dir / f"{name}.png"

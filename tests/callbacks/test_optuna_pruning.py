@@ -26,6 +26,7 @@ def _bare_engine(score: float, epoch: int = 1) -> Engine:
     ensure_epoch_events(engine)
     engine.state.metrics["val_accuracy"] = score
     engine.state.epoch = epoch
+    engine.state.max_epochs = 5
     return engine
 
 
@@ -67,3 +68,12 @@ def test_pruning_ends_a_real_run_after_the_epoch_it_happened_in():
     assert pruning.pruned and pruning.pruned_epoch == 1
     assert trainer.state.epoch == 1 and recorded == [1]  # the pruned epoch's records still happen
     assert list(trial.study.trials[0].intermediate_values) == [1]
+
+
+def test_the_last_epoch_is_reported_but_not_pruned():
+    trial = _trial(prune_below=0.9)
+    pruning = OptunaPruning(trial)
+    engine = _bare_engine(0.3, epoch=5)  # of 5
+    pruning(engine)
+    assert trial.study.trials[0].intermediate_values == {5: 0.3}
+    assert not pruning.pruned and not engine.should_terminate

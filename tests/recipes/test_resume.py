@@ -155,7 +155,8 @@ def test_dataloader_workers_give_the_same_run(tmp_path, reference):
 
 
 def test_fp16_with_grad_scaler_resumes_bit_identically(tmp_path):
-    args = ["--epochs", "1", "--precision", "fp16", "--set", "data.image_size=16", "--set", "train.log_every=1",
+    args = ["--epochs", "1", "--precision", "fp16", "--set", "data.image_size=16", "--set", "model.channels=8,16",
+            "--set", "train.log_every=1",
             "--set", "checkpoint.every_iterations=3", "--set", "train.init_scale=1e30", "--quiet"]
     reference = tmp_path / "reference"
     assert kiln("train", "digits", *args, "--out", str(reference)).returncode == 0

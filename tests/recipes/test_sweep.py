@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -118,6 +117,21 @@ def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path, capfd)
 
 
 @pytest.mark.slow
+def test_max_lr_auto_runs_the_range_test_once_per_batch_size(tmp_path):
+    import io
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    stream = io.StringIO()
+    space = [ParamSpec("train.label_smoothing", "float", 0.0, 0.3)]
+    result = run_sweep("digits", TINY, space, n_trials=2, out=tmp_path / "sweep", storage=None, study_name=None,
+                       auto_max_lr=True, stream=stream)
+    assert stream.getvalue().count("--max-lr auto") == 1  # one range test for the one batch size
+    found = result.study.user_attrs["auto_max_lr:batch_size=128"]
+    for trial in result.study.trials:
+        assert trial.user_attrs["config"]["schedule.max_lr"] == found["schedule.max_lr"]
+
+
+@pytest.mark.slow
 def test_best_yaml_reproduces_the_best_trial(tmp_path):
     out = tmp_path / "sweep"
     sweep = subprocess.run([KILN, "sweep", "digits", "--trials", "3", "--epochs", "2", "--set", "data.image_size=16",
@@ -129,11 +143,6 @@ def test_best_yaml_reproduces_the_best_trial(tmp_path):
     assert again.returncode == 0, again.stderr
     reproduced = json.loads((tmp_path / "again" / "summary.json").read_text())["best_val_accuracy"]
     assert reproduced == best["best_val_accuracy"]  # same seed, same figure
-
-
-def _trial_numbers(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db) as con:
-        return dict(con.execute("select state, count(*) from trials group by state").fetchall())
 
 
 @pytest.mark.slow
@@ -163,7 +172,8 @@ def test_two_workers_share_a_study_and_one_dying_mid_trial_leaves_it_consistent(
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{out / 'sweep.db'}")
     states = [t.state for t in study.trials if not t.user_attrs.get("surplus")]
     assert states.count(optuna.trial.TrialState.COMPLETE) == n
-    assert optuna.trial.TrialState.RUNNING not in states  # the dead worker's trial was marked failed
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert optuna.trial.TrialState.FAIL in states, stdout  # the dead worker's trial, marked failed by the heartbeat check
     run_dirs = [t.user_attrs["run_dir"] for t in study.trials if "run_dir" in t.user_attrs]
     assert len(run_dirs) == len(set(run_dirs))  # no trial run twice
     assert len(json.loads((out / "sweep.json").read_text())["trials"]) >= n
