@@ -16,7 +16,7 @@ from recipes import RECIPES
 from recipes.allocator import tune_malloc
 from recipes.config import Config, ConfigError, apply_overrides, config_to_dict
 from recipes.data import DataError
-from recipes.launch import LAUNCHER_SIGNALS, launch, under_torchrun
+from recipes.launch import LAUNCHER_SIGNALS, exit_now_if_distributed, launch, under_torchrun
 from recipes.recipe_files import load_recipe
 
 if TYPE_CHECKING:
@@ -234,6 +234,7 @@ def _launch(job: functools.partial, nproc_per_node: int, backend: str | None, ru
     """Run ``job`` here, under torchrun, or in spawned processes; exit with the run's status."""
     if nproc_per_node <= 1:
         code = launch(job, backend=backend)
+        exit_now_if_distributed(code or 0)
         if code:
             sys.exit(code)
         return
