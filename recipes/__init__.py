@@ -1,25 +1,53 @@
-"""kiln's recipes: configs, data, models, the run assembly and the CLI."""
-from recipes import cifar10, digits, imagefolder, synthetic
-from recipes.config import Config, ConfigError
+"""kiln's recipes: configs, data, models, the run assembly and the CLI.
+
+Importing the package is cheap: ``RECIPES`` (and the torch, ignite and recipe modules behind it)
+loads on first use, so the ``kiln`` entry point (``recipes.entry``) can set up the process before
+the heavy imports.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from recipes.config import Config
 
 __all__ = ["RECIPES", "get_recipe"]
 
-#: Every named recipe, by name. A plain dict: grep it, no registration side effects.
-RECIPES: dict[str, Config] = {
-    "digits": digits.CONFIG,
-    "synthetic": synthetic.CONFIG,
-    "cifar10": cifar10.CONFIG,
-    "imagefolder": imagefolder.CONFIG,
-}
+
+def _registry() -> dict[str, "Config"]:
+    """Every named recipe, by name. A plain dict: grep it, no registration side effects."""
+    from recipes import cifar10, digits, imagefolder, synthetic
+
+    return {
+        "digits": digits.CONFIG,
+        "synthetic": synthetic.CONFIG,
+        "cifar10": cifar10.CONFIG,
+        "imagefolder": imagefolder.CONFIG,
+    }
 
 
-def get_recipe(name: str) -> Config:
+def _recipes() -> dict[str, "Config"]:
+    if "RECIPES" not in globals():  # built once, on first use
+        globals()["RECIPES"] = _registry()
+    return globals()["RECIPES"]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: `from recipes import RECIPES` builds it
+    if name == "RECIPES":
+        return _recipes()
+    raise AttributeError(f"module 'recipes' has no attribute {name!r}")
+
+
+def get_recipe(name: str) -> "Config":
     """The recipe called ``name``.
 
     Raises:
         ConfigError: no such recipe (the message lists the known ones).
     """
+    from recipes.config import ConfigError
+
+    registry = _recipes()
     try:
-        return RECIPES[name]
+        return registry[name]
     except KeyError:
-        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}") from None
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(registry))}") from None

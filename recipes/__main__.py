@@ -1,0 +1,5 @@
+"""``python -m recipes ARGS`` runs the ``kiln`` command line (the same as ``kiln ARGS``)."""
+from recipes.entry import main
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,58 @@
+"""The ``kiln`` entry point: a cheap ``import recipes``, and the collector settings of the command line.
+
+Each check runs in a fresh interpreter: what is imported, and the collector's state, are process-wide.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "KILN_GC"}
+    result = subprocess.run([sys.executable, *(["-c", code] if code else []), *args], capture_output=True,
+                            text=True, cwd=ROOT, env={**environ, **env}, timeout=180)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_importing_recipes_loads_neither_torch_nor_ignite_until_a_recipe_is_asked_for():
+    out = _python("import sys, recipes\n"
+                  "print(sorted(m for m in ('torch', 'ignite', 'matplotlib') if m in sys.modules))\n"
+                  "print(sorted(recipes.RECIPES))\n"
+                  "print('torch' in sys.modules, recipes.get_recipe('digits').name)\n").stdout.splitlines()
+    assert out == ["[]", "['cifar10', 'digits', 'imagefolder', 'synthetic']", "True digits"]
+
+
+ENTRY = """
+import gc, sys
+from recipes.entry import main
+try:
+    main(["recipes"])
+except SystemExit as e:
+    assert not e.code, e.code
+print(gc.isenabled(), gc.get_freeze_count(), "torch" in sys.modules, file=sys.stderr)
+"""
+
+
+def test_the_command_line_freezes_its_start_up_objects_and_leaves_the_collector_on():
+    enabled, frozen, torch_loaded = _python(ENTRY).stderr.split()
+    assert enabled == "True" and torch_loaded == "True"
+    assert int(frozen) > 100_000  # torch, ignite and kiln's modules: never walked by a collection again
+
+
+def test_kiln_gc_default_leaves_the_collector_as_python_sets_it():
+    enabled, frozen, _ = _python(ENTRY, KILN_GC="default").stderr.split()
+    assert (enabled, frozen) == ("True", "0")
+
+
+def test_python_dash_m_recipes_is_the_kiln_command():
+    listed = _python("", "-m", "recipes", "recipes").stdout
+    installed = subprocess.run([str(Path(sys.executable).with_name("kiln")), "recipes"], capture_output=True,
+                               text=True, cwd=ROOT, timeout=180)
+    assert installed.returncode == 0, installed.stderr
+    assert "digits" in listed and listed == installed.stdout
