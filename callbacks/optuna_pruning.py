@@ -1,13 +1,15 @@
 """OptunaPruning: report each validation's score to an Optuna trial and stop the run when it is pruned."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
 from engine.events import EpochEvents, ensure_epoch_events
+
+if TYPE_CHECKING:  # pragma: no cover
+    import optuna
 
 __all__ = ["OptunaPruning"]
 
@@ -40,7 +42,9 @@ the last epoch is reported but never pruned, since the run has nothing left to s
         (False, None)
     """
 
-    def __init__(self, trial: optuna.trial.BaseTrial, score_name: str = "val_accuracy") -> None:
+    def __init__(self, trial: "optuna.trial.BaseTrial", score_name: str = "val_accuracy") -> None:
+        import optuna  # here, not at the top: `import callbacks` should not cost every run optuna's import
+
         if not isinstance(trial, optuna.trial.BaseTrial):
             raise TypeError(f"trial must be an optuna trial, not {type(trial).__name__}")
         if not score_name:

@@ -27,6 +27,11 @@ RUN_PLOTS = ("lr.png", "loss.png", "accuracy.png", "grad_norm.png", "loss_scale.
 
 _DPI = 110
 _SIZE = (8.0, 4.6)
+#: Fixed margins (fractions of the figure) of the one-axes plots. matplotlib's constrained layout
+#: draws every text twice to measure it, which cost the end of each digits run 0.14 s for the same
+#: picture; tick labels here are at most six characters wide, so fixed margins fit them.
+_MARGINS = {"left": 0.105, "right": 0.975, "bottom": 0.11, "top": 0.905}
+_TOP_UNDER_EPOCH_AXIS = 0.845
 _TRAIN, _VAL, _ACCENT, _WARN = "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"
 
 
@@ -47,8 +52,9 @@ def ema(values: Sequence[float], beta: float = 0.8) -> list[float]:
 
 
 def _figure(title: str, size: tuple[float, float] = _SIZE) -> tuple[Figure, Any]:
-    fig = Figure(figsize=size, dpi=_DPI, layout="constrained")
+    fig = Figure(figsize=size, dpi=_DPI)
     FigureCanvasAgg(fig)
+    fig.subplots_adjust(**_MARGINS)
     ax = fig.add_subplot()
     ax.set_title(title, fontsize=12)
     ax.grid(True, which="major", alpha=0.3)
@@ -74,6 +80,7 @@ def _epoch_axis(ax: Any, batches_per_epoch: int | None) -> None:
     if batches_per_epoch:
         top = ax.secondary_xaxis("top", functions=(lambda it: it / batches_per_epoch, lambda ep: ep * batches_per_epoch))
         top.set_xlabel("epoch")
+        ax.figure.subplots_adjust(top=_TOP_UNDER_EPOCH_AXIS)
 
 
 def _label_log_minor_ticks(ax: Any) -> None:

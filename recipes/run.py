@@ -85,20 +85,24 @@ class Assembly:
 
 
 def versions() -> dict[str, str]:
-    """The versions a run was made with (written into config.json)."""
+    """The versions a run was made with (written into config.json).
+
+    torchvision's comes from its installed metadata (e.g. ``0.29.1``, without a ``+cu130`` local tag):
+    importing torchvision only to read its version would cost a digits run 0.2 s.
+    """
     import ignite
-    import torchvision
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "ignite": ignite.__version__, "kiln": _kiln_version()}
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": _installed_version("torchvision"), "ignite": ignite.__version__,
+            "kiln": _installed_version("kiln")}
 
 
-def _kiln_version() -> str:
+def _installed_version(distribution: str) -> str:
     try:
         from importlib.metadata import version
 
-        return version("kiln")
-    except Exception:  # not installed as a distribution (e.g. run from a checkout)
+        return version(distribution)
+    except Exception:  # not installed as a distribution (e.g. kiln run from a checkout)
         return "0+unknown"
 
 
