@@ -129,8 +129,9 @@ def kiln_config(model: str, epochs: int, device: str, precision: str, channels_l
         cfg = apply_overrides(get_recipe("digits"), overrides)
     except ConfigError as e:
         sys.exit(f"bench: kiln cannot run this configuration: {e}")
+    # kiln-cli runs `kiln train digits` as a user types it: the memory format stays kiln's default
     sets = [f"{k}={str(v).lower()}" for k, v in overrides.items() if k not in ("train.epochs", "train.device",
-                                                                              "train.precision")]
+                                                                              "train.precision", "train.channels_last")]
     return cfg, sets
 
 
@@ -215,7 +216,6 @@ def run_kiln(args: argparse.Namespace) -> dict[str, Any]:
 
 def worker(args: argparse.Namespace) -> None:
     """Run one variant in this (fresh) process and write its figures to ``--result``."""
-    args.channels_last = bool(args.channels_last)  # the parent passes --channels-last only when it is on
     figures = run_limit(args) if args.worker == "limit" else run_kiln(args)
     Path(args.result).write_text(json.dumps(figures))
 
@@ -237,7 +237,7 @@ def _child_env(mode: str, variant: str) -> dict[str, str]:
 
 def _kiln_command() -> list[str]:
     script = Path(sys.executable).with_name("kiln")
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from recipes.cli import main; main()"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "recipes"]
 
 
 def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> dict[str, Any]:
@@ -266,6 +266,7 @@ def run_variant(variant: str, mode: str, args: argparse.Namespace, model: str, d
         cmd = [sys.executable, str(HERE / "plain_loop.py"), *common]
     elif variant in ("limit", "kiln"):
         cmd = [sys.executable, str(HERE / "bench.py"), "--worker", variant, *common]
+        cmd += [] if channels_last else ["--no-channels-last"]
         cmd += ["--sync-check"] if variant == "kiln" and device == "cuda" else []
     else:
         run_dir = tmp / tag
@@ -356,7 +357,9 @@ def print_table(summary: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     print(f"\n{meta['date']}  {meta['machine']['cpu']} ({meta['machine']['cores']} cores)  torch {meta['versions']['torch']}"
           f"  {meta['repeats']} repeats x {meta['epochs']} epochs  load {meta['load_before']} -> {meta['load_after']}")
     for s in summary:
-        print(f"\n{s['model']}  {s['device']} {s['precision']}  malloc {s['malloc']}")
+        layout = "channels_last" if meta.get("channels_last") else "contiguous (NCHW)"
+        print(f"\n{s['model']}  {s['device']} {s['precision']}  malloc {s['malloc']}  limit/plain/kiln: {layout}; "
+              f"kiln-cli: kiln's defaults (channels_last)")
         print(f"  {'variant':<9} {'iter ms':>8} {'mean':>8} {'cpu ms':>8} {'train s':>8} {'wall s':>8} {'cpu s':>8} {'RSS MiB':>8} "
               f"{'faults':>9} {'accuracy':>8}")
         for name, v in s["variants"].items():
@@ -404,8 +407,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (the digits recipe trains 10)")
     p.add_argument("--device", default="all", choices=["cpu", "cuda", "all"], help="all: the CPU, and CUDA when present")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: fp32 on the CPU, bf16 on CUDA")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: on for CUDA, off for the CPU")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="memory format of limit, plain and kiln (default: channels_last, kiln's default); "
+                        "kiln-cli always runs with kiln's defaults")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in every variant")
     p.add_argument("--malloc", default="both", choices=[*MALLOC_MODES, "both"])
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
@@ -439,14 +443,14 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": _machine(),
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
             "command": " ".join(sys.argv), "repeats": args.repeats, "epochs": args.epochs, "warmup": args.warmup,
-            "compile": args.compile, "load_before": [round(x, 2) for x in os.getloadavg()],
+            "compile": args.compile, "channels_last": args.channels_last, "load_before": [round(x, 2) for x in os.getloadavg()],
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}}
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp_name:
         tmp = Path(tmp_name)
         for device in devices:
             precision = args.precision or ("bf16" if device == "cuda" else "fp32")
-            channels_last = args.channels_last if args.channels_last is not None else device == "cuda"
+            channels_last = args.channels_last
             for model in models:
                 _, cli_sets = kiln_config(model, args.epochs, device, precision, channels_last, args.compile)
                 plan = [(mode, v) for mode in modes for v in variants]

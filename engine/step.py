@@ -74,7 +74,8 @@ def create_trainer(
             taken now could not resume exactly).
         epoch_loss_sum, epoch_loss_count: the epoch's sample-weighted sum of finite batch losses and
             their sample count (device tensors, checkpointed); ``state.metrics["train_loss"]`` is their
-            ratio at EPOCH_COMPLETED. A non-finite batch loss is left out (guards report it).
+            ratio at EPOCH_COMPLETED. The sum is float64: adding float32 losses there is exact, so it
+            does not depend on the order of the terms (ranks, a resume). A non-finite batch loss is left out (guards report it).
         epoch_samples, epoch_samples_timed: samples of the epoch so far, and those trained by this
             process (for throughput after a mid-epoch resume).
 
@@ -122,7 +123,7 @@ def create_trainer(
             loss = loss_fn(y_pred, y)
         state.loss = loss.detach().float()
         finite = torch.isfinite(state.loss)  # a non-finite batch is left out of train_loss (guards report it)
-        state.epoch_loss_sum += torch.where(finite, state.loss * x.shape[0], 0.0)
+        state.epoch_loss_sum += torch.where(finite, state.loss.double() * x.shape[0], 0.0)
         state.epoch_loss_count += torch.where(finite, x.shape[0], 0)
         state.epoch_samples += x.shape[0]
         state.epoch_samples_timed += x.shape[0]
@@ -160,7 +161,7 @@ def create_trainer(
     state.loss_scale = None
     state.optimizer_step = 0
     state.accumulating = False
-    state.epoch_loss_sum = torch.zeros((), device=device)
+    state.epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     state.epoch_loss_count = torch.zeros((), dtype=torch.long, device=device)
     state.epoch_samples = 0
     state.epoch_samples_timed = 0
@@ -179,7 +180,7 @@ def create_trainer(
         s = engine.state
         resumed_mid_epoch = s.iteration % s.epoch_length != 0
         if not resumed_mid_epoch:
-            s.epoch_loss_sum = torch.zeros((), device=device)
+            s.epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             s.epoch_loss_count = torch.zeros((), dtype=torch.long, device=device)
             s.epoch_samples = 0
         s.epoch_samples_timed = 0  # samples trained by this process this epoch: throughput
@@ -219,7 +220,7 @@ class _Trainer(Engine):
 
     def load_state_dict(self, state_dict: Any) -> None:
         super().load_state_dict(state_dict)
-        self.state.epoch_loss_sum = self.state.epoch_loss_sum.to(self.device)
+        self.state.epoch_loss_sum = self.state.epoch_loss_sum.to(self.device, torch.float64)
         self.state.epoch_loss_count = self.state.epoch_loss_count.to(self.device)
         if idist.get_world_size() > 1 and idist.get_rank() != 0:
             self.state.epoch_loss_sum = torch.zeros_like(self.state.epoch_loss_sum)

@@ -160,7 +160,8 @@ def show(recipe: str, sets: tuple[str, ...]) -> None:
 @click.option("--early-stop", type=int, metavar="PATIENCE", help="Stop after PATIENCE epochs without a val_accuracy "
               "gain (min gain: --set train.early_stop_min_delta=D). 0: off.")
 @click.option("--accumulation-steps", type=int, metavar="K", help="Batches per optimizer step (gradient accumulation).")
-@click.option("--channels-last", is_flag=True, default=None, help="Train and evaluate in channels_last memory format.")
+@click.option("--channels-last/--no-channels-last", default=None, help="Train and evaluate in the channels_last "
+              "(NHWC) memory format (the default: faster convolutions and pooling, on CPUs too).")
 @click.option("--compile", is_flag=True, default=None, help="torch.compile the training forward (backend: --set "
               "train.compile_backend=NAME); falls back to eager with a warning if compiling fails.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/RECIPE-TIMESTAMP).")

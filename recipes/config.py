@@ -140,7 +140,7 @@ class TrainConfig:
     cutmix_alpha: float = 0.0  #: CutMix's Beta(alpha, alpha), e.g. 1.0 (0 = off); with mixup too, each batch gets one of them
     early_stop_patience: int = 0  #: stop after this many validations without a val_accuracy gain (0 = off)
     early_stop_min_delta: float = 0.0  #: the smallest val_accuracy rise that counts as a gain
-    channels_last: bool = False  #: train and evaluate in the channels_last memory format
+    channels_last: bool = True  #: NHWC memory format in training and evaluation: faster convolutions and pooling, on CPUs too
     compile: bool = False  #: torch.compile the training forward (falls back to eager, with a warning, if it fails)
     compile_backend: str = "inductor"  #: the torch.compile backend (inductor, aot_eager, ...)
     init_scale: float = 65536.0  #: fp16: the first loss scale

@@ -38,17 +38,17 @@ def _load(path):
 
 # --- config and CLI ---------------------------------------------------------------------------------
 
-def test_every_technique_is_off_by_default_and_set_by_its_cli_option():
+def test_every_technique_but_channels_last_is_off_by_default_and_set_by_its_cli_option():
     t = get_recipe("synthetic").train
     assert (t.ema_decay, t.mixup_alpha, t.cutmix_alpha, t.early_stop_patience, t.accumulation_steps,
-            t.channels_last, t.compile, t.compile_backend) == (0.0, 0.0, 0.0, 0, 1, False, False, "inductor")
+            t.channels_last, t.compile, t.compile_backend) == (0.0, 0.0, 0.0, 0, 1, True, False, "inductor")
     cfg = resolve_config("synthetic", ("train.early_stop_min_delta=0.01", "train.compile_backend=aot_eager"),
                          ema=0.999, mixup=0.2, cutmix=1.0, early_stop=3, accumulation_steps=4,
-                         channels_last=True, compile=True)
+                         channels_last=False, compile=True)
     t = cfg.train
     assert (t.ema_decay, t.mixup_alpha, t.cutmix_alpha, t.early_stop_patience, t.early_stop_min_delta,
             t.accumulation_steps, t.channels_last, t.compile, t.compile_backend) == (
-        0.999, 0.2, 1.0, 3, 0.01, 4, True, True, "aot_eager")
+        0.999, 0.2, 1.0, 3, 0.01, 4, False, True, "aot_eager")
 
 
 @pytest.mark.parametrize("key, value", [("train.ema_decay", 1.0), ("train.ema_decay", -0.1), ("train.mixup_alpha", -1),
@@ -255,14 +255,14 @@ def test_every_option_runs_through_kiln_train_and_lands_in_config_json(tmp_path)
 
     run_dir = tmp_path / "run"
     done = kiln("train", "synthetic", *SYNTHETIC_TINY, "--epochs", "3", "--ema", "0.99", "--mixup", "0.2",
-                "--cutmix", "1.0", "--early-stop", "5", "--accumulation-steps", "2", "--channels-last",
+                "--cutmix", "1.0", "--early-stop", "5", "--accumulation-steps", "2", "--no-channels-last",
                 "--compile", "--set", "train.compile_backend=aot_eager", "--out", str(run_dir))
     assert done.returncode == 0, done.stderr
     assert "torch.compile failed" not in done.stderr
     train = json.loads((run_dir / "config.json").read_text())["train"]
     assert {k: train[k] for k in TECHNIQUE_KEYS} == {
         "ema_decay": 0.99, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "early_stop_patience": 5,
-        "early_stop_min_delta": 0.0, "accumulation_steps": 2, "channels_last": True, "compile": True,
+        "early_stop_min_delta": 0.0, "accumulation_steps": 2, "channels_last": False, "compile": True,
         "compile_backend": "aot_eager"}
     state = final_state(run_dir)
     assert state["trainer"]["optimizer_step"] == 12  # 8 batches per epoch, 2 per step
