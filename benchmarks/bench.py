@@ -10,7 +10,8 @@ them all alike:
   GradScaler, ``clip_grad_norm_``, OneCycleLR per batch, validation every epoch);
 - ``kiln``: the same job through kiln's Python API (``recipes.run.build``: every handler the CLI
   attaches, run directory included);
-- ``kiln-cli``: ``kiln train digits`` as a process (whole-run wall time, from spawn to exit).
+- ``kiln-cli``: ``kiln train digits`` as a process, with kiln's own defaults (channels_last whatever
+  ``--channels-last`` says; whole-run wall time, from spawn to exit).
 
 Per variant it reports the median iteration time (intervals between consecutive iterations within an
 epoch, warm-up left out; the median over runs of each run's median), the training seconds, the
@@ -349,7 +350,11 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """``value`` formatted with ``spec``; a missing value is a ``-`` as wide as the spec asks."""
+    if value is None:
+        width = spec.split(".")[0].rstrip("fd")
+        return "-".rjust(int(width)) if width.isdigit() else "-"
+    return format(value, spec)
 
 
 def print_table(summary: list[dict[str, Any]], meta: dict[str, Any]) -> None:
