@@ -427,7 +427,7 @@ def report(run_dir: str) -> None:
 
 def _final_lines(run: Assembly) -> int:
     """Print the final lines of a run (rank 0 only); return its exit status: 0, 3 diverged, 130 Ctrl-C."""
-    from callbacks.nan_guard import format_diagnosis
+    from callbacks.nan_diagnosis import format_diagnosis
 
     summary = run.handlers["summary"]
     s = run.trainer.state

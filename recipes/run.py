@@ -18,7 +18,7 @@ from ignite.metrics import Accuracy, Loss
 from callbacks import (AMP, Checkpointer, GracefulStop, GradClip, MetricsLog, NanGuard, OneCycle, Progress, RunSummary,
                        TensorBoard, Validation)
 from callbacks._files import append_jsonl, truncate_jsonl, write_json_atomic
-from callbacks.nan_guard import summarize_diagnosis
+from callbacks.nan_diagnosis import summarize_diagnosis
 from callbacks import EMA, EarlyStop, MixUpCutMix
 from engine import Precision, create_evaluator, create_trainer, resolve_device, resolve_precision
 from engine.rng import RNGState

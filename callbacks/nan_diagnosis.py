@@ -1,0 +1,87 @@
+"""How NanGuard words a divergence: the hint, the one-line summary and the few lines the CLI prints.
+
+A diagnosis is the plain dict NanGuard builds (and events.jsonl keeps): ``what``, ``iteration``,
+``epoch``, ``cause`` (parameter, buffer, input, loss, gradient, loss_explosion, loss_scale,
+other_rank), ``parameter``, ``lr``, ``peak_lr``, ``loss_scale``, ``grad_norm_history``, ``why``...
+These functions only read it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["hint", "spread", "summarize_diagnosis", "format_diagnosis"]
+
+
+def spread(history: list[dict[str, Any]]) -> str:
+    """``; the grad norm ranged from a to b over the last n steps`` when it varied by more than 100x."""
+    finite = [h["grad_norm"] for h in history if isinstance(h["grad_norm"], float) and h["grad_norm"] > 0]
+    if len(finite) < 2 or max(finite) < 100 * min(finite):
+        return ""
+    return f"; the grad norm ranged from {min(finite):.3g} to {max(finite):.3g} over the last {len(history)} steps"
+
+
+def hint(d: dict[str, Any]) -> str:
+    """A plain-language next step for a diagnosis."""
+    name, it, cause = d.get("parameter"), d["iteration"], d["cause"]
+    spread_note = spread(d["grad_norm_history"])
+    lr_advice = f"max_lr {d['peak_lr']:.3g} is high for this model: lower --max-lr, or run `kiln lr-find` to pick one"
+    if cause == "input":
+        return f"the input batch at iteration {it} holds NaN/Inf: check the data and its normalisation"
+    if cause == "other_rank":
+        return "another process of this data-parallel run found the divergence; its own values were sound"
+    if cause == "buffer":
+        return (f"buffer {name} (normalisation statistics) is non-finite: activations overflowed because the weights "
+                f"grew too large{spread_note} ({lr_advice}), or a batch with NaN/Inf went through the model")
+    if cause == "parameter":
+        return (f"parameter {name} became non-finite: an update overflowed (lr {d['lr']:.3g}) or code outside the "
+                f"optimizer wrote into the weights{spread_note}; if it is the LR, {lr_advice}")
+    if cause == "loss_explosion":
+        return f"the loss grew to {d['max_loss'] / d['first_loss']:.3g}x its first value{spread_note}: {lr_advice}"
+    if cause == "loss_scale":
+        return (f"the fp16 loss scale collapsed ({d.get('consecutive_skipped_steps')} skipped steps in a row, scale "
+                f"{d.get('loss_scale_now'):g}), first in the {d['first_nonfinite']}: the gradients overflow at any "
+                f"scale; {lr_advice}, or train in bf16 or fp32 (--precision)")
+    if cause == "gradient" and len(d.get("nonfinite_gradients") or []) == 1 and not spread_note:
+        return (f"only the gradient of {name} is non-finite while the loss is finite: look for an unstable operation "
+                "in that layer's backward (sqrt, log, pow, or a division near 0)")
+    what = "the loss" if cause == "loss" else "the backward pass"
+    return f"{what} overflowed with finite weights and inputs{spread_note}: {lr_advice}"
+
+
+def summarize_diagnosis(d: dict[str, Any]) -> str:
+    """One line: what went wrong, where, and what was done (summary.json's "diagnosis").
+
+    Example:
+        >>> summarize_diagnosis({"what": "non-finite loss", "iteration": 7, "epoch": 1, "why": "policy stop"})
+        'training diverged: non-finite loss at iteration 7 (epoch 1); stopped (policy stop)'
+    """
+    return f"training diverged: {d['what']} at iteration {d['iteration']} (epoch {d['epoch']}); stopped ({d['why']})"
+
+
+def format_diagnosis(d: dict[str, Any]) -> str:
+    """A diagnosis as a few lines for a person (the CLI prints it once when a run diverged).
+
+    Example:
+        >>> print(format_diagnosis({"what": "non-finite loss", "iteration": 7, "epoch": 1, "lr": 0.5,
+        ...     "peak_lr": 0.5, "loss_scale": None, "grad_norm_history": [{"iteration": 6, "grad_norm": 3.0}],
+        ...     "why": "policy stop", "restored_iteration": 5, "hint": "lower the LR"}))
+        training diverged: non-finite loss at iteration 7 (epoch 1)
+          lr 0.5 (peak 0.5)
+          grad norm at iterations 6-6: 3
+          stopped (policy stop); weights restored to those of iteration 5
+          hint: lower the LR
+    """
+    seen = f", last seen sound at iteration {d['finite_at']}" if d.get("finite_at") is not None else ""
+    lines = [f"training diverged: {d['what']} at iteration {d['iteration']} (epoch {d['epoch']}{seen})"]
+    scale = f", loss scale {d['loss_scale']:g}" if d.get("loss_scale") is not None else ""
+    lines.append(f"  lr {d['lr']:.3g} (peak {d['peak_lr']:.3g}){scale}")
+    history = d.get("grad_norm_history") or []
+    if history:
+        values = " ".join(f"{h['grad_norm']:.3g}" if isinstance(h["grad_norm"], float) else str(h["grad_norm"])
+                          for h in history)
+        lines.append(f"  grad norm at iterations {history[0]['iteration']}-{history[-1]['iteration']}: {values}")
+    restored = d.get("restored_iteration")
+    restored = f"; weights restored to those of iteration {restored}" if restored is not None else ""
+    lines.append(f"  stopped ({d['why']}){restored}")
+    lines.append(f"  hint: {d['hint']}")
+    return "\n".join(lines)
