@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
 from callbacks._files import append_jsonl
+from callbacks.nan_diagnosis import format_diagnosis, hint, summarize_diagnosis
 from engine.events import StepEvents
 
 __all__ = ["NanGuard", "POLICIES", "format_diagnosis", "summarize_diagnosis"]
@@ -35,9 +36,11 @@ class NanGuard:
     scaler's skips and scale (OPTIMIZER_STEP_COMPLETED): single skips are normal and only counted, a
     collapse (``max_consecutive_skips`` in a row once a scale has worked, or a scale below
     ``min_loss_scale``) is divergence; the skips that bring a too-high ``init_scale`` down are not.
-    fp32/bf16 with skip or rollback read one flag per optimizer step (BEFORE_OPTIMIZER_STEP), so a bad
-    update is never applied; stop and fp16 keep the first bad step's values on the device and read
-    them at the checks. A tensor counts as non-finite when its fp32 2-norm is (NaN/Inf, or >~1e19).
+    fp32/bf16 with skip read one flag per optimizer step (BEFORE_OPTIMIZER_STEP), so the bad update is
+    never applied; rollback, stop and fp16 keep the first bad step's values on the device and read them
+    at the checks, so the step never waits for the device (on a GPU, no host sync per step): the bad
+    updates made since the last sound check are undone by the restore. A tensor counts as non-finite
+    when its fp32 2-norm is (NaN/Inf, or >~1e19).
 
     Policies: ``skip`` sets ``state.skip_step`` (no update; the schedule does not advance; non-finite
     BatchNorm statistics come back from the snapshot) and rolls back instead past ``max_skips`` skips
@@ -188,7 +191,7 @@ class NanGuard:
         s = engine.state
         self._reset_run()
         self._scaled = getattr(s, "scaler", None) is not None
-        self._deferred = not self._scaled and self.policy == "stop"
+        self._deferred = not self._scaled and self.policy != "skip"  # skip must decide before the update
         s.diverged = None
         if bool(self._finite_tensor()):
             self._take_snapshot(engine)
@@ -217,7 +220,7 @@ class NanGuard:
             self._record_first(s)
 
     def _record_first(self, s: Any) -> None:
-        """Stop policy, fp32/bf16: keep on the device the values of the first bad step since the last read.
+        """Rollback and stop, fp32/bf16: keep on the device the values of the first bad step since the last read.
 
         One vector per step: [loss, input sum, each parameter's norm, each gradient's norm]; its sum is
         NaN/Inf when any entry is.
@@ -226,7 +229,7 @@ class NanGuard:
         inputs = self._zero
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device == self.device:
             inputs = x.sum(dtype=torch.float32)
-        params = torch._foreach_norm([p for _, p in self.params], 2, dtype=torch.float32)
+        params = torch._foreach_norm([p.detach() for _, p in self.params], 2, dtype=torch.float32)  # no graph
         now = torch.cat([torch.stack([self._loss_sum, inputs, *params]), self._grad_norms])
         ok = torch.isfinite(now.sum())
         new = ~(ok | self._seen)
@@ -279,7 +282,7 @@ class NanGuard:
                 self._take_snapshot(engine)
             return
         if self._deferred and bool(self._seen):
-            self._act(engine, self._diagnose_deferred(engine), cannot_skip="the policy is stop")
+            self._act(engine, self._diagnose_deferred(engine), cannot_skip=f"the policy is {self.policy}")
             return
         params, buffers = _nonfinite_names(self.params), _nonfinite_names(self.buffers)
         if params or buffers:
@@ -373,7 +376,7 @@ class NanGuard:
             "lr": extra.pop("lr", lr), "peak_lr": self._peak_lr(), "loss_scale": extra.pop("loss_scale", scale),
             "grad_norm_history": self._grad_history(iteration), **extra,
         }
-        diag["hint"] = _hint(diag)
+        diag["hint"] = hint(diag)
         return diag
 
     def _grad_history(self, upto: int) -> list[dict[str, Any]]:
@@ -528,7 +531,8 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     That is kiln's test for a non-finite tensor: NaN/Inf values, or values so large (about 1e19) that
     the norm overflows. It is far cheaper than ``isfinite().all()`` per tensor on the CPU.
     """
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    with torch.no_grad():  # of parameters too: a norm kept across steps must not keep their graphs alive
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
 
 
 def _nonfinite_names(named: list[tuple[str, torch.Tensor]]) -> list[str]:
@@ -549,78 +553,3 @@ def _clone(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_clone(v) for v in value)
     return copy.deepcopy(value)
-
-
-def _spread(history: list[dict[str, Any]]) -> str:
-    """``; the grad norm ranged from a to b over the last n steps`` when it varied by more than 100x."""
-    finite = [h["grad_norm"] for h in history if isinstance(h["grad_norm"], float) and h["grad_norm"] > 0]
-    if len(finite) < 2 or max(finite) < 100 * min(finite):
-        return ""
-    return f"; the grad norm ranged from {min(finite):.3g} to {max(finite):.3g} over the last {len(history)} steps"
-
-
-def _hint(d: dict[str, Any]) -> str:
-    """A plain-language next step for a diagnosis."""
-    name, it, cause = d.get("parameter"), d["iteration"], d["cause"]
-    spread = _spread(d["grad_norm_history"])
-    lr_advice = f"max_lr {d['peak_lr']:.3g} is high for this model: lower --max-lr, or run `kiln lr-find` to pick one"
-    if cause == "input":
-        return f"the input batch at iteration {it} holds NaN/Inf: check the data and its normalisation"
-    if cause == "other_rank":
-        return "another process of this data-parallel run found the divergence; its own values were sound"
-    if cause == "buffer":
-        return (f"buffer {name} (normalisation statistics) is non-finite: activations overflowed because the weights "
-                f"grew too large{spread} ({lr_advice}), or a batch with NaN/Inf went through the model")
-    if cause == "parameter":
-        return (f"parameter {name} became non-finite: an update overflowed (lr {d['lr']:.3g}) or code outside the "
-                f"optimizer wrote into the weights{spread}; if it is the LR, {lr_advice}")
-    if cause == "loss_explosion":
-        return f"the loss grew to {d['max_loss'] / d['first_loss']:.3g}x its first value{spread}: {lr_advice}"
-    if cause == "loss_scale":
-        return (f"the fp16 loss scale collapsed ({d.get('consecutive_skipped_steps')} skipped steps in a row, scale "
-                f"{d.get('loss_scale_now'):g}), first in the {d['first_nonfinite']}: the gradients overflow at any "
-                f"scale; {lr_advice}, or train in bf16 or fp32 (--precision)")
-    if cause == "gradient" and len(d.get("nonfinite_gradients") or []) == 1 and not spread:
-        return (f"only the gradient of {name} is non-finite while the loss is finite: look for an unstable operation "
-                "in that layer's backward (sqrt, log, pow, or a division near 0)")
-    what = "the loss" if cause == "loss" else "the backward pass"
-    return f"{what} overflowed with finite weights and inputs{spread}: {lr_advice}"
-
-
-def summarize_diagnosis(d: dict[str, Any]) -> str:
-    """One line: what went wrong, where, and what was done (summary.json's "diagnosis").
-
-    Example:
-        >>> summarize_diagnosis({"what": "non-finite loss", "iteration": 7, "epoch": 1, "why": "policy stop"})
-        'training diverged: non-finite loss at iteration 7 (epoch 1); stopped (policy stop)'
-    """
-    return f"training diverged: {d['what']} at iteration {d['iteration']} (epoch {d['epoch']}); stopped ({d['why']})"
-
-
-def format_diagnosis(d: dict[str, Any]) -> str:
-    """A diagnosis as a few lines for a person (the CLI prints it once when a run diverged).
-
-    Example:
-        >>> print(format_diagnosis({"what": "non-finite loss", "iteration": 7, "epoch": 1, "lr": 0.5,
-        ...     "peak_lr": 0.5, "loss_scale": None, "grad_norm_history": [{"iteration": 6, "grad_norm": 3.0}],
-        ...     "why": "policy stop", "restored_iteration": 5, "hint": "lower the LR"}))
-        training diverged: non-finite loss at iteration 7 (epoch 1)
-          lr 0.5 (peak 0.5)
-          grad norm at iterations 6-6: 3
-          stopped (policy stop); weights restored to those of iteration 5
-          hint: lower the LR
-    """
-    seen = f", last seen sound at iteration {d['finite_at']}" if d.get("finite_at") is not None else ""
-    lines = [f"training diverged: {d['what']} at iteration {d['iteration']} (epoch {d['epoch']}{seen})"]
-    scale = f", loss scale {d['loss_scale']:g}" if d.get("loss_scale") is not None else ""
-    lines.append(f"  lr {d['lr']:.3g} (peak {d['peak_lr']:.3g}){scale}")
-    history = d.get("grad_norm_history") or []
-    if history:
-        values = " ".join(f"{h['grad_norm']:.3g}" if isinstance(h["grad_norm"], float) else str(h["grad_norm"])
-                          for h in history)
-        lines.append(f"  grad norm at iterations {history[0]['iteration']}-{history[-1]['iteration']}: {values}")
-    restored = d.get("restored_iteration")
-    restored = f"; weights restored to those of iteration {restored}" if restored is not None else ""
-    lines.append(f"  stopped ({d['why']}){restored}")
-    lines.append(f"  hint: {d['hint']}")
-    return "\n".join(lines)
