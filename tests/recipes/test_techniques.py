@@ -12,11 +12,12 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from ignite.engine import Events
 
 from engine import create_trainer
 from recipes import get_recipe
-from recipes.cli import resolve_config
+from recipes.cli import cli, resolve_config
 from recipes.compiled import CompiledForward
 from recipes.config import ConfigError, apply_overrides
 from recipes.run import _execute, build, evaluate_checkpoint, resume, write_config
@@ -255,14 +256,14 @@ def test_every_option_runs_through_kiln_train_and_lands_in_config_json(tmp_path)
 
     run_dir = tmp_path / "run"
     done = kiln("train", "synthetic", *SYNTHETIC_TINY, "--epochs", "3", "--ema", "0.99", "--mixup", "0.2",
-                "--cutmix", "1.0", "--early-stop", "5", "--accumulation-steps", "2", "--no-channels-last",
+                "--cutmix", "1.0", "--early-stop", "5", "--accumulation-steps", "2", "--channels-last",
                 "--compile", "--set", "train.compile_backend=aot_eager", "--out", str(run_dir))
     assert done.returncode == 0, done.stderr
     assert "torch.compile failed" not in done.stderr
     train = json.loads((run_dir / "config.json").read_text())["train"]
     assert {k: train[k] for k in TECHNIQUE_KEYS} == {
         "ema_decay": 0.99, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "early_stop_patience": 5,
-        "early_stop_min_delta": 0.0, "accumulation_steps": 2, "channels_last": False, "compile": True,
+        "early_stop_min_delta": 0.0, "accumulation_steps": 2, "channels_last": True, "compile": True,
         "compile_backend": "aot_eager"}
     state = final_state(run_dir)
     assert state["trainer"]["optimizer_step"] == 12  # 8 batches per epoch, 2 per step
@@ -270,6 +271,16 @@ def test_every_option_runs_through_kiln_train_and_lands_in_config_json(tmp_path)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     evaluated = kiln("eval", str(run_dir / "checkpoints" / "last.pt"))
     assert evaluated.returncode == 0, evaluated.stderr
+
+
+def test_no_channels_last_trains_in_nchw_and_says_so_in_config_json(tmp_path):
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "synthetic", *SYNTHETIC_TINY, "--epochs", "1", "--no-channels-last",
+                                      "--out", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "config.json").read_text())["train"]["channels_last"] is False
+    conv_weight = next(v for k, v in _load(run_dir / "checkpoints" / "last.pt")["model"].items() if v.dim() == 4)
+    assert conv_weight.is_contiguous() and not conv_weight.is_contiguous(memory_format=torch.channels_last)
 
 
 # digits, 23 iterations an epoch: early stopping (no gain of 0.5 can come) ends the 4-epoch run after epoch 2
