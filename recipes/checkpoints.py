@@ -66,6 +66,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path} is truncated or corrupt: {reason}") from None
+    except Exception as e:  # noqa: BLE001 - arbitrary bytes make the unpickler fail in any way (IndexError, KeyError...)
+        raise ConfigError(f"{path} is not a checkpoint: it could not be read ({type(e).__name__})") from None
     meta = checkpoint.get("kiln") if isinstance(checkpoint, dict) else None
     if not isinstance(meta, dict) or "config" not in meta:
         raise ConfigError(f"{path} is not a kiln checkpoint (it has no 'kiln' section)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -66,14 +67,23 @@ def test_truncated_corrupt_and_foreign_files_are_refused(tmp_path, finished_run)
     truncated.write_bytes(last.read_bytes()[: len(last.read_bytes()) // 2])
     assert_one_line_error(kiln("eval", str(truncated)), "truncated or corrupt")
     garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(os.urandom(4096))
-    assert_one_line_error(kiln("eval", str(garbage)))
+    garbage.write_bytes(random.Random(2).randbytes(4096))  # torch's unpickler raises IndexError on these bytes
+    assert_one_line_error(kiln("eval", str(garbage)), "not a checkpoint")
     foreign = tmp_path / "foreign.pt"
     torch.save({"weight": torch.ones(2)}, foreign)
     assert_one_line_error(kiln("eval", str(foreign)), "not a kiln checkpoint")
     assert_one_line_error(kiln("eval", str(tmp_path / "missing.pt")), "no checkpoint at")
     best = next((finished_run / "checkpoints").glob("best-*.pt"))
     assert_one_line_error(kiln("train", "digits", "--resume", str(best)), "weights only")
+
+
+def test_any_garbage_is_refused_with_a_config_error(tmp_path):
+    """Random bytes make torch's weights-only unpickler fail in many ways (IndexError, KeyError, ...)."""
+    for seed in range(300):
+        garbage = tmp_path / f"garbage-{seed}.pt"
+        garbage.write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(ConfigError, match=str(garbage)):
+            load_checkpoint(garbage)
 
 
 def test_resume_needs_a_run_directory_with_a_checkpoint(tmp_path):
