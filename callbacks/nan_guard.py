@@ -229,8 +229,8 @@ class NanGuard:
         inputs = self._zero
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device == self.device:
             inputs = x.sum(dtype=torch.float32)
-        params = torch._foreach_norm([p.detach() for _, p in self.params], 2, dtype=torch.float32)  # no graph
-        now = torch.cat([torch.stack([self._loss_sum, inputs, *params]), self._grad_norms])
+        params = _norms([p for _, p in self.params])
+        now = torch.cat([torch.stack([self._loss_sum, inputs]), params, self._grad_norms])
         ok = torch.isfinite(now.sum())
         new = ~(ok | self._seen)
         if self._first is None:
