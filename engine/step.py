@@ -75,7 +75,8 @@ def create_trainer(
         epoch_loss_sum, epoch_loss_count: the epoch's sample-weighted sum of finite batch losses and
             their sample count (device tensors, checkpointed); ``state.metrics["train_loss"]`` is their
             ratio at EPOCH_COMPLETED. The sum is float64: adding float32 losses there is exact, so it
-            does not depend on the order of the terms (ranks, a resume). A non-finite batch loss is left out (guards report it).
+            does not depend on the order of the terms (ranks, a resume). A non-finite batch loss is
+            left out (guards report it).
         epoch_samples, epoch_samples_timed: samples of the epoch so far, and those trained by this
             process (for throughput after a mid-epoch resume).
 

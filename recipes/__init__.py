@@ -6,6 +6,7 @@ the heavy imports.
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -14,8 +15,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["RECIPES", "get_recipe"]
 
 
+@functools.cache
 def _registry() -> dict[str, "Config"]:
-    """Every named recipe, by name. A plain dict: grep it, no registration side effects."""
+    """Every named recipe, by name (built once). A plain dict: grep it, no registration side effects."""
     from recipes import cifar10, digits, imagefolder, synthetic
 
     return {
@@ -26,15 +28,9 @@ def _registry() -> dict[str, "Config"]:
     }
 
 
-def _recipes() -> dict[str, "Config"]:
-    if "RECIPES" not in globals():  # built once, on first use
-        globals()["RECIPES"] = _registry()
-    return globals()["RECIPES"]
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: `from recipes import RECIPES` builds it
+def __getattr__(name: str) -> Any:  # PEP 562: `from recipes import RECIPES` builds it on first use
     if name == "RECIPES":
-        return _recipes()
+        return _registry()
     raise AttributeError(f"module 'recipes' has no attribute {name!r}")
 
 
@@ -46,8 +42,7 @@ def get_recipe(name: str) -> "Config":
     """
     from recipes.config import ConfigError
 
-    registry = _recipes()
     try:
-        return registry[name]
+        return _registry()[name]
     except KeyError:
-        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(registry))}") from None
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(_registry()))}") from None
