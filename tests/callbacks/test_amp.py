@@ -46,6 +46,20 @@ def _check_second_step_skipped(steps, amp, state):
     assert state.skipped_steps == 1
 
 
+def _check_an_inf_gradient_at_step_two_is_skipped(model, batches, device):
+    """Write inf into a gradient of the second optimizer step: that step is skipped, the scale halves."""
+    trainer, amp, _ = _fp16_trainer(model, device=device)
+    steps = _track_steps(trainer, model)
+
+    @trainer.on(StepEvents.BACKWARD_COMPLETED)
+    def poison(engine):
+        if engine.state.optimizer_step == 2:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+
+    state = trainer.run(batches, max_epochs=1)
+    _check_second_step_skipped(steps, amp, state)
+
+
 def test_unit_it_counts_the_steps_the_trainer_reports_skipped():
     engine = Engine(lambda e, batch: None)
     amp = AMP(device="cpu")
@@ -68,16 +82,7 @@ def test_unit_attach_installs_the_scaler_only_for_fp16(make_model):
 
 def test_an_inf_gradient_skips_the_step_and_halves_the_scale(make_model, batches):
     model = make_model()
-    trainer, amp, _ = _fp16_trainer(model)
-    steps = _track_steps(trainer, model)
-
-    @trainer.on(StepEvents.BACKWARD_COMPLETED)
-    def poison(engine):
-        if engine.state.optimizer_step == 2:
-            next(model.parameters()).grad.view(-1)[0] = float("inf")
-
-    state = trainer.run(batches, max_epochs=1)
-    _check_second_step_skipped(steps, amp, state)
+    _check_an_inf_gradient_at_step_two_is_skipped(model, batches, device="cpu")
 
 
 def test_an_inf_input_skips_the_step(make_model, batches):
@@ -181,13 +186,4 @@ def test_bad_arguments_are_refused(kwargs):
 @pytest.mark.gpu
 def test_fp16_on_cuda_skips_an_inf_step(make_model, batches):
     model = make_model().cuda()
-    trainer, amp, _ = _fp16_trainer(model, device="cuda")
-    steps = _track_steps(trainer, model)
-
-    @trainer.on(StepEvents.BACKWARD_COMPLETED)
-    def poison(engine):
-        if engine.state.optimizer_step == 2:
-            next(model.parameters()).grad.view(-1)[0] = float("inf")
-
-    state = trainer.run(batches, max_epochs=1)
-    _check_second_step_skipped(steps, amp, state)
+    _check_an_inf_gradient_at_step_two_is_skipped(model, batches, device="cuda")

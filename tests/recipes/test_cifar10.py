@@ -11,11 +11,13 @@ import torch
 
 from recipes import RECIPES
 from recipes.checkpoints import load_checkpoint
-from recipes.cli import main
 from recipes.config import apply_overrides
 from recipes.data import DataError
 from recipes.datasets import CIFAR10_CLASSES, cifar10_data, load_cifar10
 from recipes.models import build_model, resnet9
+from tests.recipes import kiln_in_process as kiln
+
+
 TRAIN_PER_BATCH, TEST_IMAGES = 8, 20
 
 
@@ -116,15 +118,6 @@ def test_resnet9_is_the_dawnbench_network():
     model.eval()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert build_model("resnet9", 1, 4, 16, ()).eval()(torch.randn(1, 1, 16, 16)).shape == (1, 4)
-
-
-def kiln(*args: str) -> int:
-    """``kiln ARGS`` through the console script's entry point, in this process (no second torch import)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KILN_MALLOC", "default")  # leave the test process's allocator alone
-        with pytest.raises(SystemExit) as info:
-            main(list(args))
-    return info.value.code
 
 
 @pytest.fixture(scope="module")

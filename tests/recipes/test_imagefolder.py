@@ -13,10 +13,10 @@ from PIL import Image
 
 from recipes import RECIPES
 from recipes.checkpoints import load_checkpoint
-from recipes.cli import main
 from recipes.config import ConfigError, apply_overrides
 from recipes.data import DataError
 from recipes.datasets import imagefolder_data
+from tests.recipes import kiln_in_process as kiln
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -33,15 +33,6 @@ def write_image_folder(root: Path, per_class: dict[str, int], size: tuple[int, i
                 image = Image.fromarray(gray, mode="L")
                 (image if k % 2 else image.convert("RGB")).save(folder / f"{k}.png")
     return root
-
-
-def kiln(*args: str) -> int:
-    """``kiln ARGS`` through the console script's entry point, in this process (no second torch import)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KILN_MALLOC", "default")  # leave the test process's allocator alone
-        with pytest.raises(SystemExit) as info:
-            main(list(args))
-    return info.value.code
 
 
 @pytest.fixture(scope="module")
