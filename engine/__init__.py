@@ -2,7 +2,7 @@
 from engine.evaluator import create_evaluator
 from engine.events import EpochEvents, StepEvents
 from engine.precision import Precision, resolve_device, resolve_precision
-from engine.step import StepOutput, create_trainer, iteration_seed, prepare_batch
+from engine.step import StepOutput, create_trainer, is_epoch_end, iteration_seed, prepare_batch
 
 __all__ = [
     "create_trainer",
@@ -15,4 +15,5 @@ __all__ = [
     "resolve_device",
     "prepare_batch",
     "iteration_seed",
+    "is_epoch_end",
 ]

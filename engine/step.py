@@ -11,7 +11,7 @@ from ignite.engine import Engine, Events
 from engine.events import STEP_EVENT_COUNTERS, EpochEvents, StepEvents
 from engine.precision import Precision, resolve_for_model
 
-__all__ = ["create_trainer", "StepOutput", "prepare_batch", "iteration_seed"]
+__all__ = ["create_trainer", "StepOutput", "prepare_batch", "iteration_seed", "is_epoch_end"]
 
 log = logging.getLogger("kiln")
 
@@ -36,6 +36,17 @@ def _seed_generators(seed: int, device: torch.device) -> None:
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()].manual_seed(seed)
+
+
+def is_epoch_end(state: Any) -> bool:
+    """Whether ``state.iteration`` is the last iteration of an epoch (False before the length is known).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> is_epoch_end(SimpleNamespace(iteration=46, epoch_length=23)), is_epoch_end(SimpleNamespace(iteration=45, epoch_length=23))
+        (True, False)
+    """
+    return bool(state.epoch_length) and state.iteration % state.epoch_length == 0
 
 
 def iteration_seed(seed: int, iteration: int) -> int:
@@ -69,6 +80,8 @@ def create_trainer(
         skip_step (bool): a BEFORE_OPTIMIZER_STEP handler may set it to drop this update.
         step_skipped (bool): whether the last optimizer step was skipped (inf grads or skip_step).
         loss_scale (float | None): the scaler's scale after the last step (fp16 only).
+        skipped_steps (int): optimizer steps the fp16 scaler skipped so far; written by ``callbacks.AMP``
+            (0 without a scaler).
         optimizer_step (int): optimizer steps attempted so far (skipped ones included); checkpointed.
         accumulating (bool): gradients of an unfinished accumulation window are pending (a checkpoint
             taken now could not resume exactly).
@@ -160,6 +173,7 @@ def create_trainer(
     state.skip_step = False
     state.step_skipped = False
     state.loss_scale = None
+    state.skipped_steps = 0
     state.optimizer_step = 0
     state.accumulating = False
     state.epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -179,8 +193,7 @@ def create_trainer(
     @trainer.on(Events.EPOCH_STARTED)
     def _start_epoch(engine: Engine) -> None:
         s = engine.state
-        resumed_mid_epoch = s.iteration % s.epoch_length != 0
-        if not resumed_mid_epoch:
+        if is_epoch_end(s):  # a new epoch (iteration 0 included), not one resumed in its middle
             s.epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             s.epoch_loss_count = torch.zeros((), dtype=torch.long, device=device)
             s.epoch_samples = 0
