@@ -15,6 +15,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 
 from callbacks._files import append_jsonl, write_atomic
 from engine.events import EpochEvents, ensure_epoch_events
+from engine.step import is_epoch_end
 
 __all__ = ["Checkpointer", "AtomicDiskSaver", "NonFiniteCheckpointError"]
 
@@ -159,8 +160,7 @@ class Checkpointer:
     def _on_completed(self, engine: Engine) -> None:
         s = engine.state
         stopped_early = bool(s.max_epochs and s.epoch_length) and s.iteration < s.max_epochs * s.epoch_length
-        at_epoch_end = bool(s.epoch_length) and s.iteration % s.epoch_length == 0
-        if stopped_early and at_epoch_end and self._recorded_iteration != s.iteration:
+        if stopped_early and is_epoch_end(s) and self._recorded_iteration != s.iteration:
             # stopped after an epoch's last iteration but before its validation and records: keep the
             # older last.pt, so a resume replays that iteration and writes the epoch's records
             return
@@ -168,7 +168,7 @@ class Checkpointer:
 
     def _on_iteration(self, engine: Engine) -> None:
         s = engine.state
-        if s.epoch_length and s.iteration % s.epoch_length == 0:
+        if is_epoch_end(s):
             return  # the epoch-end save follows, after the epoch's records
         if getattr(s, "accumulating", False):
             return  # accumulated gradients are not saved: wait for the optimizer step

@@ -80,7 +80,7 @@ class EMA:
         return [engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self)]
 
     def __call__(self, engine: Engine) -> None:
-        if getattr(engine.state, "step_skipped", False):
+        if engine.state.step_skipped:
             return
         self._averaged.update_parameters(self.model)
 

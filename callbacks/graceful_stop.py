@@ -11,6 +11,7 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
 from engine.events import EpochEvents, ensure_epoch_events
+from engine.step import is_epoch_end
 
 __all__ = ["GracefulStop"]
 
@@ -58,7 +59,7 @@ class GracefulStop:
 
     def _on_iteration_started(self, engine: Engine) -> None:
         s = engine.state
-        self._closing_epoch = bool(s.epoch_length) and s.iteration % s.epoch_length == 0
+        self._closing_epoch = is_epoch_end(s)
         if self._pending:
             engine.terminate()
 
@@ -72,7 +73,7 @@ class GracefulStop:
         if agreed and not (self._pending or engine.should_terminate):
             self.received = agreed
             s = engine.state
-            if s.epoch_length and s.iteration % s.epoch_length == 0:
+            if is_epoch_end(s):
                 self._pending = True
             else:
                 engine.terminate()

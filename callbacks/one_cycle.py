@@ -64,21 +64,23 @@ class OneCycle:
     ) -> None:
         if max_lr <= 0:
             raise ValueError(f"max_lr must be > 0, not {max_lr}")
+        self.optimizer = optimizer
+        self._shape = dict(max_lr=max_lr, pct_start=pct_start, div_factor=div_factor,
+                           final_div_factor=final_div_factor, anneal_strategy=anneal_strategy,
+                           cycle_momentum=cycle_momentum)
+        self.restart(total_steps)
+
+    def restart(self, total_steps: int) -> None:
+        """Start a new cycle of ``total_steps`` optimizer steps with the same shape (max_lr, pct_start, ...).
+
+        The optimizer's LR goes back to ``max_lr / div_factor`` at once; ``kiln resume --epochs N
+        --new-schedule`` runs a second one-cycle over the added epochs this way.
+        """
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, not {total_steps}")
-        self.optimizer = optimizer
         self._steps_past_end = 0
         self.total_steps = total_steps
-        self.scheduler = OneCycleLR(
-            optimizer,
-            max_lr=max_lr,
-            total_steps=total_steps,
-            pct_start=pct_start,
-            div_factor=div_factor,
-            final_div_factor=final_div_factor,
-            anneal_strategy=anneal_strategy,
-            cycle_momentum=cycle_momentum,
-        )
+        self.scheduler = OneCycleLR(self.optimizer, total_steps=total_steps, **self._shape)
 
     @staticmethod
     def total_steps_for(epochs: int, batches_per_epoch: int, accumulation_steps: int = 1) -> int:
@@ -90,7 +92,7 @@ class OneCycle:
         return [engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self)]
 
     def __call__(self, engine: Engine) -> None:
-        if getattr(engine.state, "step_skipped", False):
+        if engine.state.step_skipped:
             return
         if self.scheduler.last_epoch + 1 < self.total_steps:
             self.scheduler.step()

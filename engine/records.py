@@ -36,7 +36,7 @@ def epoch_record(state: Any) -> dict[str, Any]:
     record["images_per_second"] = round(samples / seconds, 1) if seconds > 0 else None
     if getattr(state, "loss_scale", None) is not None:
         record["loss_scale"] = state.loss_scale
-        record["skipped_steps"] = getattr(state, "skipped_steps", 0)
+        record["skipped_steps"] = state.skipped_steps
     return record
 
 

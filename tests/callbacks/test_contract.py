@@ -81,14 +81,6 @@ SETTINGS: dict[str, Setting] = {
             every_iterations=3, every_minutes=0, keep_best=1),
         acted=lambda h, w: (w.run_dir / "checkpoints" / "last.pt").exists(),
     ),
-    "EarlyStop": Setting(
-        make=lambda w: callbacks.EarlyStop(patience=100),  # never stops: the runs must reach their end
-        acted=lambda h, w: h.state_dict()["best_score"] is not None,
-    ),
-    "EMA": Setting(
-        make=lambda w: callbacks.EMA(w.model, decay=0.9),
-        acted=lambda h, w: h.updates > 0,
-    ),
     "EMA": Setting(
         make=lambda w: callbacks.EMA(w.model, decay=0.9),
         acted=lambda h, w: h.updates > 0,
@@ -111,10 +103,6 @@ SETTINGS: dict[str, Setting] = {
     ),
     "MixUpCutMix": Setting(
         make=lambda w: callbacks.MixUpCutMix(num_classes=3, mixup_alpha=0.4, cutmix_alpha=1.0, seed=0),
-        acted=lambda h, w: getattr(w.trainer.state.output, "y", torch.zeros(1)).dim() == 2,  # soft labels reached the step
-    ),
-    "MixUpCutMix": Setting(
-        make=lambda w: callbacks.MixUpCutMix(num_classes=3, mixup_alpha=0.4, seed=0),
         acted=lambda h, w: 2 in w.notes["target_dims"],  # soft targets reached the step
     ),
     "NanGuard": Setting(

@@ -109,6 +109,25 @@ def test_the_optimizer_starts_at_max_lr_over_div_factor(make_model):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
+def test_restart_runs_a_second_cycle_of_the_same_shape_over_new_steps(make_model, batches):
+    used, one_cycle, trainer = _run(make_model, batches, epochs=2)
+    assert _flat(used) == pytest.approx(_flat(_native("adamw", total_steps=2 * len(batches))), rel=1e-12)
+    one_cycle.restart(3 * len(batches))  # e.g. `kiln resume --epochs N --new-schedule`
+    optimizer = one_cycle.optimizer
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(SCHEDULE["max_lr"] / SCHEDULE["div_factor"])
+    again = []
+    engine = Engine(lambda e, batch: None)
+    engine.state.step_skipped = False
+    for _ in range(3 * len(batches)):
+        group = optimizer.param_groups[0]
+        again.append((group["lr"], group["betas"][0]))
+        optimizer.step()
+        one_cycle(engine)
+    assert _flat(again) == pytest.approx(_flat(_native("adamw", total_steps=3 * len(batches))), rel=1e-12)
+    with pytest.raises(ValueError, match="total_steps"):
+        one_cycle.restart(0)
+
+
 def test_a_run_longer_than_the_schedule_holds_the_final_lr_and_warns(make_model, batches, caplog):
     with caplog.at_level(logging.WARNING, logger="kiln"):
         used, one_cycle, _ = _run(make_model, batches, epochs=3, total_steps=5)  # 12 steps for a 5-step schedule
