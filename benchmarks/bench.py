@@ -193,7 +193,7 @@ def run_kiln(args: argparse.Namespace) -> dict[str, Any]:
     """The job through kiln's Python API: ``recipes.run.build`` (all the CLI's handlers) and a timed run."""
     from ignite.engine import Events
 
-    from recipes.run import _execute, build, write_config
+    from recipes.run import build, execute, write_config
 
     cfg, _ = kiln_config(args.model, args.epochs, args.device, args.precision, args.channels_last, args.compile)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
@@ -207,7 +207,7 @@ def run_kiln(args: argparse.Namespace) -> dict[str, Any]:
             sync = SyncCounter()
             sync.attach(run.trainer)
         write_config(run)
-        _execute(run)
+        execute(run)
         figures = {"final_accuracy": round(run.handlers["summary"].final_val_accuracy, 4), **clock.summary(),
                    "status": run.status}
         if sync is not None:
@@ -224,7 +224,7 @@ def worker(args: argparse.Namespace) -> None:
 # ---- the parent: processes, interleaving, figures ---------------------------------------------------
 
 def _child_env(mode: str, variant: str) -> dict[str, str]:
-    from recipes.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+    from recipes.cli.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
 
     env = {k: v for k, v in os.environ.items() if k != "KILN_MALLOC" and not k.startswith("MALLOC_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

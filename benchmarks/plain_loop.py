@@ -7,9 +7,10 @@ a GradScaler-scaled backward, unscale and ``clip_grad_norm_``, ``scaler.step``, 
 ``OneCycleLR.step()`` per batch, ``loss.item()`` every step, and a validation pass every epoch.
 AdamW and clipping run with torch's defaults (no foreach/fused choice), as a tutorial leaves them.
 
-It imports only torch, scikit-learn (the digits) and kiln's ``recipes/models.py`` and
-``recipes/data.py`` loaded as plain files, so the model and the split are kiln's own while the
-process pays for no import of kiln, ignite or click: its whole-run wall time is the tutorial's.
+It imports only torch, scikit-learn (the digits) and kiln's ``recipes/models.py``,
+``recipes/data/builtin.py`` and ``recipes/data/batches.py`` loaded as plain files, so the model and
+the split are kiln's own while the process pays for no import of kiln, ignite or click: its
+whole-run wall time is the tutorial's.
 
 Run as a script it prints one line per epoch and, with ``--result FILE``, writes its figures as
 JSON. Usage::
@@ -52,7 +53,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def load_kiln_module(name: str) -> ModuleType:
     """``recipes/<name>.py`` executed as a standalone module (without running ``recipes/__init__``)."""
-    spec = importlib.util.spec_from_file_location(f"kiln_recipes_{name}", ROOT / "recipes" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"kiln_recipes_{name.replace('/', '_')}", ROOT / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -60,9 +61,8 @@ def load_kiln_module(name: str) -> ModuleType:
 
 def digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """kiln's digits data: ``x_train, y_train, x_val, y_val``, normalised by the training set's mean and std."""
-    data = load_kiln_module("data")
-    x, y = data.digits_tensors(DIGITS["image_size"])
-    train_idx, val_idx = data.split_indices(len(x), DIGITS["val_fraction"], seed)
+    x, y = load_kiln_module("data/builtin").digits_tensors(DIGITS["image_size"])
+    train_idx, val_idx = load_kiln_module("data/batches").split_indices(len(x), DIGITS["val_fraction"], seed)
     mean, std = x[train_idx].mean(), x[train_idx].std()
     x = (x - mean) / std
     return x[train_idx], y[train_idx], x[val_idx], y[val_idx]

@@ -5,7 +5,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.engine.events import RemovableEventHandle
 from ignite.handlers import ProgressBar
 from tqdm import tqdm

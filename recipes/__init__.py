@@ -1,7 +1,7 @@
 """kiln's recipes: configs, data, models, the run assembly and the CLI.
 
 Importing the package is cheap: ``RECIPES`` (and the torch, ignite and recipe modules behind it)
-loads on first use, so the ``kiln`` entry point (``recipes.entry``) can set up the process before
+loads on first use, so the ``kiln`` entry point (``recipes.cli.entry``) can set up the process before
 the heavy imports.
 """
 from __future__ import annotations

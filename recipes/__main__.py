@@ -1,5 +1,5 @@
 """``python -m recipes ARGS`` runs the ``kiln`` command line (the same as ``kiln ARGS``)."""
-from recipes.entry import main
+from recipes.cli.entry import main
 
 if __name__ == "__main__":  # pragma: no cover
     main()

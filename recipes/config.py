@@ -1,4 +1,8 @@
-"""Recipe configuration: one frozen dataclass with typed sections, overridable by ``section.key=value``."""
+"""Recipe configuration: one frozen dataclass with typed sections, overridable by ``section.key=value``.
+
+Also the tables every wing shares without importing the CLI: :data:`OPTION_KEYS` (which ``kiln train``
+flag sets which key) and :data:`LEGACY_KEYS` (keys renamed since older run directories were written).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,11 +12,13 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from callbacks.nan_guard import POLICIES
 from engine.precision import PRECISIONS
 
 __all__ = [
-    "Config", "CheckpointConfig", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
-    "ConfigError", "apply_overrides", "config_to_dict", "config_from_dict", "field_paths",
+    "Config", "CheckpointConfig", "DataConfig", "GuardConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
+    "TrainConfig", "ConfigError", "apply_overrides", "config_to_dict", "config_from_dict", "field_paths", "hparams",
+    "with_max_lr", "OPTION_KEYS", "LEGACY_KEYS", "KILN_MODELS", "SECTIONS",
 ]
 
 
@@ -29,6 +35,9 @@ def _check(condition: bool, message: str) -> None:
 DATASETS = ("digits", "synthetic", "cifar10", "imagefolder")
 
 
+#: The models kiln defines itself (``recipes.models``); any torchvision classification model works too.
+KILN_MODELS = ("small_cnn", "resnet9", "resnet18_32")
+
 #: torchvision models present in every torchvision kiln supports (>= 0.19): accepted without importing
 #: torchvision.models, which takes seconds (every `kiln` command builds the registry's configs).
 _COMMON_TORCHVISION_MODELS = frozenset(
@@ -36,10 +45,15 @@ _COMMON_TORCHVISION_MODELS = frozenset(
     + [f"efficientnet_b{i}" for i in range(8)] + [f"convnext_{s}" for s in ("tiny", "small", "base", "large")])
 
 
+def torchvision_models() -> list[str]:
+    """The names of torchvision's classification models (``resnet18``, ``convnext_tiny``, ...)."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
 def _check_model_name(name: str) -> None:
     """kiln's own models, or a torchvision classification model; else a ConfigError with a did-you-mean."""
-    from recipes.models import KILN_MODELS, torchvision_models
-
     if name in KILN_MODELS or name in _COMMON_TORCHVISION_MODELS:
         return
     known = torchvision_models()
@@ -147,14 +161,6 @@ class TrainConfig:
     growth_interval: int = 2000  #: fp16: clean steps before the loss scale doubles
     log_every: int = 10  #: iterations between step lines (steps.jsonl, TensorBoard)
     sync_bn: bool = False  #: data parallel: synchronise BatchNorm statistics across processes
-    on_nan: str = "rollback"  #: skip | rollback | stop: what NanGuard does on NaN/Inf or an fp16 scale collapse
-    nan_check_every: int = 20  #: optimizer steps between NanGuard's weight checks and in-memory snapshots
-    nan_max_skips: int = 3  #: on_nan skip: skips within 100 steps before it rolls back instead
-    nan_lr_factor: float = 0.5  #: each rollback multiplies the rest of the LR schedule by this
-    nan_max_rollbacks: int = 3  #: rollbacks before the run stops as diverged
-    nan_collapse_skips: int = 10  #: fp16: skipped steps in a row that count as a loss-scale collapse
-    nan_min_loss_scale: float = 1.0  #: fp16: a loss scale below this counts as a collapse
-    nan_max_loss_ratio: float = 100.0  #: a loss above this multiple of the run's first loss counts as diverged (0 = off)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, not {self.epochs}")
@@ -171,17 +177,33 @@ class TrainConfig:
         _check(self.init_scale > 0, f"train.init_scale must be > 0, not {self.init_scale}")
         _check(self.growth_interval >= 1, f"train.growth_interval must be >= 1, not {self.growth_interval}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, not {self.log_every}")
-        _check(self.on_nan in ("skip", "rollback", "stop"), f"train.on_nan must be skip, rollback or stop, not {self.on_nan!r}")
-        _check(self.nan_check_every >= 1, f"train.nan_check_every must be >= 1, not {self.nan_check_every}")
-        _check(self.nan_max_skips >= 1, f"train.nan_max_skips must be >= 1, not {self.nan_max_skips}")
-        _check(0 < self.nan_lr_factor <= 1, f"train.nan_lr_factor must be in (0, 1], not {self.nan_lr_factor}")
-        _check(self.nan_max_rollbacks >= 0, f"train.nan_max_rollbacks must be >= 0, not {self.nan_max_rollbacks}")
-        _check(self.nan_collapse_skips >= 1, f"train.nan_collapse_skips must be >= 1, not {self.nan_collapse_skips}")
-        _check(self.nan_min_loss_scale >= 0, f"train.nan_min_loss_scale must be >= 0, not {self.nan_min_loss_scale}")
-        _check(self.nan_max_loss_ratio == 0 or self.nan_max_loss_ratio > 1,
-               f"train.nan_max_loss_ratio must be 0 (off) or > 1, not {self.nan_max_loss_ratio}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"train.device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """NanGuard: what counts as divergence (NaN/Inf, an exploding loss, an fp16 scale collapse) and what is done."""
+
+    on_nan: str = "rollback"  #: skip | rollback | stop: what NanGuard does when the run diverges
+    check_every: int = 20  #: optimizer steps between weight checks and in-memory snapshots
+    max_skips: int = 3  #: on_nan skip: skips within 100 steps before it rolls back instead
+    lr_factor: float = 0.5  #: each rollback multiplies the rest of the LR schedule by this
+    max_rollbacks: int = 3  #: rollbacks before the run stops as diverged
+    collapse_skips: int = 10  #: fp16: skipped steps in a row that count as a loss-scale collapse
+    min_loss_scale: float = 1.0  #: fp16: a loss scale below this counts as a collapse
+    max_loss_ratio: float = 100.0  #: a loss above this multiple of the run's first loss counts as diverged (0 = off)
+
+    def __post_init__(self) -> None:
+        _check(self.on_nan in POLICIES, f"guard.on_nan must be one of {', '.join(POLICIES)}, not {self.on_nan!r}")
+        _check(self.check_every >= 1, f"guard.check_every must be >= 1, not {self.check_every}")
+        _check(self.max_skips >= 1, f"guard.max_skips must be >= 1, not {self.max_skips}")
+        _check(0 < self.lr_factor <= 1, f"guard.lr_factor must be in (0, 1], not {self.lr_factor}")
+        _check(self.max_rollbacks >= 0, f"guard.max_rollbacks must be >= 0, not {self.max_rollbacks}")
+        _check(self.collapse_skips >= 1, f"guard.collapse_skips must be >= 1, not {self.collapse_skips}")
+        _check(self.min_loss_scale >= 0, f"guard.min_loss_scale must be >= 0, not {self.min_loss_scale}")
+        _check(self.max_loss_ratio == 0 or self.max_loss_ratio > 1,
+               f"guard.max_loss_ratio must be 0 (off) or > 1, not {self.max_loss_ratio}")
 
 
 @dataclass(frozen=True)
@@ -209,14 +231,42 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         _check(self.optim.lr <= self.schedule.max_lr,
                f"optim.lr ({self.optim.lr:g}, where the cycle starts) must not exceed schedule.max_lr ({self.schedule.max_lr:g})")
 
+    @property
+    def div_factor(self) -> float:
+        """One-cycle's ``max_lr / lr``: how far below its peak the cycle starts (the one place it is derived)."""
+        return self.schedule.max_lr / self.optim.lr
 
-SECTIONS = ("data", "model", "optim", "schedule", "train", "checkpoint")
+
+SECTIONS = ("data", "model", "optim", "schedule", "train", "guard", "checkpoint")
+
+#: ``kiln train`` option -> config key. The CLI builds its flags from it and the findings turn keys back
+#: into flags with it; None as an option's value means "not given", so the recipe's value stands.
+OPTION_KEYS = {
+    "epochs": "train.epochs", "batch_size": "data.batch_size", "lr": "optim.lr", "max_lr": "schedule.max_lr",
+    "weight_decay": "optim.weight_decay", "label_smoothing": "train.label_smoothing", "clip_norm": "train.clip_norm",
+    "precision": "train.precision", "device": "train.device", "seed": "train.seed", "on_nan": "guard.on_nan",
+    "data_dir": "data.data_dir", "download": "data.download", "model": "model.name", "weights": "model.weights",
+    "image_size": "data.image_size", "val_fraction": "data.val_fraction", "num_workers": "data.num_workers",
+    "ema": "train.ema_decay", "mixup": "train.mixup_alpha", "cutmix": "train.cutmix_alpha",
+    "early_stop": "train.early_stop_patience", "accumulation_steps": "train.accumulation_steps",
+    "channels_last": "train.channels_last", "compile": "train.compile",
+}
+
+#: Keys renamed since run directories, checkpoints and recipe files were written with them: old key -> new.
+#: They are accepted wherever a key is (config.json, checkpoints, recipe files, ``--set``).
+LEGACY_KEYS = {
+    "train.on_nan": "guard.on_nan", "train.nan_check_every": "guard.check_every",
+    "train.nan_max_skips": "guard.max_skips", "train.nan_lr_factor": "guard.lr_factor",
+    "train.nan_max_rollbacks": "guard.max_rollbacks", "train.nan_collapse_skips": "guard.collapse_skips",
+    "train.nan_min_loss_scale": "guard.min_loss_scale", "train.nan_max_loss_ratio": "guard.max_loss_ratio",
+}
 
 
 def field_paths(cfg: Config) -> list[str]:
@@ -225,6 +275,7 @@ def field_paths(cfg: Config) -> list[str]:
 
 
 def _resolve_key(cfg: Config, key: str) -> tuple[str, str]:
+    key = LEGACY_KEYS.get(key, key)
     paths = field_paths(cfg)
     if key in paths:
         section, name = key.split(".", 1)
@@ -299,6 +350,28 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+
+
+def with_max_lr(cfg: Config, max_lr: float) -> Config:
+    """``cfg`` peaking at ``max_lr``; ``optim.lr`` (where the cycle starts) keeps the recipe's :attr:`Config.div_factor`.
+
+    Example:
+        >>> cfg = with_max_lr(Config(name="x", optim=OptimConfig(lr=1e-3), schedule=ScheduleConfig(max_lr=1e-2)), 0.05)
+        >>> cfg.schedule.max_lr, round(cfg.optim.lr, 6)
+        (0.05, 0.005)
+    """
+    return apply_overrides(cfg, {"schedule.max_lr": max_lr, "optim.lr": max_lr / cfg.div_factor})
+
+
+def hparams(cfg: Config) -> dict[str, bool | int | float | str]:
+    """The config flattened to ``{"section.key": value}`` for TensorBoard's hparams (lists become text)."""
+    flat: dict[str, bool | int | float | str] = {}
+    for section, values in config_to_dict(cfg).items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = (value if isinstance(value, (bool, int, float, str))
+                                            else ",".join(str(v) for v in value))
+    return flat
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

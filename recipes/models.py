@@ -6,7 +6,7 @@ from typing import Sequence
 from torch import nn
 
 __all__ = ["small_cnn", "resnet18_32", "resnet9", "build_model", "parameter_groups", "load_weights",
-           "KILN_MODELS", "torchvision_models"]
+           "torchvision_models"]
 
 
 def small_cnn(in_channels: int = 1, num_classes: int = 10, channels: Sequence[int] = (32, 64, 128),
@@ -35,6 +35,9 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10, channels: Sequence[in
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int, channels: Sequence[int]) -> nn.Module:
     """The model called ``name``: ``small_cnn``, ``resnet18_32``, ``resnet9`` or a torchvision classification model.
+
+    (``recipes.config.KILN_MODELS`` lists kiln's own names, so that a config can check a name without
+    importing this module; a test keeps the two in step.)
 
     ``resnet18_32`` and ``resnet9`` ignore ``image_size`` and ``channels``. A torchvision model
     (``resnet18``, ``mobilenet_v3_small``, ``efficientnet_b0``, ``convnext_tiny``, ...; see
@@ -76,10 +79,6 @@ def resnet18_32(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
-
-
-#: The models kiln defines itself; any name in :func:`torchvision_models` works too.
-KILN_MODELS = ("small_cnn", "resnet9", "resnet18_32")
 
 
 def torchvision_models() -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from recipes.config import SECTIONS, Config, ConfigError, apply_overrides
+from recipes.config import LEGACY_KEYS, SECTIONS, Config, ConfigError, apply_overrides
 
 __all__ = ["is_recipe_file", "load_recipe", "load_recipe_file", "flatten_recipe"]
 
@@ -68,6 +68,8 @@ def flatten_recipe(data: Mapping[str, Any], base: Config, where: str = "recipe f
     flat: dict[str, Any] = {}
 
     def add(section: str, key: str, value: Any) -> None:
+        if f"{section}.{key}" in LEGACY_KEYS:  # a key renamed since the file was written
+            section, key = LEGACY_KEYS[f"{section}.{key}"].split(".")
         valid = _valid_keys(base, section)
         if key not in valid:
             raise _unknown(where, f"{section}.{key}", [f"{section}.{k}" for k in valid] + paths, valid,

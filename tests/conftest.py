@@ -18,6 +18,9 @@ IMAGE_SHAPE = (3, 16, 16)
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 torch.set_num_threads(1)
 
+#: tests/data holds files other code wrote (a script there ran on an older kiln): data, not tests.
+collect_ignore_glob = ["data/*"]
+
 
 class TinyCNN(nn.Sequential):
     """Two 3x3 convolutions, global average pooling and a linear head (no batch norm unless asked)."""

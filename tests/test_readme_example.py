@@ -53,3 +53,18 @@ def test_the_readme_example_runs_as_written(digits):
     shown = RESULT.search(_section().split(code, 1)[1])
     if shown is not None:
         assert int(shown.group(1)) == steps
+
+
+WHOLE_RUN = "### A whole run from Python"
+
+
+def test_the_readme_whole_run_example_runs_as_written(tmp_path):
+    section = _section().split(WHOLE_RUN, 1)[1]
+    code = re.search(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL).group(1)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **SINGLE_THREAD_ENV, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    status, _, accuracy = result.stdout.splitlines()[0].partition(" best val_accuracy ")
+    assert status == "completed" and float(accuracy) >= 0.9
+    assert f"report: {Path('runs/py-digits/report.html')}" in result.stdout
+    assert (tmp_path / "runs" / "py-digits" / "plots" / "loss.png").exists()

@@ -1,99 +1,41 @@
-"""The ``kiln`` command line: a thin click layer over ``recipes``."""
+"""The ``kiln`` commands: parse, call the wing that does the work, print. No training logic here.
+
+The heavy wings (``recipes.run``, ``recipes.tools``, ``recipes.report``) are imported inside the
+commands that need them, so ``kiln recipes`` or ``kiln --help`` never loads them.
+"""
 from __future__ import annotations
 
 import functools
-import json
 import os
-import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 import yaml
 
+from callbacks.nan_guard import POLICIES
+from engine.precision import PRECISIONS
 from recipes import RECIPES
-from recipes.allocator import tune_malloc
-from recipes.config import Config, ConfigError, apply_overrides, config_to_dict
+from recipes.cli.allocator import tune_malloc
+from recipes.cli.options import (MaxLR, SectionedCommand, overrides, recipe_or_run, resolve_config, set_option)
+from recipes.config import ConfigError, config_to_dict
 from recipes.data import DataError
-from recipes.launch import LAUNCHER_SIGNALS, exit_now_if_distributed, launch, under_torchrun
-from recipes.recipe_files import load_recipe
 
-if TYPE_CHECKING:
-    from recipes.run import Assembly
+__all__ = ["cli", "main", "TRAIN_SECTIONS"]
 
-__all__ = ["cli", "main", "EXIT_DIVERGED"]
-
-#: Exit status of ``kiln train``/``kiln resume`` when NanGuard stopped the run as diverged (``--on-nan``).
-EXIT_DIVERGED = 3
-
-# CLI option -> config key; None means "not given", so the recipe's value stands.
-OPTION_KEYS = {
-    "epochs": "train.epochs", "batch_size": "data.batch_size", "lr": "optim.lr", "max_lr": "schedule.max_lr",
-    "weight_decay": "optim.weight_decay", "label_smoothing": "train.label_smoothing", "clip_norm": "train.clip_norm",
-    "precision": "train.precision", "device": "train.device", "seed": "train.seed", "on_nan": "train.on_nan",
-    "data_dir": "data.data_dir", "download": "data.download", "model": "model.name", "weights": "model.weights",
-    "image_size": "data.image_size", "val_fraction": "data.val_fraction", "num_workers": "data.num_workers",
-    "ema": "train.ema_decay", "mixup": "train.mixup_alpha", "cutmix": "train.cutmix_alpha",
-    "early_stop": "train.early_stop_patience", "accumulation_steps": "train.accumulation_steps",
-    "channels_last": "train.channels_last", "compile": "train.compile",
+#: ``kiln train --help``, in sections that each fit a screen.
+TRAIN_SECTIONS = {
+    "Data": ("data_dir", "download", "batch_size", "image_size", "val_fraction", "num_workers"),
+    "Model": ("model", "weights"),
+    "Optimisation": ("epochs", "weight_decay", "label_smoothing", "clip_norm", "accumulation_steps", "ema",
+                     "mixup", "cutmix", "early_stop"),
+    "Schedule (one-cycle)": ("lr", "max_lr"),
+    "Precision and speed": ("precision", "device", "channels_last", "compile"),
+    "Divergence guard": ("on_nan",),
+    "Run directory and checkpoints": ("out", "resume_from", "force", "seed", "quiet"),
+    "Several processes": ("nproc_per_node", "backend"),
+    "Any config key, and help": ("sets", "help"),
 }
-
-
-def _parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set takes key=value, not {pair!r}")
-        overrides[key.strip()] = value.strip()
-    return overrides
-
-
-def resolve_config(recipe: str, sets: tuple[str, ...] = (), **options: object) -> Config:
-    """RECIPE (a registered name or a .yaml/.yml recipe file) with ``--set`` overrides, then explicit options.
-
-    Precedence, lowest first: the recipe, the recipe file, ``--set``, explicit options.
-    """
-    cfg = load_recipe(recipe)
-    overrides = _parse_sets(sets)
-    overrides.update({OPTION_KEYS[k]: v for k, v in options.items() if v is not None})
-    return apply_overrides(cfg, overrides)
-
-
-set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                          help="Override any config key, e.g. --set schedule.pct_start=0.3 (repeatable).")
-
-
-class MaxLR(click.ParamType):
-    """A positive number, or ``auto`` (run the LR range test and use its suggestion)."""
-
-    name = "FLOAT|auto"
-
-    def convert(self, value: object, param: object, ctx: object) -> float | str:
-        """``"auto"``, or the value as a float (click reports anything else as a usage error)."""
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        try:
-            return float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)  # type: ignore[arg-type]
-
-
-def _recipe_or_run(recipe: str, sets: tuple[str, ...], kind: str, **options: object) -> tuple[Config, Path]:
-    """RECIPE's config (or the config.json of the run directory RECIPE) and where its outputs go by default."""
-    import datetime as _dt
-    import json
-
-    from recipes.config import config_from_dict
-
-    source = Path(recipe)
-    if (source / "config.json").is_file():
-        overrides = _parse_sets(sets)
-        overrides.update({OPTION_KEYS[k]: v for k, v in options.items() if v is not None})
-        return apply_overrides(config_from_dict(json.loads((source / "config.json").read_text())), overrides), source
-    cfg = resolve_config(recipe, sets, **options)
-    return cfg, Path("runs") / f"{cfg.name}-{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -125,7 +67,7 @@ def show(recipe: str, sets: tuple[str, ...]) -> None:
     click.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
 
 
-@cli.command()
+@cli.command(cls=SectionedCommand, sections=TRAIN_SECTIONS)
 @click.argument("recipe")
 @click.option("--epochs", type=int, help="Passes over the training data.")
 @click.option("--batch-size", type=int, help="Images per batch.")
@@ -135,7 +77,7 @@ def show(recipe: str, sets: tuple[str, ...]) -> None:
 @click.option("--weight-decay", type=float, help="AdamW decoupled weight decay.")
 @click.option("--label-smoothing", type=float, help="Cross-entropy label smoothing, in [0, 1).")
 @click.option("--clip-norm", type=float, help="Clip the total gradient norm to this (0: measure only).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast precision.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Autocast precision.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, help="Seed of the split, init, batch order and per-step randomness.")
 @click.option("--data-dir", type=click.Path(), help="Where the data set lives (cifar10: the folder holding "
@@ -149,7 +91,7 @@ def show(recipe: str, sets: tuple[str, ...]) -> None:
 @click.option("--image-size", type=int, help="Images are resized/cropped to this side.")
 @click.option("--val-fraction", type=float, help="Share held out for validation when the data has no val split.")
 @click.option("--num-workers", type=int, help="DataLoader worker processes (image folders).")
-@click.option("--on-nan", type=click.Choice(["skip", "rollback", "stop"]),
+@click.option("--on-nan", type=click.Choice(POLICIES),
               help="On NaN/Inf, an exploding loss or an fp16 loss-scale collapse: drop the update, roll back "
                    "and lower the LR (default), or stop (exit status 3).")
 @click.option("--ema", type=float, metavar="DECAY", help="Keep an EMA of the weights with this decay (e.g. 0.999); "
@@ -186,13 +128,14 @@ def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, fo
     130 Ctrl-C.
     Several processes: --nproc-per-node N here, or under torchrun (see the README).
     """
+    from recipes.cli import jobs
     from recipes.run import make_run_dir, plan_resume
 
     auto_max_lr = options.get("max_lr") == "auto"
     if auto_max_lr:
         options["max_lr"] = None
     cfg = resolve_config(recipe, sets, **options)
-    world_size = _world_size(nproc_per_node)
+    world_size = jobs.world_size(nproc_per_node)
     if auto_max_lr and world_size > 1:
         raise ConfigError("--max-lr auto runs in one process: run `kiln lr-find` first and pass its --max-lr")
     if resume_from is not None:
@@ -201,54 +144,14 @@ def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, fo
         if auto_max_lr:
             raise ConfigError("--max-lr auto chooses the LR of a new run; it cannot be used with --resume")
         plan_resume(resume_from, requested=cfg, force=force, world_size=world_size)
-        job = functools.partial(_resume_job, resume_from, dict(requested=cfg, force=force, quiet=quiet))
-        _launch(job, nproc_per_node, backend, Path(resume_from).parent.parent)
+        job = functools.partial(jobs.resume_job, resume_from, dict(requested=cfg, force=force, quiet=quiet))
+        jobs.run_job(job, nproc_per_node, backend, Path(resume_from).parent.parent)
         return
     run_dir = make_run_dir(cfg, out)
-    if not quiet and _is_rank_zero():
+    if not quiet and jobs.is_rank_zero():
         parallel = f" in {world_size} processes (global batch {cfg.data.batch_size * world_size})" if world_size > 1 else ""
         click.echo(f"kiln: training {cfg.name} for {cfg.train.epochs} epochs{parallel} into {run_dir}")
-    _launch(functools.partial(_train_job, cfg, run_dir, quiet, auto_max_lr), nproc_per_node, backend, run_dir)
-
-
-def _train_job(cfg: Config, run_dir: Path, quiet: bool, auto_max_lr: bool) -> int:
-    from recipes.run import train as run_training
-
-    return _final_lines(run_training(cfg, run_dir, quiet=quiet, auto_max_lr=auto_max_lr))
-
-
-def _resume_job(source: str, options: dict) -> int:
-    from recipes.run import resume as resume_run
-
-    return _final_lines(resume_run(source, **options))
-
-
-def _world_size(nproc_per_node: int) -> int:
-    return nproc_per_node if nproc_per_node > 1 else int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun() else 1
-
-
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _launch(job: functools.partial, nproc_per_node: int, backend: str | None, run_dir: Path) -> None:
-    """Run ``job`` here, under torchrun, or in spawned processes; exit with the run's status."""
-    if nproc_per_node <= 1:
-        code = launch(job, backend=backend)
-        exit_now_if_distributed(code or 0)
-        if code:
-            sys.exit(code)
-        return
-    try:
-        launch(job, nproc_per_node=nproc_per_node, backend=backend)
-    except Exception as e:  # a rank raised: torch.multiprocessing reports its traceback above
-        click.echo(f"kiln: a training process failed: {str(e).strip().splitlines()[-1]}", err=True)
-        sys.exit(1)
-    status = json.loads((run_dir / "summary.json").read_text()).get("status")
-    if status == "diverged":
-        sys.exit(EXIT_DIVERGED)
-    if status == "interrupted" and signal.SIGINT in LAUNCHER_SIGNALS:
-        sys.exit(130)
+    jobs.run_job(functools.partial(jobs.train_job, cfg, run_dir, quiet, auto_max_lr), nproc_per_node, backend, run_dir)
 
 
 @cli.command()
@@ -266,17 +169,18 @@ def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, np
     \b
     Example:  kiln resume runs/d5
     """
+    from recipes.cli import jobs
     from recipes.run import plan_resume
 
-    plan = plan_resume(run_dir, epochs=epochs, new_schedule=new_schedule, world_size=_world_size(nproc_per_node))
+    plan = plan_resume(run_dir, epochs=epochs, new_schedule=new_schedule, world_size=jobs.world_size(nproc_per_node))
     if plan.finished:
         click.echo(f"{run_dir} has already finished ({plan.iteration // plan.epoch_length} of {plan.saved.train.epochs} "
                    "epochs); nothing to resume (use --epochs N --new-schedule to train further)")
         return
-    if not quiet and _is_rank_zero():
+    if not quiet and jobs.is_rank_zero():
         click.echo(f"kiln: resuming {run_dir} at iteration {plan.iteration}")
-    job = functools.partial(_resume_job, run_dir, dict(epochs=epochs, new_schedule=new_schedule, quiet=quiet))
-    _launch(job, nproc_per_node, backend, plan.last.parent.parent)
+    job = functools.partial(jobs.resume_job, run_dir, dict(epochs=epochs, new_schedule=new_schedule, quiet=quiet))
+    jobs.run_job(job, nproc_per_node, backend, plan.last.parent.parent)
 
 
 @cli.command("eval")
@@ -297,8 +201,8 @@ def eval_(checkpoint: str, device: str | None, batch_size: int | None, data_dir:
     \b
     Example:  kiln eval runs/d5/checkpoints/last.pt --tta
     """
-    from recipes.evaluation import eval_output_dir, format_evaluation, plot_confusion_matrix
-    from recipes.run import evaluate_checkpoint
+    from recipes.report.plots import plot_confusion_matrix
+    from recipes.run.evaluate import eval_output_dir, evaluate_checkpoint, format_evaluation
 
     result = evaluate_checkpoint(checkpoint, device=device, batch_size=batch_size, data_dir=data_dir, tta=tta)
     title = f"{result['recipe']}: confusion matrix ({result['samples']} images{', flip TTA' if tta else ''})"
@@ -328,11 +232,14 @@ def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, divide_b
     run's max_lr with the suggestion.
     Example:  kiln lr-find digits
     """
-    from recipes.lr_find import find_lr, format_result, write_lr_find
+    from recipes.report.plots import plot_lr_find
+    from recipes.tools.lr_find import find_lr, format_result, save_lr_find
 
-    cfg, default_out = _recipe_or_run(recipe, sets, "lr-find")
+    cfg, default_out = recipe_or_run(recipe, sets, "lr-find")
     result = find_lr(cfg, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, divide_by=divide_by)
-    json_path, png_path = write_lr_find(result, Path(out) if out else default_out, title=f"{cfg.name}: LR range test")
+    out_dir = Path(out) if out else default_out
+    json_path = save_lr_find(result, out_dir)
+    png_path = plot_lr_find(result, out_dir / "lr_find.png", title=f"{cfg.name}: LR range test")
     click.echo(format_result(result, cfg.name))
     click.echo(f"wrote {png_path} and {json_path}")
 
@@ -352,11 +259,14 @@ def schedule(recipe: str, out: str | None, sets: tuple[str, ...], **options: obj
     \b
     Example:  kiln schedule digits --epochs 20 --max-lr 0.02
     """
-    from recipes.schedule import format_schedule, schedule_series, write_schedule
+    from recipes.report.plots import plot_schedule
+    from recipes.tools.schedule import format_schedule, save_schedule, schedule_series
 
-    cfg, default_out = _recipe_or_run(recipe, sets, "schedule", **options)
+    cfg, default_out = recipe_or_run(recipe, sets, "schedule", **options)
     series = schedule_series(cfg)
-    png_path, json_path = write_schedule(series, Path(out) if out else default_out)
+    out_dir = Path(out) if out else default_out
+    json_path = save_schedule(series, out_dir)
+    png_path = plot_schedule(series, out_dir / "schedule.png")
     click.echo(format_schedule(series))
     click.echo(f"wrote {png_path} and {json_path}")
 
@@ -389,21 +299,24 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
     Example:  kiln sweep digits --trials 12 --epochs 4
     Several workers: start `kiln sweep` with the same --storage URL and --study on each machine.
     """
+    import io
+
     import optuna
 
-    from recipes.sweep import SweepInterrupted, default_space, parse_param, run_sweep
+    from recipes.report import finish_run
+    from recipes.tools.sweep import SweepInterrupted, default_space, parse_param, run_sweep
 
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, not {trials}")
     auto = max_lr == "auto"
     cfg = resolve_config(recipe, sets, epochs=epochs, max_lr=None if auto else max_lr)
-    fixed = _parse_sets(sets)
-    fixed.update({OPTION_KEYS[k]: v for k, v in (("epochs", epochs), ("max_lr", None if auto else max_lr)) if v is not None})
+    fixed = overrides(sets, {"epochs": epochs, "max_lr": None if auto else max_lr})
     space = [parse_param(p, cfg) for p in params] or default_space(cfg, with_max_lr=not auto and max_lr is None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         run_sweep(recipe, cfg, space, n_trials=trials, out=Path(out or f"runs/{cfg.name}-sweep"), storage=storage,
-                  study_name=study_name, pruner=pruner, auto_max_lr=auto, fixed=fixed, heartbeat_interval=heartbeat)
+                  study_name=study_name, pruner=pruner, auto_max_lr=auto, fixed=fixed, heartbeat_interval=heartbeat,
+                  finish=lambda run_dir: finish_run(run_dir, io.StringIO()))  # each trial's report, not printed
     except SweepInterrupted as e:
         click.echo(f"kiln: {e}", err=True)
         sys.exit(130)
@@ -425,42 +338,10 @@ def report(run_dir: str) -> None:
     click.echo(f"report: {result.html_path}")
 
 
-def _final_lines(run: Assembly) -> int:
-    """Print the final lines of a run (rank 0 only); return its exit status: 0, 3 diverged, 130 Ctrl-C."""
-    from callbacks.nan_diagnosis import format_diagnosis
-
-    summary = run.handlers["summary"]
-    s = run.trainer.state
-    if run.status == "diverged":
-        if run.writes:
-            click.echo(f"kiln: {format_diagnosis(s.diverged)}", err=True)
-            click.echo(f"run directory: {run.run_dir} (summary.json status \"diverged\"; details in events.jsonl)")
-        return EXIT_DIVERGED
-    if run.status == "interrupted":
-        name = signal.Signals(run.stop_signal).name if run.stop_signal else "a stop"
-        if run.writes:
-            click.echo(f"stopped by {name} at iteration {s.iteration} (epoch {s.epoch}); checkpoint saved. "
-                       f"Continue with: kiln resume {run.run_dir}")
-            click.echo(f"run directory: {run.run_dir}")
-        return 130 if run.stop_signal == signal.SIGINT else 0
-    if not run.writes:
-        return 0
-    best = summary.best_val_accuracy
-    final = summary.final_val_accuracy
-    figures = f"best val_accuracy {best:.4f}, final {final:.4f}" if best is not None else "no validation"
-    click.echo(f"done in {summary.wall_seconds:.1f}s: {figures} ({run.device}, {run.precision.name})")
-    early_stop = run.handlers.get("early_stop")
-    if early_stop is not None and early_stop.stopped_epoch is not None and s.iteration < s.max_epochs * s.epoch_length:
-        click.echo(f"stopped early after epoch {early_stop.stopped_epoch} of {s.max_epochs}: no val_accuracy gain "
-                   f"above {early_stop.min_delta:g} in {early_stop.patience} epoch{'s' if early_stop.patience > 1 else ''}")
-    click.echo(f"run directory: {run.run_dir}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input gets one line on stderr and exit status 2, never a traceback.
 
-    First it tunes glibc malloc (:func:`recipes.allocator.tune_malloc`: freed buffers stay in the
+    First it tunes glibc malloc (:func:`recipes.cli.allocator.tune_malloc`: freed buffers stay in the
     process, so CPU training steps stop page-faulting), unless the environment sets ``KILN_MALLOC=default``.
     """
     if os.environ.get("KILN_MALLOC", "").strip().lower() != "default":

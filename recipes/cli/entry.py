@@ -14,7 +14,7 @@ touches the collector, so a notebook or a test process keeps Python's defaults):
   (objects are still released and closed as usual; only cycles among them are left to the OS).
 
 ``KILN_GC=default`` leaves the collector alone (for comparing, or if a leak is suspected).
-Then, unless ``KILN_MALLOC=default``, :func:`recipes.cli.main` tunes glibc malloc.
+Then, unless ``KILN_MALLOC=default``, :func:`recipes.cli.commands.main` tunes glibc malloc.
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ def tuned_gc() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the ``kiln`` command line (``recipes.cli.main``) with the collector settings above."""
+    """Run the ``kiln`` command line (``recipes.cli.commands.main``) with the collector settings above."""
     tuned = tuned_gc()
     if tuned:
         gc.disable()
     try:
-        from recipes.cli import main as cli_main
+        from recipes.cli.commands import main as cli_main
     finally:
         if tuned:
             gc.freeze()

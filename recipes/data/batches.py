@@ -1,18 +1,17 @@
-"""Data for the recipes: in-memory tensors batched by index, in an order that is a function of (seed, epoch)."""
+"""Batching: in-memory tensors sliced by index (or a DataLoader), in an order that is a function of (seed, epoch).
+
+Also the batched, seeded augmentation every in-memory data set uses (:func:`random_crop_flip`).
+"""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EpochBatchSampler", "TensorBatches", "LoaderBatches", "augment_batch", "mix_seed", "split_indices", "digits_tensors", "synthetic_tensors", "random_crop_flip", "DataError"]
-
-
-class DataError(ValueError):
-    """A data set that is missing or unreadable; the message says where kiln looked and what to do."""
+__all__ = ["EpochBatchSampler", "TensorBatches", "LoaderBatches", "augment_batch", "mix_seed", "split_indices",
+           "random_crop_flip"]
 
 
 def mix_seed(*numbers: int) -> int:
@@ -174,43 +173,6 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, 0x5111)))
     n_val = max(1, round(n * val_fraction))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
-
-
-def digits_tensors(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled 8x8 digits (1797 images, no download), upsampled to ``image_size``, in [0, 1].
-
-    The CSV that scikit-learn ships is read directly: importing ``sklearn.datasets`` costs 0.7 s.
-    """
-    import importlib.util
-
-    import numpy as np
-
-    spec = importlib.util.find_spec("sklearn")
-    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
-    if csv is not None and csv.exists():
-        table = np.loadtxt(csv, delimiter=",", dtype=np.float32)
-        images, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
-    else:  # a scikit-learn that keeps the file elsewhere
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as e:  # pragma: no cover - a declared dependency
-            raise DataError("the digits data set comes with scikit-learn: pip install scikit-learn") from e
-        digits = load_digits()
-        images, target = digits.images.astype(np.float32), digits.target
-    x = torch.from_numpy(images).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return x, torch.from_numpy(target).long()
-
-
-def synthetic_tensors(samples: int, num_classes: int, image_size: int, seed: int,
-                      channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random images of a class-dependent pattern plus noise: learnable, made in milliseconds."""
-    generator = torch.Generator().manual_seed(mix_seed(seed, 0x5E7))
-    prototypes = torch.randn(num_classes, channels, image_size, image_size, generator=generator)
-    y = torch.arange(samples) % num_classes
-    y = y[torch.randperm(samples, generator=generator)]
-    x = 0.6 * prototypes[y] + torch.randn(samples, channels, image_size, image_size, generator=generator)
-    return x, y
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = False) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Data sets on disk: CIFAR-10 (held in memory as tensors) and folders of images (a seeded DataLoader).
+"""Data sets read from files: CIFAR-10 (held in memory as tensors) and folders of images (a seeded DataLoader).
 
 CIFAR-10 is read from torchvision's on-disk format (``cifar-10-batches-py/``: the python-pickle
 batches ``data_batch_1..5`` and ``test_batch``) into uint8 tensors once, normalised, and batched by
@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from recipes.config import Config
-from recipes.data import (DataError, EpochBatchSampler, LoaderBatches, TensorBatches, mix_seed, random_crop_flip,
-                          split_indices)
+from recipes.data.base import Data, DataError
+from recipes.data.batches import (EpochBatchSampler, LoaderBatches, TensorBatches, mix_seed, random_crop_flip,
+                                  split_indices)
 
 __all__ = [
     "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "load_cifar10", "cifar10_data",
-    "SeededSamples", "SampleEpochBatchSampler", "imagefolder_transforms", "imagefolder_data", "dataset_classes",
-    "load_data", "imagefolder_classes", "num_samples",
+    "SeededSamples", "SampleEpochBatchSampler", "imagefolder_transforms", "imagefolder_data", "imagefolder_classes",
 ]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -139,8 +139,8 @@ def _normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     return (x.float().div_(255.0) - m) / s
 
 
-def cifar10_data(cfg: Config, device: torch.device) -> tuple[TensorBatches, TensorBatches, int, int]:
-    """CIFAR-10 on ``device`` as ``(train, val, in_channels, num_classes)``; val is the test batch.
+def cifar10_data(cfg: Config, device: torch.device) -> Data:
+    """CIFAR-10 on ``device`` as a :class:`Data`; val is the test batch.
 
     The uint8 images go to the device once and are normalised there; training batches get the
     batched random crop (4-pixel zero padding after normalisation) and horizontal flip when
@@ -152,7 +152,7 @@ def cifar10_data(cfg: Config, device: torch.device) -> tuple[TensorBatches, Tens
     if not d.data_dir:
         raise DataError("cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/); get the data set "
                         "with: kiln train cifar10 --data-dir DIR --download")
-    x_train, y_train, x_test, y_test, _ = load_cifar10(d.data_dir, d.download)
+    x_train, y_train, x_test, y_test, classes = load_cifar10(d.data_dir, d.download)
     x_train = _normalise(x_train.to(device), CIFAR10_MEAN, CIFAR10_STD)
     x_test = _normalise(x_test.to(device), CIFAR10_MEAN, CIFAR10_STD)
     augment = None
@@ -162,7 +162,7 @@ def cifar10_data(cfg: Config, device: torch.device) -> tuple[TensorBatches, Tens
     seed = cfg.train.seed
     train = TensorBatches(x_train, y_train.to(device), d.batch_size, shuffle=True, seed=seed, augment=augment)
     val = TensorBatches(x_test, y_test.to(device), max(d.batch_size, 512), shuffle=False)
-    return train, val, 3, len(CIFAR10_CLASSES)
+    return Data(train, val, 3, len(classes), classes)
 
 
 # ------------------------------------------------------------------------------------------ image folders
@@ -271,8 +271,8 @@ def imagefolder_classes(data_dir: str) -> list[str]:
         raise DataError(f"{train_dir} holds no class folders ({str(e).strip().splitlines()[0]})") from None
 
 
-def imagefolder_data(cfg: Config, device: torch.device) -> tuple[LoaderBatches, LoaderBatches, int, int]:
-    """A folder of images as ``(train, val, 3, num_classes)``, each a DataLoader with ``data.num_workers`` workers.
+def imagefolder_data(cfg: Config, device: torch.device) -> Data:
+    """A folder of images as a :class:`Data` (3 channels), each split a DataLoader with ``data.num_workers`` workers.
 
     ``data.data_dir`` holds ``train/`` and ``val/`` class folders, or ``train/`` only or class folders
     only, then split into train and val by ``data.val_fraction`` (seeded). Every image is converted to
@@ -305,36 +305,5 @@ def imagefolder_data(cfg: Config, device: torch.device) -> tuple[LoaderBatches, 
     val_sampler = EpochBatchSampler(len(val_idx), max(d.batch_size, 64), shuffle=False)
     val_loader = torch.utils.data.DataLoader(SeededSamples(val_set, val_idx, eval_tf), batch_sampler=val_sampler,
                                              **loader_args)
-    return LoaderBatches(train_loader, seed=seed), LoaderBatches(val_loader), 3, len(train_set.classes)
-
-
-# ------------------------------------------------------------------------------------------------ common
-
-def dataset_classes(cfg: Config) -> list[str]:
-    """The class names of ``cfg``'s data set, in label order (stored with the run and its checkpoints)."""
-    d = cfg.data
-    if d.dataset == "digits":
-        return [str(i) for i in range(10)]
-    if d.dataset == "synthetic":
-        return [f"class{i}" for i in range(d.num_classes)]
-    if d.dataset == "cifar10":
-        return _cifar_class_names(_cifar_folder(Path(d.data_dir or ".")))
-    if d.dataset == "imagefolder":
-        return imagefolder_classes(d.data_dir)
-    raise DataError(f"unknown data set {d.dataset!r}")
-
-
-def load_data(cfg: Config, device: torch.device) -> tuple[Any, Any, int, int]:
-    """``(train, val, in_channels, num_classes)`` for the on-disk data sets (cifar10, imagefolder)."""
-    if cfg.data.dataset == "cifar10":
-        return cifar10_data(cfg, device)
-    if cfg.data.dataset == "imagefolder":
-        return imagefolder_data(cfg, device)
-    raise DataError(f"{cfg.data.dataset!r} is not an on-disk data set")
-
-
-def num_samples(data: Any) -> int:
-    """How many samples one pass over ``data`` (TensorBatches or LoaderBatches) yields."""
-    if hasattr(data, "x"):
-        return len(data.x)
-    return data.sampler.samples_per_rank
+    return Data(LoaderBatches(train_loader, seed=seed), LoaderBatches(val_loader), 3, len(train_set.classes),
+                list(train_set.classes))

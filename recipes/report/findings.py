@@ -1,8 +1,7 @@
-"""What kiln noticed about a run, and RUN_DIR/report.html: one self-contained page about it.
+"""What kiln noticed about a run: the findings, computed from what the run already wrote.
 
-Everything here reads what the run already wrote (config.json, metrics.jsonl, steps.jsonl,
-events.jsonl, summary.json, lr_find.json, checkpoints/), so ``kiln report RUN_DIR`` recomputes the
-same plots and findings for any run, finished or not, and nothing is computed per iteration.
+Nothing is computed per iteration: ``kiln report RUN_DIR`` recomputes the same findings for any run,
+finished or not.
 
 A finding names a condition, the evidence for it from the records, why it matters and the next
 command to run. The checks: divergence or loss spikes; under fp16, the loss-scale trend and the
@@ -11,22 +10,17 @@ from the LR range test's suggestion.
 """
 from __future__ import annotations
 
-import base64
-import html
-import json
 import math
 import statistics
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, TextIO
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from recipes.config import Config, ConfigError, config_from_dict, config_to_dict
+from recipes import RECIPES
+from recipes.config import OPTION_KEYS, config_to_dict
+from recipes.report.rundata import RunData
+from recipes.report.rundata import to_number as _num
 
-__all__ = [
-    "RunData", "Finding", "Report", "load_run", "find_issues", "write_report", "format_findings",
-    "finish_run", "hparams", "CHECKS",
-]
+__all__ = ["Finding", "find_issues", "format_findings", "CHECKS", "fmt"]
 
 #: A loss this many times its recent level (and above half the chance-level loss) is a spike.
 SPIKE_FACTOR = 2.0
@@ -45,125 +39,6 @@ LR_FAR = 4.0
 TROUBLE_EVENTS = ("nan_skip", "rollback", "diverged", "scale_collapse", "non_finite")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a .jsonl file; unreadable lines (a crash mid-write) are skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _num(value: Any) -> float:
-    """A float from a logged number; the strings "nan"/"inf" that loggers write for non-finite values too."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-@dataclass
-class RunData:
-    """The records of one run directory, read once."""
-
-    run_dir: Path
-    config: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    steps: list[dict[str, Any]]
-    events: list[dict[str, Any]]
-    summary: dict[str, Any] | None
-    lr_find: dict[str, Any] | None  #: the range test tied to this run (lr_find.json or the lr_find event)
-    checkpoints: list[Path] = field(default_factory=list)
-
-    @property
-    def recipe(self) -> str:
-        """The recipe's name."""
-        return str(self.config.get("name") or "RECIPE")
-
-    @property
-    def log_every(self) -> int:
-        """Iterations between steps.jsonl lines."""
-        return int(self.config.get("train", {}).get("log_every") or 10)
-
-    @property
-    def batches_per_epoch(self) -> int | None:
-        """Training batches per epoch, as the run recorded it."""
-        value = self.config.get("runtime", {}).get("batches_per_epoch")
-        return int(value) if value else None
-
-    @property
-    def precision(self) -> str | None:
-        """The precision the run resolved to (fp32, bf16, fp16)."""
-        return self.config.get("runtime", {}).get("precision") or self.config.get("train", {}).get("precision")
-
-    @property
-    def skipped_steps(self) -> int | None:
-        """Optimizer steps the fp16 scaler skipped, over the whole run (None when not fp16)."""
-        counts = [m["skipped_steps"] for m in self.metrics if m.get("skipped_steps") is not None]
-        if counts:
-            return int(max(counts))
-        if any(s.get("loss_scale") is not None for s in self.steps):
-            return sum(1 for e in self.events if e.get("event") == "step_skipped") or None
-        return None
-
-    def planned_schedule(self) -> dict[str, list] | None:
-        """The run's one-cycle LR at every optimizer step, keyed by iteration (None if unknown)."""
-        from recipes.schedule import schedule_series
-
-        try:
-            cfg = config_from_dict(self.config)
-            series = schedule_series(cfg, self.batches_per_epoch) if self.batches_per_epoch else None
-        except (ConfigError, ValueError, TypeError, KeyError):
-            return None
-        if series is None:
-            return None
-        return {"iteration": series.iterations(), "lr": series.lr}
-
-
-def load_run(run_dir: str | Path) -> RunData:
-    """Read a run directory's records.
-
-    Raises:
-        ConfigError: the directory is missing, or holds neither metrics.jsonl nor steps.jsonl.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise ConfigError(f"no run directory at {run_dir}")
-    if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} is not a directory; pass a run directory (the --out of kiln train)")
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    steps = _read_jsonl(run_dir / "steps.jsonl")
-    if not metrics and not steps:
-        raise ConfigError(f"{run_dir} holds no metrics (metrics.jsonl, steps.jsonl): not a kiln run directory, "
-                          "or the run stopped before it logged anything")
-    config = _read_json(run_dir / "config.json") or {}
-    events = _read_jsonl(run_dir / "events.jsonl")
-    lr_find = _read_json(run_dir / "lr_find.json")
-    if lr_find is None:
-        lr_find = config.get("lr_find") or next((e for e in reversed(events) if e.get("event") == "lr_find"), None)
-    checkpoints = sorted((run_dir / "checkpoints").glob("*.pt")) if (run_dir / "checkpoints").is_dir() else []
-    return RunData(run_dir, config, metrics, steps, events, _read_json(run_dir / "summary.json"), lr_find, checkpoints)
-
-
-# ---- findings ---------------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class Finding:
     """One thing kiln noticed: what, the evidence from the records, why it matters, what to run next."""
@@ -180,7 +55,8 @@ class Finding:
                 "command": self.command}
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A config or record value as the CLI takes it: ``true``, ``0.01``, ``32,64,128``."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
@@ -192,9 +68,6 @@ def _fmt(value: Any) -> str:
 
 def _command(run: RunData, changes: dict[str, Any], verb: str = "train") -> str:
     """``kiln train RECIPE ...`` reproducing the run's own overrides, with ``changes`` applied on top."""
-    from recipes import RECIPES
-    from recipes.cli import OPTION_KEYS
-
     name = run.recipe
     overrides: dict[str, Any] = {}
     base = RECIPES.get(name)
@@ -216,9 +89,9 @@ def _command(run: RunData, changes: dict[str, Any], verb: str = "train") -> str:
         if value is None:
             continue
         if key in flags:
-            parts.append(f"--{flags[key].replace('_', '-')} {_fmt(value)}")
+            parts.append(f"--{flags[key].replace('_', '-')} {fmt(value)}")
         else:
-            parts.append(f"--set {key}={_fmt(value)}")
+            parts.append(f"--set {key}={fmt(value)}")
     return " ".join(parts)
 
 
@@ -490,225 +363,3 @@ def format_findings(findings: list[Finding]) -> str:
         lines.append(f"      why: {f.advice}")
         lines.append(f"      next: {f.command}")
     return "\n".join(lines)
-
-
-# ---- report.html ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Report:
-    """What :func:`write_report` produced."""
-
-    run: RunData
-    findings: list[Finding]
-    html_path: Path
-    plots: list[Path]
-
-
-_CSS = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
-main{max-width:1060px;margin:0 auto;padding:24px}
-h1{font-size:24px;margin:0 0 4px} h2{font-size:19px;margin:28px 0 10px;border-bottom:1px solid #d8dce3;padding-bottom:4px}
-.sub{color:#5b6473;margin-bottom:16px} code,pre{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:13px}
-table{border-collapse:collapse;background:#fff} td,th{border:1px solid #d8dce3;padding:4px 10px;text-align:left;vertical-align:top}
-th{background:#eef0f4} .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
-.card{background:#fff;border:1px solid #d8dce3;border-radius:6px;padding:10px 12px}
-.card .k{color:#5b6473;font-size:12px;text-transform:uppercase;letter-spacing:.04em} .card .v{font-size:22px;font-weight:600}
-.status-completed{color:#1a7f37} .status-diverged,.status-failed{color:#c62828} .status-interrupted,.status-running{color:#b26a00}
-.finding{background:#fff8e6;border:1px solid #f0c36d;border-left:5px solid #e09b00;border-radius:6px;padding:10px 14px;margin:10px 0}
-.finding h3{margin:0 0 6px;font-size:16px} .finding ul{margin:4px 0 6px 18px;padding:0}
-.ok{background:#eaf7ee;border:1px solid #9fd5ad;border-radius:6px;padding:10px 14px}
-.cmd{background:#1d2330;color:#e8ecf2;padding:6px 10px;border-radius:4px;display:block;overflow-x:auto}
-figure{background:#fff;border:1px solid #d8dce3;border-radius:6px;margin:0 0 14px;padding:8px;text-align:center}
-figure img{max-width:100%;height:auto} figcaption{color:#5b6473;font-size:13px}
-pre{background:#fff;border:1px solid #d8dce3;padding:10px;overflow-x:auto}
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
-
-
-def _summary_html(run: RunData) -> str:
-    s = run.summary or {}
-    status = s.get("status", "unknown")
-
-    def pct(v: Any) -> str:
-        return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "n/a"
-
-    cards = [("status", f'<span class="status-{_e(status)}">{_e(status)}</span>'),
-             ("best val accuracy", pct(s.get("best_val_accuracy"))),
-             ("final val accuracy", pct(s.get("final_val_accuracy"))),
-             ("epochs", f"{s.get('epochs_completed', len(run.metrics))} / {run.config.get('train', {}).get('epochs', '?')}"),
-             ("iterations", _e(s.get("iterations", "n/a"))),
-             ("wall time", f"{s['wall_seconds']:.1f} s" if isinstance(s.get("wall_seconds"), (int, float)) else "n/a"),
-             ("device / precision", _e(f"{run.config.get('runtime', {}).get('device', '?')} / {run.precision or '?'}")),
-             ("max_lr", _e(_fmt(run.config.get("schedule", {}).get("max_lr", "?"))))]
-    body = "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div></div>' for k, v in cards)
-    extra = ""
-    if s.get("error") or s.get("diagnosis"):
-        extra = f"<p><b>{_e('error' if s.get('error') else 'diagnosis')}:</b> <code>{_e(s.get('error') or s.get('diagnosis'))}</code></p>"
-    return f'<section id="summary"><h2>Summary</h2><div class="cards">{body}</div>{extra}</section>'
-
-
-def _findings_html(findings: list[Finding]) -> str:
-    if not findings:
-        return ('<section id="findings"><h2>Findings</h2><div class="ok">Nothing to fix: no divergence or loss spikes, '
-                'no fp16 loss-scale trouble, clipping not dominant, no growing train/val gap, max_lr consistent with '
-                'any range test.</div></section>')
-    parts = []
-    for f in findings:
-        evidence = "".join(f"<li>{_e(e)}</li>" for e in f.evidence)
-        parts.append(f'<div class="finding" data-kind="{_e(f.kind)}"><h3>{_e(f.title)}</h3><ul>{evidence}</ul>'
-                     f"<p>{_e(f.advice)}</p><p><b>Next:</b></p><code class=\"cmd\">{_e(f.command)}</code></div>")
-    return f'<section id="findings"><h2>Findings ({len(findings)})</h2>{"".join(parts)}</section>'
-
-
-_CAPTIONS = {
-    "lr.png": "Learning rate per iteration: the logged values over the planned one-cycle schedule.",
-    "loss.png": "Training loss per iteration (raw and smoothed) and per epoch; validation loss per epoch.",
-    "accuracy.png": "Validation accuracy after each epoch; the star marks the best.",
-    "grad_norm.png": "Total gradient norm before clipping, with the clipping threshold.",
-    "loss_scale.png": "fp16 loss scale over training; triangles mark skipped steps.",
-    "lr_find.png": "LR range test: loss against the LR (log scale), with the suggested max_lr.",
-}
-
-
-def _plots_html(plots: list[Path]) -> str:
-    figures = "".join(f"<figure>{_img(p, p.name)}<figcaption>{_e(p.name)}: {_e(_CAPTIONS.get(p.name, ''))}</figcaption></figure>"
-                      for p in plots)
-    return f'<section id="plots"><h2>Plots</h2>{figures}</section>'
-
-
-def _lr_find_html(run: RunData) -> str:
-    found = run.lr_find
-    if not found:
-        return ""
-    png = run.run_dir / "lr_find.png"
-    picture = f"<figure>{_img(png, 'lr_find.png')}<figcaption>{_e(_CAPTIONS['lr_find.png'])}</figcaption></figure>" if png.exists() else ""
-    suggestion = found.get("suggestion")
-    text = (f"<p>Suggested max_lr <b>{_e(_fmt(suggestion))}</b>; rule: {_e(found.get('rule', 'n/a'))}. "
-            f"This run's max_lr: <b>{_e(_fmt(run.config.get('schedule', {}).get('max_lr', '?')))}</b>"
-            f"{' (chosen by --max-lr auto)' if (run.config.get('lr_find') or {}).get('max_lr') == 'auto' else ''}.</p>")
-    return f'<section id="lr-find"><h2>LR range test</h2>{text}{picture}</section>'
-
-
-def _events_html(run: RunData) -> str:
-    counts: dict[str, int] = {}
-    for e in run.events:
-        counts[str(e.get("event", "?"))] = counts.get(str(e.get("event", "?")), 0) + 1
-    if not counts:
-        return '<section id="events"><h2>Events</h2><p>No events recorded (no skips, rollbacks, interruptions).</p></section>'
-    tally = ", ".join(f"{_e(k)}: {v}" for k, v in sorted(counts.items()))
-    notable = [e for e in run.events if not (e.get("event") == "checkpoint" and e.get("kind") == "last")]
-    rows = []
-    for e in notable[:200]:
-        details = {k: v for k, v in e.items() if k not in ("event", "iteration", "epoch", "time")}
-        text = "; ".join(f"{k}={_fmt(v)}" for k, v in details.items())
-        rows.append(f"<tr><td>{_e(e.get('event'))}</td><td>{_e(e.get('epoch', ''))}</td><td>{_e(e.get('iteration', ''))}</td>"
-                    f"<td>{_e(text[:300])}</td></tr>")
-    more = f"<p>... {len(notable) - 200} more in events.jsonl</p>" if len(notable) > 200 else ""
-    table = ("<table><tr><th>event</th><th>epoch</th><th>iteration</th><th>details</th></tr>" + "".join(rows) + "</table>"
-             if rows else "")
-    return (f'<section id="events"><h2>Events</h2><p>{tally} (routine saves of last.pt are counted, not listed)</p>'
-            f"{table}{more}</section>")
-
-
-def _checkpoint_html(run: RunData) -> str:
-    best_files = [p for p in run.checkpoints if p.name.startswith("best")]
-    best_event = next((e for e in reversed(run.events) if e.get("event") == "checkpoint" and e.get("kind") == "best"), None)
-    scored = [(m.get("val_accuracy"), m["epoch"]) for m in run.metrics if m.get("val_accuracy") is not None]
-    lines = []
-    if scored:
-        accuracy, epoch = max(scored, key=lambda t: (t[0], -t[1]))
-        lines.append(f"<p>Best validation accuracy <b>{100 * accuracy:.2f}%</b> at epoch {epoch} (metrics.jsonl).</p>")
-    if best_files:
-        items = "".join(f"<li><code>{_e(p.relative_to(run.run_dir))}</code> ({p.stat().st_size / 1e6:.1f} MB)</li>"
-                        for p in best_files)
-        lines.append(f"<p>Best checkpoint{'s' if len(best_files) > 1 else ''}:</p><ul>{items}</ul>")
-        lines.append(f"<p>Evaluate it: <code class=\"cmd\">kiln eval {_e(best_files[-1])}</code></p>")
-    elif best_event:
-        lines.append(f"<p>Best checkpoint (from events.jsonl): <code>{_e(best_event.get('file'))}</code></p>")
-    else:
-        lines.append("<p>No best checkpoint was written.</p>")
-    last = run.run_dir / "checkpoints" / "last.pt"
-    if last.exists():
-        lines.append(f"<p>Resume point: <code>{_e(last.relative_to(run.run_dir))}</code> "
-                     f"(<code>kiln resume {_e(run.run_dir)}</code>)</p>")
-    return f'<section id="checkpoint"><h2>Best checkpoint</h2>{"".join(lines)}</section>'
-
-
-def _config_html(run: RunData) -> str:
-    rows = []
-    for section, values in run.config.items():
-        if isinstance(values, dict) and section not in ("lr_find",):
-            for key, value in values.items():
-                rows.append(f"<tr><td>{_e(section)}</td><td>{_e(key)}</td><td><code>{_e(_fmt(value))}</code></td></tr>")
-        elif not isinstance(values, dict):
-            rows.append(f"<tr><td></td><td>{_e(section)}</td><td><code>{_e(_fmt(values))}</code></td></tr>")
-    table = "<table><tr><th>section</th><th>key</th><th>value</th></tr>" + "".join(rows) + "</table>"
-    return f'<section id="config"><h2>Config</h2><p>From config.json (the resolved recipe).</p>{table}</section>'
-
-
-def _page(run: RunData, findings: list[Finding], plots: list[Path]) -> str:
-    status = (run.summary or {}).get("status", "unknown")
-    title = f"kiln report: {run.recipe} ({status})"
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
-        f"<h1>{_e(title)}</h1><div class=\"sub\">run directory <code>{_e(run.run_dir)}</code></div>"
-        + _summary_html(run) + _findings_html(findings) + _plots_html(plots) + _lr_find_html(run)
-        + _events_html(run) + _checkpoint_html(run) + _config_html(run)
-        + "</main></body></html>\n"
-    )
-
-
-def write_report(run_dir: str | Path) -> Report:
-    """Draw RUN_DIR/plots/*.png, compute the findings and write RUN_DIR/report.html (images embedded).
-
-    Raises:
-        ConfigError: see :func:`load_run`.
-    """
-    from recipes.plots import plot_run
-
-    run = load_run(run_dir)
-    plots = plot_run(run, run.run_dir / "plots")
-    findings = find_issues(run)
-    html_path = run.run_dir / "report.html"
-    tmp = html_path.with_name(".report.html.tmp")
-    tmp.write_text(_page(run, findings, plots), encoding="utf-8")
-    tmp.replace(html_path)
-    return Report(run, findings, html_path, plots)
-
-
-def finish_run(run_dir: str | Path, stream: TextIO | None = None) -> Report | None:
-    """After a run: write plots and report.html and print the findings (rank 0 only); never raises (a
-    report that cannot be written is a warning, not a reason to lose the run's exit status)."""
-    import ignite.distributed as idist
-
-    if idist.get_rank() != 0:  # one process writes the report of a distributed run
-        return None
-    out = stream or sys.stdout
-    try:
-        report = write_report(run_dir)
-    except Exception as e:  # noqa: BLE001 - the run itself is done; the report is a bonus
-        print(f"kiln: could not write the report: {type(e).__name__}: {e}", file=out)
-        return None
-    print(format_findings(report.findings), file=out)
-    print(f"report: {report.html_path}", file=out)
-    return report
-
-
-def hparams(cfg: Config) -> dict[str, bool | int | float | str]:
-    """The config flattened to ``{"section.key": value}`` for TensorBoard's hparams (lists become text)."""
-    flat: dict[str, bool | int | float | str] = {}
-    for section, values in config_to_dict(cfg).items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                flat[f"{section}.{key}"] = value if isinstance(value, (bool, int, float, str)) else _fmt(value)
-    return flat

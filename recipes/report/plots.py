@@ -1,4 +1,4 @@
-"""The PNG plots of a run, of an LR range test and of a one-cycle schedule (matplotlib, Agg canvas).
+"""The PNG plots of a run, of an LR range test, of a one-cycle schedule and of a confusion matrix (matplotlib, Agg).
 
 Every plot is drawn on its own ``Figure`` with an explicit Agg canvas (no pyplot state, safe in
 threads and tests) from the records a run has already written: metrics.jsonl, steps.jsonl and
@@ -15,12 +15,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 if TYPE_CHECKING:  # pragma: no cover
-    from recipes.lr_find import LRFindResult
-    from recipes.report import RunData
-    from recipes.schedule import ScheduleSeries
+    from recipes.report.rundata import RunData
+    from recipes.tools.lr_find import LRFindResult
+    from recipes.tools.schedule import ScheduleSeries
 
 __all__ = ["plot_run", "run_figures", "plot_lr_find", "lr_find_figure", "plot_schedule", "schedule_figure", "ema",
-           "RUN_PLOTS"]
+           "plot_confusion_matrix", "RUN_PLOTS", "MAX_ANNOTATED_CLASSES"]
+
+#: More classes than this: the confusion matrix's cells carry no numbers.
+MAX_ANNOTATED_CLASSES = 20
 
 #: The files ``plot_run`` may write into RUN_DIR/plots (loss_scale.png only for fp16 runs).
 RUN_PLOTS = ("lr.png", "loss.png", "accuracy.png", "grad_norm.png", "loss_scale.png")
@@ -294,7 +297,9 @@ def _clip(value: float) -> float:
 
 
 def plot_schedule(series: "ScheduleSeries", path: str | Path, title: str = "") -> Path:
-    """schedule.png: see :func:`schedule_figure`."""
+    """schedule.png: see :func:`schedule_figure`; the default title gives the step count."""
+    title = title or (f"{series.recipe}: one-cycle schedule, {series.epochs} epochs x {series.steps_per_epoch} "
+                      f"steps = {series.total_steps} optimizer steps")
     return _save(schedule_figure(series, title), Path(path))
 
 
@@ -341,3 +346,43 @@ def schedule_figure(series: "ScheduleSeries", title: str = "") -> Figure:
         top_axis = ax_lr.secondary_xaxis("top", functions=(lambda s: s / spe, lambda e: e * spe))
         top_axis.set_xlabel("epoch")
     return fig
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path,
+                          title: str = "Confusion matrix") -> Path:
+    """Write the confusion matrix as a PNG (matplotlib, Agg canvas): counts shaded by row share, labelled."""
+    import torch
+
+    counts = torch.tensor(matrix, dtype=torch.float64)
+    share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    n = len(class_names)
+    side = min(max(4.5, 0.45 * n + 2.5), 30.0)
+    fig = Figure(figsize=(side + 1.2, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ticks = range(n)
+    font = 9 if n <= 20 else max(4, 9 - n // 20)
+    ax.set_xticks(list(ticks), [str(c) for c in class_names], fontsize=font)
+    if n > 5:
+        ax.tick_params(axis="x", labelrotation=45)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+            label.set_rotation_mode("anchor")
+    ax.set_yticks(list(ticks), [str(c) for c in class_names], fontsize=font)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    if n <= MAX_ANNOTATED_CLASSES:
+        for i in range(n):
+            for j in range(n):
+                value = int(counts[i, j])
+                if value:
+                    ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
+                            color="white" if share[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

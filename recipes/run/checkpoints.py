@@ -1,4 +1,7 @@
-"""Reading kiln checkpoints safely, and deciding whether a config may continue a checkpointed run."""
+"""Reading kiln checkpoints safely, and deciding whether a config may continue a checkpointed run.
+
+Saving them is ``callbacks.Checkpointer``'s job; :class:`RunMeta` is the ``kiln`` section it saves.
+"""
 from __future__ import annotations
 
 import pickle
@@ -16,12 +19,10 @@ CHECKPOINT_FORMAT = 1
 
 #: Config keys that may differ between a checkpoint and the run continuing it: they do not change
 #: what is computed (where it runs, how often it logs or saves) or are handled on their own (epochs).
+#: The whole ``guard`` section is run-neutral too: it only acts on a run that already diverged.
 RUN_NEUTRAL_KEYS = ("description", "train.device", "train.log_every", "train.epochs", "checkpoint.every_iterations",
                     "checkpoint.every_minutes", "checkpoint.keep_best", "data.num_workers", "data.data_dir",
-                    "data.download",
-                    "train.compile", "train.compile_backend", "train.channels_last", "train.on_nan",
-                    "train.nan_check_every", "train.nan_max_skips", "train.nan_lr_factor", "train.nan_max_rollbacks",
-                    "train.nan_collapse_skips", "train.nan_min_loss_scale", "train.nan_max_loss_ratio")
+                    "data.download", "train.compile", "train.compile_backend", "train.channels_last")
 
 
 class RunMeta:
@@ -97,7 +98,7 @@ def run_changing_differences(saved: Config, requested: Config) -> list[str]:
     """``key: saved -> requested`` for every field that would make the continued run a different run."""
     a, b = _flatten(config_to_dict(saved)), _flatten(config_to_dict(requested))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in RUN_NEUTRAL_KEYS]
+            if a.get(k) != b.get(k) and k not in RUN_NEUTRAL_KEYS and not k.startswith("guard.")]
 
 
 def find_last_checkpoint(run_dir: str | Path) -> Path:

@@ -1,10 +1,12 @@
-"""A full evaluation of a model: loss, top-1, top-5, per-class accuracy, a confusion matrix (text and PNG).
+"""Evaluating a model or a checkpoint: loss, top-1, top-5, per-class accuracy and a confusion matrix.
 
 The figures come from ignite's metrics (Loss, Accuracy, TopKCategoricalAccuracy, ConfusionMatrix)
-on kiln's evaluator; ``tta`` averages the logits of each image and its horizontal mirror.
+on kiln's evaluator; ``tta`` averages the logits of each image and its horizontal mirror. The
+confusion matrix's picture is drawn by ``recipes.report.plots.plot_confusion_matrix``.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -13,8 +15,13 @@ from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccur
 from torch import nn
 
 from engine import Precision, create_evaluator
+from recipes.config import ConfigError, apply_overrides
+from recipes.data import DataError, num_samples
+from recipes.run.checkpoints import load_checkpoint
+from recipes.run.parts import make_data, make_model, resolve_runtime
 
-__all__ = ["FlipTTA", "evaluate", "format_evaluation", "plot_confusion_matrix", "eval_output_dir"]
+__all__ = ["FlipTTA", "evaluate", "evaluate_checkpoint", "format_evaluation", "eval_output_dir",
+           "MAX_PRINTED_CLASSES"]
 
 #: More classes than this: the confusion matrix is left out of the text (it is in the PNG).
 MAX_PRINTED_CLASSES = 20
@@ -94,47 +101,6 @@ def format_evaluation(result: Mapping[str, Any], source: str = "") -> str:
     return "\n".join(lines)
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path,
-                          title: str = "Confusion matrix") -> Path:
-    """Write the confusion matrix as a PNG (matplotlib, Agg canvas): counts shaded by row share, labelled."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts = torch.tensor(matrix, dtype=torch.float64)
-    share = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
-    n = len(class_names)
-    side = min(max(4.5, 0.45 * n + 2.5), 30.0)
-    fig = Figure(figsize=(side + 1.2, side), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ticks = range(n)
-    font = 9 if n <= 20 else max(4, 9 - n // 20)
-    ax.set_xticks(list(ticks), [str(c) for c in class_names], fontsize=font)
-    if n > 5:
-        ax.tick_params(axis="x", labelrotation=45)
-        for label in ax.get_xticklabels():
-            label.set_horizontalalignment("right")
-            label.set_rotation_mode("anchor")
-    ax.set_yticks(list(ticks), [str(c) for c in class_names], fontsize=font)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title)
-    if n <= MAX_PRINTED_CLASSES:
-        for i in range(n):
-            for j in range(n):
-                value = int(counts[i, j])
-                if value:
-                    ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
-                            color="white" if share[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
 def eval_output_dir(checkpoint: str | Path) -> Path:
     """Where ``kiln eval`` writes by default: the checkpoint's run directory, else the checkpoint's folder."""
     checkpoint = Path(checkpoint)
@@ -142,3 +108,45 @@ def eval_output_dir(checkpoint: str | Path) -> Path:
     if folder.name == "checkpoints" and (folder.parent / "config.json").is_file():
         return folder.parent
     return folder
+
+
+def evaluate_checkpoint(path: str | Path, *, device: str | None = None, batch_size: int | None = None,
+                        data_dir: str | None = None, tta: bool = False) -> dict[str, Any]:
+    """Evaluate a checkpoint (last.pt or best-*.pt) on its recipe's validation data (or on ``data_dir``'s).
+
+    ``tta`` averages the logits of each image and its horizontal mirror. Returns ``{"loss",
+    "accuracy", "samples", "epoch", "recipe", "device", "top5" (None under 5 classes), "per_class",
+    "per_class_samples", "confusion_matrix" (rows: true class), "class_names", "tta"}``
+    (see :func:`evaluate`).
+
+    Raises:
+        ConfigError / DataError: an unusable checkpoint, missing data, or data whose classes differ
+            from the ones the checkpoint was trained on.
+    """
+    checkpoint, cfg = load_checkpoint(path)
+    overrides: dict[str, Any] = {}
+    if device is not None:
+        overrides["train.device"] = device
+    if batch_size is not None:
+        overrides["data.batch_size"] = batch_size
+    if data_dir is not None:
+        overrides["data.data_dir"] = data_dir
+    cfg = apply_overrides(cfg, overrides)
+    dev, precision = resolve_runtime(cfg)
+    workers = cfg.data.num_workers if cfg.data.dataset == "imagefolder" else 0  # folders of images decode in workers
+    data = make_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers)), dev)
+    val_data, num_classes = data.val, data.num_classes
+    saved_names = list(checkpoint["kiln"].get("class_names") or [])
+    data_names = data.class_names
+    if saved_names and cfg.data.dataset == "imagefolder" and data_names != saved_names:
+        raise DataError(f"the data in {cfg.data.data_dir} has classes {data_names}; {path} was trained on {saved_names}")
+    model = make_model(cfg, data.in_channels, num_classes).to(dev)
+    try:
+        model.load_state_dict(checkpoint["ema_model" if "ema_model" in checkpoint else "model"])  # EMA weights first
+    except (RuntimeError, KeyError) as e:
+        raise ConfigError(f"{path}: the model weights do not fit the recipe's model ({str(e).splitlines()[0]})") from None
+    result = evaluate(model, val_data, num_classes, device=dev, precision=precision, tta=tta)
+    trainer_state = checkpoint.get("trainer") or {}
+    epoch = int(trainer_state["iteration"]) // int(trainer_state["epoch_length"]) if trainer_state else None
+    return {**result, "samples": num_samples(val_data), "epoch": epoch, "recipe": cfg.name, "device": str(dev),
+            "class_names": saved_names or data_names, "weights": "ema" if "ema_model" in checkpoint else "model"}

@@ -5,7 +5,8 @@ restoring of the model and optimizer. It runs on a bare ``engine.create_trainer`
 every handler on the trainer it is attached to fires during the search (checkpoints, schedules and
 loggers of a real run would act on it). kiln adds what the finder lacks: the LR each iteration really
 used (the finder records the *next* iteration's LR), the raw losses, a rule for one-cycle's peak LR,
-and the run-directory records (lr_find.json, lr_find.png, events.jsonl, config.json).
+and the run-directory records (lr_find.json, events.jsonl, config.json, TensorBoard). Its picture,
+lr_find.png, is drawn by ``recipes.report.plots.plot_lr_find``.
 
 The rule: ``max_lr = (LR at the lowest smoothed loss) / divide_by`` (3 by default). The lowest point of
 the smoothed loss is where raising the LR stops paying; one-cycle only visits its peak briefly, so a
@@ -29,13 +30,14 @@ from ignite.handlers import FastaiLRFinder
 
 from callbacks import AMP, GradClip
 from callbacks._files import append_jsonl, write_json_atomic
-from engine import Precision, create_trainer, resolve_device, resolve_precision
+from engine import Precision, create_trainer
 from engine.precision import resolve_for_model
-from recipes.config import Config, ConfigError, apply_overrides
+from recipes.config import Config, ConfigError, with_max_lr
+from recipes.run.parts import training_parts
 
 __all__ = [
     "LRFindResult", "lr_range_test", "find_lr", "suggest_max_lr", "apply_suggestion", "choose_max_lr",
-    "write_lr_find", "record_in_run", "format_result", "load_lr_find",
+    "save_lr_find", "record_in_run", "format_result", "load_lr_find",
     "DEFAULT_START_LR", "DEFAULT_END_LR", "DEFAULT_NUM_ITER", "DEFAULT_DIVIDE_BY",
 ]
 
@@ -232,39 +234,14 @@ def lr_range_test(
                         seconds=round(seconds, 3), notes=notes)
 
 
-def _components(cfg: Config) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, Any, torch.device, Precision]:
-    """The model, optimizer, loss, training data, device and precision that ``recipes.run.build`` makes."""
-    from recipes.models import build_model, parameter_groups
-    from recipes.run import _data
-
-    t = cfg.train
-    device = resolve_device(t.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no CUDA device is available here; use --device cpu")
-    try:
-        precision = resolve_precision(t.precision, device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    torch.manual_seed(t.seed)  # the same initial weights as the run that build() assembles
-    train_data, _, in_channels, num_classes = _data(cfg, device)
-    model = build_model(cfg.model.name, in_channels, num_classes, cfg.data.image_size, cfg.model.channels).to(device)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norm_and_bias),
-        lr=cfg.optim.lr, betas=(0.9, cfg.optim.beta2), eps=cfg.optim.eps,
-        fused=True,  # one kernel per step, on the CPU too (foreach AdamW: 2-7x slower there)
-    )
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    return model, optimizer, loss_fn, train_data, device, precision
-
-
 def find_lr(cfg: Config, *, start_lr: float = DEFAULT_START_LR, end_lr: float = DEFAULT_END_LR,
             num_iter: int = DEFAULT_NUM_ITER, divide_by: float = DEFAULT_DIVIDE_BY,
             smooth_f: float = DEFAULT_SMOOTH_F, diverge_th: float = DEFAULT_DIVERGE_TH) -> LRFindResult:
     """The range test for recipe ``cfg``: its model (same seed, so the same initial weights as its run),
     optimizer, loss (with label smoothing), training data, precision and gradient clipping."""
-    model, optimizer, loss_fn, data, device, precision = _components(cfg)
+    model, optimizer, loss_fn, data, device, precision = training_parts(cfg)
     t = cfg.train
-    return lr_range_test(model, optimizer, loss_fn, data, device=device, precision=precision,
+    return lr_range_test(model, optimizer, loss_fn, data.train, device=device, precision=precision,
                          clip_norm=t.clip_norm or None, init_scale=t.init_scale, growth_interval=t.growth_interval,
                          seed=t.seed, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, smooth_f=smooth_f,
                          diverge_th=diverge_th, divide_by=divide_by)
@@ -273,9 +250,7 @@ def find_lr(cfg: Config, *, start_lr: float = DEFAULT_START_LR, end_lr: float = 
 def apply_suggestion(cfg: Config, result: LRFindResult) -> Config:
     """``cfg`` with ``schedule.max_lr`` set to the suggestion; ``optim.lr`` (where the cycle starts)
     keeps the recipe's ratio ``max_lr / lr`` (one-cycle's div_factor)."""
-    div_factor = cfg.schedule.max_lr / cfg.optim.lr
-    max_lr = float(f"{result.suggestion:.3g}")
-    return apply_overrides(cfg, {"schedule.max_lr": max_lr, "optim.lr": max_lr / div_factor})
+    return with_max_lr(cfg, float(f"{result.suggestion:.3g}"))
 
 
 def choose_max_lr(cfg: Config, *, quiet: bool = False, stream: TextIO | None = None) -> tuple[Config, LRFindResult]:
@@ -293,16 +268,13 @@ def choose_max_lr(cfg: Config, *, quiet: bool = False, stream: TextIO | None = N
     return chosen, result
 
 
-def write_lr_find(result: LRFindResult, out_dir: str | Path, title: str = "") -> tuple[Path, Path]:
-    """Write ``lr_find.json`` and ``lr_find.png`` (loss vs LR, log x, suggestion marked) into ``out_dir``."""
-    from recipes.plots import plot_lr_find
-
+def save_lr_find(result: LRFindResult, out_dir: str | Path) -> Path:
+    """Write ``lr_find.json`` into ``out_dir`` (created); returns its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "lr_find.json"
     write_json_atomic(json_path, result.to_dict())
-    png_path = plot_lr_find(result, out_dir / "lr_find.png", title=title)
-    return json_path, png_path
+    return json_path
 
 
 def load_lr_find(path: str | Path) -> LRFindResult:
@@ -311,12 +283,12 @@ def load_lr_find(path: str | Path) -> LRFindResult:
 
 
 def record_in_run(run: Any, result: LRFindResult) -> None:
-    """Record a range test that chose a run's max_lr: lr_find.json/png in the run directory, an
+    """Record a range test that chose a run's max_lr: lr_find.json in the run directory, an
     ``{"event": "lr_find"}`` line in events.jsonl, an ``lr_find`` section in config.json, and the
     curve in TensorBoard (``lr_find/*`` tags). ``run`` is a ``recipes.run.Assembly`` whose config.json
     has been written."""
     run_dir = Path(run.run_dir)
-    write_lr_find(result, run_dir, title=f"{run.config.name}: LR range test")
+    save_lr_find(result, run_dir)
     summary = {"max_lr": "auto", "chosen_max_lr": run.config.schedule.max_lr,
                "chosen_lr": run.config.optim.lr, **result.summary()}
     append_jsonl(run_dir / "events.jsonl", {"event": "lr_find", "iteration": 0, "time": time.time(), **summary})

@@ -1,7 +1,7 @@
 """The one-cycle schedule of a recipe, computed without training: LR and beta1 at every optimizer step.
 
-The series comes from the very scheduler a run uses (``callbacks.OneCycle`` around torch's
-``OneCycleLR``), stepped on a one-parameter AdamW the way the trainer steps it, so the plot shows
+The series comes from the very scheduler a run uses (``recipes.run.parts.make_schedule``: a
+``callbacks.OneCycle`` around torch's ``OneCycleLR``), stepped on a one-parameter AdamW the way the trainer steps it, so the plot shows
 exactly what training will do: warm-up from ``lr`` to ``max_lr`` over ``pct_start`` of the steps,
 then the cool-down to ``lr / final_div_factor``, with AdamW's beta1 cycled the other way.
 """
@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from callbacks import OneCycle
 from callbacks._files import write_json_atomic
 from recipes.config import Config
+from recipes.run.parts import make_data, make_schedule
 
-__all__ = ["ScheduleSeries", "schedule_series", "batches_per_epoch", "write_schedule", "format_schedule"]
+__all__ = ["ScheduleSeries", "schedule_series", "batches_per_epoch", "save_schedule", "format_schedule"]
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,7 @@ class ScheduleSeries:
 
 def batches_per_epoch(cfg: Config) -> int:
     """Training batches per epoch for ``cfg`` (the data split is made, nothing is trained)."""
-    from recipes.run import _data
-
-    train_data, _, _, _ = _data(cfg, torch.device("cpu"))
-    return len(train_data)
+    return len(make_data(cfg, torch.device("cpu")).train)
 
 
 def schedule_series(cfg: Config, batches: int | None = None) -> ScheduleSeries:
@@ -98,12 +95,10 @@ def schedule_series(cfg: Config, batches: int | None = None) -> ScheduleSeries:
     if batches is None:
         batches = batches_per_epoch(cfg)
     t, s = cfg.train, cfg.schedule
-    total = OneCycle.total_steps_for(t.epochs, batches, t.accumulation_steps)
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([param], lr=cfg.optim.lr, betas=(0.9, cfg.optim.beta2))
-    schedule = OneCycle(optimizer, max_lr=s.max_lr, total_steps=total, pct_start=s.pct_start,
-                        div_factor=s.max_lr / cfg.optim.lr, final_div_factor=s.final_div_factor,
-                        anneal_strategy=s.anneal_strategy, cycle_momentum=s.cycle_momentum)
+    schedule = make_schedule(cfg, optimizer, batches)
+    total = schedule.total_steps
     lrs, momenta = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -124,18 +119,14 @@ def schedule_series(cfg: Config, batches: int | None = None) -> ScheduleSeries:
     )
 
 
-def write_schedule(series: ScheduleSeries, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``schedule.png`` and ``schedule.json`` into ``out_dir``; returns their paths."""
-    from recipes.plots import plot_schedule
-
+def save_schedule(series: ScheduleSeries, out_dir: str | Path) -> Path:
+    """Write ``schedule.json`` into ``out_dir`` (created); returns its path. ``schedule.png`` is
+    ``recipes.report.plots.plot_schedule``'s."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "schedule.json"
     write_json_atomic(json_path, series.to_dict())
-    title = (f"{series.recipe}: one-cycle schedule, {series.epochs} epochs x {series.steps_per_epoch} "
-             f"steps = {series.total_steps} optimizer steps")
-    png_path = plot_schedule(series, out_dir / "schedule.png", title=title)
-    return png_path, json_path
+    return json_path
 
 
 def format_schedule(series: ScheduleSeries) -> str:

@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import optuna
 import yaml
@@ -28,8 +28,10 @@ from optuna.trial import TrialState
 
 from callbacks import OptunaPruning
 from callbacks._files import append_jsonl, write_json_atomic
-from recipes.config import Config, ConfigError, apply_overrides, config_to_dict, field_paths
-from recipes.recipe_files import is_recipe_file
+from recipes.config import Config, ConfigError, apply_overrides, config_to_dict, field_paths, with_max_lr
+from recipes.recipe_files import is_recipe_file, load_recipe
+from recipes.run import train
+from recipes.tools.lr_find import choose_max_lr
 
 __all__ = ["ParamSpec", "parse_param", "default_space", "open_study", "run_sweep", "SweepResult", "format_table",
            "write_results", "trial_config", "SweepInterrupted", "TrialSeededTPE"]
@@ -150,8 +152,7 @@ def trial_config(cfg: Config, params: dict[str, Any]) -> Config:
     (where the cycle starts), unless ``optim.lr`` is searched too."""
     overrides = dict(params)
     if "schedule.max_lr" in overrides and "optim.lr" not in overrides:
-        div_factor = cfg.schedule.max_lr / cfg.optim.lr
-        overrides["optim.lr"] = float(overrides["schedule.max_lr"]) / div_factor
+        cfg = with_max_lr(cfg, float(overrides.pop("schedule.max_lr")))
     return apply_overrides(cfg, overrides)
 
 
@@ -251,8 +252,6 @@ def _auto_max_lr(study: optuna.Study, base: Config, cfg: Config, stream: TextIO)
     """``cfg`` at the LR range test's suggestion for its batch size: run once per batch size per study, on
     ``base`` at that batch size (not on whichever trial asked first), and kept in the study's user
     attrs, so every worker reuses it."""
-    from recipes.lr_find import choose_max_lr
-
     attr = f"auto_max_lr:batch_size={cfg.data.batch_size}"
     found = study.user_attrs.get(attr)
     if found is None:
@@ -284,9 +283,11 @@ class SweepResult:
 
 def run_sweep(recipe: str, base: Config, space: list[ParamSpec], *, n_trials: int, out: Path, storage: str | None,
               study_name: str | None, pruner: str = "median", auto_max_lr: bool = False,
-              fixed: dict[str, Any] | None = None, heartbeat_interval: int = 10, stream: TextIO | None = None) -> SweepResult:
+              fixed: dict[str, Any] | None = None, heartbeat_interval: int = 10, stream: TextIO | None = None,
+              finish: Callable[[Path], Any] | None = None) -> SweepResult:
     """Run trials of the study until ``n_trials`` are complete or pruned (with every worker's), then write
-    the results. ``base`` is the recipe with the sweep's fixed overrides (``fixed``, for best.yaml).
+    the results. ``base`` is the recipe with the sweep's fixed overrides (``fixed``, for best.yaml);
+    ``finish(run_dir)`` runs after each trial (e.g. ``recipes.report.finish_run``).
 
     Raises:
         ConfigError: bad arguments, an unusable storage, or a study started with other arguments.
@@ -324,10 +325,10 @@ def run_sweep(recipe: str, base: Config, space: list[ParamSpec], *, n_trials: in
         run_dir = _trial_dir(out, trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("config", {k: v for k, v in _flat(config_to_dict(cfg)).items()})
-        from recipes.run import train
-
         pruning = OptunaPruning(trial)
         run = train(cfg, run_dir, quiet=True, stream=io.StringIO(), extra_handlers={"optuna_pruning": pruning})
+        if finish is not None:
+            finish(run.run_dir)
         summary = run.handlers["summary"]
         best = summary.best_val_accuracy
         epochs = int(run.trainer.state.epoch)
@@ -421,8 +422,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def _write_best_yaml(study: optuna.Study, recipe: str, base: Config, path: Path) -> Path | None:
     """A recipe file: ``base: RECIPE`` and every key where the best trial's config differs from RECIPE's."""
-    from recipes.recipe_files import load_recipe
-
     try:
         best = study.best_trial
     except ValueError:  # no completed trial yet

@@ -2,9 +2,9 @@
 
 
 def kiln_in_process(*args: str) -> int:
-    """``kiln ARGS`` through ``recipes.cli.main`` in this process (no second torch import); its exit status.
+    """``kiln ARGS`` through ``recipes.cli.commands.main`` in this process (no second torch import); its exit status.
 
-    Not through ``recipes.entry`` (the console script): its collector settings are for a process of
+    Not through ``recipes.cli.entry`` (the console script): its collector settings are for a process of
     its own, not for pytest's. ``KILN_MALLOC=default`` leaves the test process's allocator alone.
     """
     import pytest

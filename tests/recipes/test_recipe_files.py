@@ -9,7 +9,8 @@ import yaml
 from click.testing import CliRunner
 
 from recipes import RECIPES
-from recipes.cli import cli, main, resolve_config
+from recipes.cli import cli, main
+from recipes.cli.options import resolve_config
 from recipes.config import ConfigError, config_from_dict
 from recipes.recipe_files import load_recipe_file
 
@@ -27,6 +28,13 @@ def test_nested_sections_and_dotted_keys_override_the_base(tmp_path):
     assert (cfg.train.epochs, cfg.train.seed, cfg.schedule.max_lr, cfg.model.name) == (5, 3, 0.01, "resnet18_32")
     assert cfg.data == base.data and cfg.optim == base.optim
     assert cfg.name == "short"  # the file's name, unless it sets one
+
+
+def test_a_file_written_with_the_old_flat_guard_keys_still_loads(tmp_path):
+    recipe = write(tmp_path / "old.yaml", "base: digits\ntrain: {epochs: 2, on_nan: stop, nan_check_every: 5}\n"
+                                          "train.nan_max_rollbacks: 1\n")
+    cfg = load_recipe_file(recipe)
+    assert (cfg.train.epochs, cfg.guard.on_nan, cfg.guard.check_every, cfg.guard.max_rollbacks) == (2, "stop", 5, 1)
 
 
 def test_precedence_is_recipe_then_file_then_set_then_options(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 # Prints whether a 24 MiB malloc is served by its own mmap (glibc's default) or from the heap (tuned).
 PROBE = """
@@ -48,7 +48,7 @@ def test_glibc_maps_large_buffers_by_default():
 
 
 def test_tune_malloc_keeps_large_buffers_in_the_heap_even_after_torch_is_imported():
-    code = "import torch\nfrom recipes.allocator import tune_malloc\nprint(tune_malloc())\n" + PROBE
+    code = "import torch\nfrom recipes.cli.allocator import tune_malloc\nprint(tune_malloc())\n" + PROBE
     assert _run(code) == ["True", "heap"]
 
 

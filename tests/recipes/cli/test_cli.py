@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+import click
 from click.testing import CliRunner
 
 from recipes import RECIPES
@@ -179,3 +180,24 @@ def test_a_missing_data_set_says_where_kiln_looked_and_creates_nothing(workspace
     assert len(err.splitlines()) == 1 and err.startswith("kiln: error: ")
     assert str(nowhere) in err and "Traceback" not in out + err
     _check_untouched(root, paths)
+
+
+def test_train_help_lists_every_option_once_in_sections_that_fit_a_screen():
+    from recipes.cli.commands import TRAIN_SECTIONS
+
+    text = CliRunner().invoke(cli, ["train", "--help"], terminal_width=80).output
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            current = sections.setdefault(line[:-1], [])
+        elif current is not None:
+            current.append(line)
+    assert list(sections) == list(TRAIN_SECTIONS)  # nothing left over under "Other options"
+    assert all(len(lines) <= 25 for lines in sections.values()), {k: len(v) for k, v in sections.items()}
+    options = [p for p in cli.commands["train"].params if isinstance(p, click.Option)]
+    for option in options:
+        flag = option.opts[0]
+        listed = [title for title, lines in sections.items()  # the option's own line, not a mention in a help text
+                  if any(line.startswith(f"  {flag}") for line in lines)]
+        assert len(listed) == 1, (flag, listed)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -30,7 +30,7 @@ def test_importing_recipes_loads_neither_torch_nor_ignite_until_a_recipe_is_aske
 
 ENTRY = """
 import gc, sys
-from recipes.entry import main
+from recipes.cli.entry import main
 try:
     main(["recipes"])
 except SystemExit as e:
@@ -56,3 +56,27 @@ def test_python_dash_m_recipes_is_the_kiln_command():
                                text=True, cwd=ROOT, timeout=180)
     assert installed.returncode == 0, installed.stderr
     assert "digits" in listed and listed == installed.stdout
+
+
+WINGS_LOADED = """
+import sys
+from recipes.cli.entry import main
+import recipes.cli.commands
+print(sorted({m.split('.')[1] for m in sys.modules if m.startswith(('recipes.report', 'recipes.tools', 'recipes.run'))}))
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    assert not e.code, e.code
+print(sorted({m.split('.')[1] for m in sys.modules if m.startswith(('recipes.report', 'recipes.tools', 'recipes.run'))}),
+      file=sys.stderr)
+"""
+
+
+def test_the_command_line_loads_the_run_tools_and_report_wings_only_for_the_commands_that_need_them(tmp_path):
+    listing = _python(WINGS_LOADED, "recipes")
+    assert listing.stdout.splitlines()[0] == "[]"  # importing the commands loads none of them
+    assert listing.stderr.strip() == "[]"  # nor does `kiln recipes`
+    shown = _python(WINGS_LOADED, "show", "digits")
+    assert shown.stderr.strip() == "[]"
+    schedule = _python(WINGS_LOADED, "schedule", "digits", "--out", str(tmp_path))
+    assert schedule.stderr.strip() == "['report', 'run', 'tools']"

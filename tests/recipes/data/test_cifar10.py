@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from recipes import RECIPES
-from recipes.checkpoints import load_checkpoint
+from recipes.run.checkpoints import load_checkpoint
 from recipes.config import apply_overrides
 from recipes.data import DataError
-from recipes.datasets import CIFAR10_CLASSES, cifar10_data, load_cifar10
+from recipes.data.disk import CIFAR10_CLASSES, cifar10_data, load_cifar10
 from recipes.models import build_model, resnet9
 from tests.recipes import kiln_in_process as kiln
 
@@ -72,7 +72,8 @@ def test_the_pickle_batches_are_read_into_uint8_tensors_in_channel_plane_order(c
 
 def test_batches_live_on_the_device_normalised_and_augmented_by_position(cifar_dir):
     cfg = apply_overrides(RECIPES["cifar10"], {"data.data_dir": str(cifar_dir), "data.batch_size": 16})
-    train, val, in_channels, num_classes = cifar10_data(cfg, torch.device("cpu"))
+    data = cifar10_data(cfg, torch.device("cpu"))
+    train, val, in_channels, num_classes = data.train, data.val, data.in_channels, data.num_classes
     assert (in_channels, num_classes, len(train), len(val.x)) == (3, 10, 3, TEST_IMAGES)
     assert abs(float(val.x.mean())) < 1.0 and val.x.dtype == torch.float32
     train.set_position(1)
@@ -88,7 +89,7 @@ def test_batches_live_on_the_device_normalised_and_augmented_by_position(cifar_d
     assert not torch.equal(epoch1[0][0], epoch2[0][0])
     # crop+flip changed the training images: the same samples unaugmented differ
     unaugmented = apply_overrides(cfg, {"data.augment": "none"})
-    plain, _, _, _ = cifar10_data(unaugmented, torch.device("cpu"))
+    plain = cifar10_data(unaugmented, torch.device("cpu")).train
     plain.set_position(1)
     assert not torch.equal(next(iter(plain))[0], epoch1[0][0])
 

@@ -12,10 +12,10 @@ import torchvision
 from PIL import Image
 
 from recipes import RECIPES
-from recipes.checkpoints import load_checkpoint
+from recipes.run.checkpoints import load_checkpoint
 from recipes.config import ConfigError, apply_overrides
 from recipes.data import DataError
-from recipes.datasets import imagefolder_data
+from recipes.data.disk import imagefolder_data
 from tests.recipes import kiln_in_process as kiln
 
 CLASSES = ["circle", "square", "triangle"]
@@ -55,8 +55,9 @@ def same(a, b) -> bool:
 
 
 def test_batches_are_a_function_of_seed_and_epoch_whatever_the_workers(folder):
-    train0, val0, channels, classes = imagefolder_data(config(folder), torch.device("cpu"))
-    train2, _, _, _ = imagefolder_data(config(folder, **{"data.num_workers": 2}), torch.device("cpu"))
+    data0 = imagefolder_data(config(folder), torch.device("cpu"))
+    train0, val0, channels, classes = data0.train, data0.val, data0.in_channels, data0.num_classes
+    train2 = imagefolder_data(config(folder, **{"data.num_workers": 2}), torch.device("cpu")).train
     assert (channels, classes, len(train0), len(val0)) == (3, 3, 5, 1)
     first = epoch(train0, 1)
     assert first[0][0].shape == (4, 3, 16, 16)
@@ -66,12 +67,13 @@ def test_batches_are_a_function_of_seed_and_epoch_whatever_the_workers(folder):
     assert same(first[3:], epoch(train0, 1, start=3))
     assert not same(first, epoch(train0, 2))  # another epoch: another order and other crops
     assert not torch.equal(first[0][0], epoch(imagefolder_data(config(folder, **{"train.seed": 1}),
-                                                               torch.device("cpu"))[0], 1)[0][0])
+                                                               torch.device("cpu")).train, 1)[0][0])
 
 
 def test_one_folder_is_split_by_val_fraction(tmp_path):
     write_image_folder(tmp_path, {"": 10})
-    train, val, _, classes = imagefolder_data(config(tmp_path, **{"data.val_fraction": 0.2}), torch.device("cpu"))
+    data = imagefolder_data(config(tmp_path, **{"data.val_fraction": 0.2}), torch.device("cpu"))
+    train, val, classes = data.train, data.val, data.num_classes
     assert classes == 3
     assert (train.sampler.n, val.sampler.n) == (24, 6)
     x, y = next(iter(val))

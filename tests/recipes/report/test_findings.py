@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from recipes.cli import main, resolve_config
-from recipes.report import format_findings, find_issues, load_run, write_report
+from recipes.cli import main
+from recipes.cli.options import resolve_config
+from recipes.report import finish_run, format_findings, find_issues, load_run, write_report
 from recipes.run import train
 
 KINDS = {"divergence", "loss_spikes", "fp16_loss_scale", "clipping", "overfitting", "max_lr_vs_range_test"}
@@ -20,6 +21,7 @@ def _run(tmp_path_factory, recipe, *sets, **options):
     run_dir = tmp_path_factory.mktemp(recipe) / "run"
     stream = io.StringIO()
     train(cfg, run_dir, quiet=True, stream=stream)
+    finish_run(run_dir, stream)
     return run_dir, stream.getvalue()
 
 

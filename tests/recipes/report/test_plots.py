@@ -8,9 +8,9 @@ import math
 import pytest
 from matplotlib.image import imread
 
-from recipes.cli import resolve_config
-from recipes.plots import ema, run_figures
-from recipes.report import load_run
+from recipes.cli.options import resolve_config
+from recipes.report.plots import ema, run_figures
+from recipes.report import finish_run, load_run
 from recipes.run import train
 
 RUN_PLOTS = {"lr.png", "loss.png", "accuracy.png", "grad_norm.png"}
@@ -20,6 +20,7 @@ def _train(tmp_path_factory, name, *sets, **options):
     cfg = resolve_config("synthetic", sets, **options)
     run_dir = tmp_path_factory.mktemp(name) / "run"
     train(cfg, run_dir, quiet=True, stream=io.StringIO())
+    finish_run(run_dir, io.StringIO())  # plots/, report.html, findings: as the CLI does after a run
     return run_dir
 
 

@@ -13,9 +13,10 @@ from tensorboard.backend.event_processing.event_multiplexer import EventMultiple
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from recipes import get_recipe
-from recipes.cli import cli, main, resolve_config
-from recipes.config import ConfigError, config_to_dict
-from recipes.report import find_issues, format_findings, hparams, load_run, write_report
+from recipes.cli import cli, main
+from recipes.cli.options import resolve_config
+from recipes.config import ConfigError, config_to_dict, hparams
+from recipes.report import find_issues, finish_run, format_findings, load_run, write_report
 from recipes.run import train
 
 
@@ -46,6 +47,7 @@ def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("report") / "run"
     stream = io.StringIO()
     train(cfg, run_dir, quiet=True, stream=stream)
+    finish_run(run_dir, stream)  # plots/, report.html, findings: as the CLI does after a run
     (run_dir / "console.txt").write_text(stream.getvalue())
     return run_dir
 

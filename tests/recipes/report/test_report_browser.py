@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from recipes.cli import resolve_config
+from recipes.cli.options import resolve_config
 from recipes.run import train
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "report_browser"
+ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts" / "report_browser"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--remote-debugging-pipe"]

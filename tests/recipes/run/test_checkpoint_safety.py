@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.checkpoints import load_checkpoint
+from recipes.run.checkpoints import load_checkpoint
 from recipes.config import ConfigError
 
 KILN = [sys.executable, "-m", "recipes.cli"]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def kiln(*args: str) -> subprocess.CompletedProcess:

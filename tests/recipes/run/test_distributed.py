@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.recipes.test_resume import assert_same_run, final_state, metric_lines
+from tests.recipes.run.test_resume import assert_same_run, final_state, metric_lines
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 KILN = [sys.executable, "-m", "recipes.cli"]
 SMALL = ["--set", "data.image_size=16", "--set", "train.log_every=1", "--set", "checkpoint.every_iterations=3",
          "--quiet"]

@@ -16,12 +16,12 @@ import torch
 from ignite.engine import Events
 
 from recipes import get_recipe
-from recipes.cli import EXIT_DIVERGED
+from recipes.cli.jobs import EXIT_DIVERGED
 from recipes.config import apply_overrides
-from recipes.run import _execute, build, write_config
+from recipes.run import build, execute, write_config
 
 KILN = [sys.executable, "-m", "recipes.cli"]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 #: The digits recipe's bar: the accuracy a sound run reaches (the default run gets above 0.99).
 DIGITS_BAR = 0.95
 SMALL = {"data.image_size": 16, "train.log_every": 1, "checkpoint.every_iterations": 5, "checkpoint.every_minutes": 0}
@@ -56,7 +56,7 @@ def assert_checkpoints_finite(run_dir: Path) -> None:
 
 def test_a_nan_batch_is_skipped_and_recorded_in_the_run_directory(tmp_path):
     """In-process: the assembled digits run, one poisoned batch at iteration 7, --on-nan skip."""
-    cfg = apply_overrides(get_recipe("digits"), {**SMALL, "train.epochs": 1, "train.on_nan": "skip"})
+    cfg = apply_overrides(get_recipe("digits"), {**SMALL, "train.epochs": 1, "guard.on_nan": "skip"})
     run = build(cfg, tmp_path / "run", quiet=True)
     write_config(run)
     every_save = []
@@ -79,7 +79,7 @@ def test_a_nan_batch_is_skipped_and_recorded_in_the_run_directory(tmp_path):
             x[0, 0, 0, 0] = float("inf")
             engine.state.batch = (x, y)
 
-    _execute(run)
+    execute(run)
     run_dir = run.run_dir
     assert run.status == "completed"
     assert all(torch.equal(a, b) for a, b in zip(weights[8], weights[7]))
@@ -146,9 +146,10 @@ def test_fp16_run_with_the_guard_completes_normally(tmp_path):
 def test_on_nan_option_reaches_the_config_and_bad_values_are_refused():
     from click.testing import CliRunner
 
-    from recipes.cli import cli, resolve_config
+    from recipes.cli import cli
+    from recipes.cli.options import resolve_config
 
-    assert resolve_config("digits", on_nan="stop").train.on_nan == "stop"
-    assert get_recipe("digits").train.on_nan == "rollback"
+    assert resolve_config("digits", on_nan="stop").guard.on_nan == "stop"
+    assert get_recipe("digits").guard.on_nan == "rollback"
     result = CliRunner().invoke(cli, ["train", "digits", "--on-nan", "ignore"])
     assert result.exit_code == 2 and "ignore" in result.output

@@ -8,7 +8,8 @@ from torch import nn
 
 from recipes import RECIPES
 from recipes.config import apply_overrides
-from recipes.evaluation import FlipTTA, evaluate, format_evaluation, plot_confusion_matrix
+from recipes.report.plots import plot_confusion_matrix
+from recipes.run.evaluate import FlipTTA, evaluate, format_evaluation
 from recipes.run import evaluate_checkpoint, train
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 KILN = [sys.executable, "-m", "recipes.cli"]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # Small and quick, but the real digits recipe: 2 epochs of 23 iterations at 16x16.
 FAST = ["--epochs", "2", "--set", "data.image_size=16", "--set", "train.log_every=1",
         "--set", "checkpoint.every_iterations=4", "--quiet"]

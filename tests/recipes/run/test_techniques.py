@@ -17,10 +17,11 @@ from ignite.engine import Events
 
 from engine import create_trainer
 from recipes import get_recipe
-from recipes.cli import cli, resolve_config
-from recipes.compiled import CompiledForward
+from recipes.cli import cli
+from recipes.cli.options import resolve_config
+from recipes.run.compiled import CompiledForward
 from recipes.config import ConfigError, apply_overrides
-from recipes.run import _execute, build, evaluate_checkpoint, resume, write_config
+from recipes.run import build, evaluate_checkpoint, execute, resume, write_config
 
 TECHNIQUE_KEYS = ("ema_decay", "mixup_alpha", "cutmix_alpha", "early_stop_patience", "early_stop_min_delta",
                   "accumulation_steps", "channels_last", "compile", "compile_backend")
@@ -68,7 +69,7 @@ def test_ema_is_validated_checkpointed_and_preferred_by_eval(tmp_path):
     ema = run.handlers["ema"]
     assert run.evaluator is run.handlers["validation"].evaluator
     assert {"ema", "ema_model"} <= run.to_save().keys()
-    _execute(run)
+    execute(run)
     assert run.status == "completed" and ema.updates == 16
 
     last = _load(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -98,7 +99,7 @@ def test_an_early_stop_completes_the_run_and_resume_has_nothing_to_do(tmp_path):
     run = build(tiny(**{"train.epochs": 4, "train.early_stop_patience": 1, "train.early_stop_min_delta": 0.5}),
                 run_dir, quiet=True)
     write_config(run)
-    _execute(run)
+    execute(run)
     assert run.status == "completed" and run.trainer.state.epoch == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["stopped_early"] is True and summary["stopped_epoch"] == 2
@@ -119,7 +120,7 @@ def test_mixup_and_cutmix_train_on_soft_labels_and_validate_on_hard_ones(tmp_pat
                 quiet=True)
     labels = []
     run.trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: labels.append(e.state.batch[1]))
-    _execute(run)
+    execute(run)
     assert run.status == "completed" and len(labels) == 8
     assert all(y.shape == (16, 10) and y.dtype == torch.float32 for y in labels)
     metrics = run.trainer.state.metrics
@@ -156,7 +157,7 @@ def test_channels_last_option_converts_the_model_and_both_engines(tmp_path):
         run = build(tiny(**{"train.channels_last": flag, "train.epochs": 1}), tmp_path / str(flag), quiet=True)
         seen = []
         run.model.register_forward_pre_hook(lambda m, args: seen.append(_channels_last(args[0])))
-        _execute(run)
+        execute(run)
         runs[flag] = (run, seen)
     run, seen = runs[True]
     conv = next(m for m in run.model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -226,7 +227,7 @@ def test_the_compile_option_trains_the_original_module_and_checkpoints_its_keys(
     with caplog.at_level(logging.WARNING, logger="kiln"):
         run = build(tiny(**{"train.compile": True, "train.compile_backend": "no_such_backend", "train.epochs": 1}),
                     tmp_path / "run", quiet=True)
-        _execute(run)
+        execute(run)
     assert run.status == "completed"
     assert sum("torch.compile failed" in r.getMessage() for r in caplog.records) == 1
     last = _load(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -252,7 +253,7 @@ SYNTHETIC_TINY = ["--set", "data.samples=160", "--set", "data.image_size=8", "--
 
 @pytest.mark.slow
 def test_every_option_runs_through_kiln_train_and_lands_in_config_json(tmp_path):
-    from tests.recipes.test_resume import final_state, kiln
+    from tests.recipes.run.test_resume import final_state, kiln
 
     run_dir = tmp_path / "run"
     done = kiln("train", "synthetic", *SYNTHETIC_TINY, "--epochs", "3", "--ema", "0.99", "--mixup", "0.2",
@@ -292,7 +293,7 @@ TECHNIQUES = ["--epochs", "4", "--set", "data.image_size=16", "--set", "train.lo
 @pytest.fixture(scope="module")
 def techniques_reference(tmp_path_factory):
     """The uninterrupted run with EMA, mixup/cutmix and early stopping."""
-    from tests.recipes.test_resume import kiln
+    from tests.recipes.run.test_resume import kiln
 
     reference = tmp_path_factory.mktemp("techniques") / "reference"
     done = kiln("train", "digits", *TECHNIQUES, "--out", str(reference))
@@ -304,7 +305,7 @@ def techniques_reference(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [12, 30])
 def test_sigterm_then_resume_with_ema_mixing_and_early_stop_is_bit_identical(tmp_path, techniques_reference, stop_at):
-    from tests.recipes.test_resume import assert_same_run, final_state, kiln, start, wait_for_iteration
+    from tests.recipes.run.test_resume import assert_same_run, final_state, kiln, start, wait_for_iteration
 
     reference = techniques_reference
     run_dir = tmp_path / "run"

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from recipes import get_recipe
 from recipes.cli import cli, main
 from recipes.config import ConfigError
-from recipes.lr_find import LRFindResult, _components, find_lr, lr_range_test, suggest_max_lr
+from recipes.run.parts import training_parts
+from recipes.tools.lr_find import LRFindResult, find_lr, lr_range_test, suggest_max_lr
 from tests.conftest import SINGLE_THREAD_ENV
 
 KILN = str(Path(sys.executable).with_name("kiln"))
@@ -129,10 +130,10 @@ def test_the_test_measures_the_model_the_run_trains(tmp_path):
     from recipes.run import build
 
     cfg = get_recipe("digits")
-    model, optimizer, loss_fn, data, device, precision = _components(cfg)
+    model, optimizer, loss_fn, data, device, precision = training_parts(cfg)
     run = build(cfg, tmp_path / "run", quiet=True)
     _assert_same(run.model.state_dict(), model.state_dict())  # same initial weights (same seed)
-    assert len(data) == len(run.train_data)
+    assert len(data.train) == len(run.train_data)
     assert loss_fn.label_smoothing == cfg.train.label_smoothing
     ours, theirs = optimizer.param_groups, run.optimizer.param_groups
     assert [g["weight_decay"] for g in ours] == [g["weight_decay"] for g in theirs]
@@ -156,7 +157,7 @@ def test_digits_suggestion_is_sane(digits_result):
 
 
 def test_lr_find_png_is_labelled(digits_result):
-    from recipes.plots import lr_find_figure
+    from recipes.report.plots import lr_find_figure
 
     fig = lr_find_figure(digits_result, title="digits: LR range test")
     ax = fig.axes[0]

@@ -12,7 +12,7 @@ from matplotlib.image import imread
 from recipes import get_recipe
 from recipes.cli import cli
 from recipes.config import apply_overrides
-from recipes.schedule import batches_per_epoch, schedule_series
+from recipes.tools.schedule import batches_per_epoch, schedule_series
 
 
 def _torch_one_cycle(cfg, total):
@@ -102,7 +102,7 @@ def test_cli_schedule_of_an_unknown_recipe_is_a_config_error():
 
 
 def test_schedule_plot_is_labelled_and_marks_the_phases():
-    from recipes.plots import schedule_figure
+    from recipes.report.plots import schedule_figure
 
     series = schedule_series(get_recipe("digits"), batches=23)
     fig = schedule_figure(series, title="digits: one-cycle schedule")

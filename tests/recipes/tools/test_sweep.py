@@ -3,6 +3,7 @@ bad input as one line with exit status 2; slow: best.yaml reproduces the best tr
 share one study (one killed mid-trial) without running a trial twice."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -19,7 +20,8 @@ from recipes import RECIPES
 from recipes.cli import main
 from recipes.config import ConfigError, apply_overrides
 from recipes.recipe_files import load_recipe_file
-from recipes.sweep import ParamSpec, default_space, parse_param, run_sweep, trial_config
+from recipes.report import finish_run
+from recipes.tools.sweep import ParamSpec, default_space, parse_param, run_sweep, trial_config
 from tests.conftest import SINGLE_THREAD_ENV
 
 KILN = str(Path(sys.executable).with_name("kiln"))
@@ -71,7 +73,8 @@ def test_a_tiny_sweep_writes_its_runs_and_results_and_resumes(tmp_path, capsys):
     out = tmp_path / "sweep"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     result = run_sweep("digits", TINY, _space(), n_trials=2, out=out, storage=None, study_name=None,
-                       fixed={"data.image_size": "16", "train.epochs": 1, "data.batch_size": "128"})
+                       fixed={"data.image_size": "16", "train.epochs": 1, "data.batch_size": "128"},
+                       finish=lambda run_dir: finish_run(run_dir, io.StringIO()))
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["000", "001"]
     for run_dir in (out / "trials").iterdir():  # every trial is a normal kiln run directory
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

@@ -1,0 +1,115 @@
+"""What ``kiln train`` and ``kiln resume`` run in each process, and how the process ends.
+
+A job spans wings, which is why it lives here at the top and not in ``recipes.run``: ``--max-lr auto``
+runs the LR range test (``recipes.tools``) before training; after the run the plots, report.html and
+findings are written (``recipes.report``); then the final lines are printed and the exit status chosen.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from callbacks.nan_diagnosis import format_diagnosis
+from recipes.cli.launch import LAUNCHER_SIGNALS, exit_now_if_distributed, launch, under_torchrun
+from recipes.config import Config
+from recipes.report import finish_run
+from recipes.report.plots import plot_lr_find
+from recipes.run import Assembly, resume, train
+from recipes.tools.lr_find import choose_max_lr, record_in_run
+
+__all__ = ["train_job", "resume_job", "run_job", "final_lines", "world_size", "is_rank_zero", "EXIT_DIVERGED"]
+
+#: Exit status of ``kiln train``/``kiln resume`` when NanGuard stopped the run as diverged (``--on-nan``).
+EXIT_DIVERGED = 3
+
+
+def train_job(cfg: Config, run_dir: Path, quiet: bool, auto_max_lr: bool) -> int:
+    """Train ``cfg`` into ``run_dir`` (after the LR range test with ``auto_max_lr``), write the report;
+    returns the exit status."""
+    found = None
+    if auto_max_lr:  # the run trains at the range test's suggestion, from the same initial weights
+        cfg, found = choose_max_lr(cfg, quiet=quiet)
+
+    def record_range_test(run: Assembly) -> None:
+        record_in_run(run, found)
+        if run.writes:
+            plot_lr_find(found, run.run_dir / "lr_find.png", title=f"{cfg.name}: LR range test")
+
+    run = train(cfg, run_dir, quiet=quiet, before_run=record_range_test if found is not None else None)
+    finish_run(run.run_dir)
+    return final_lines(run)
+
+
+def resume_job(source: str, options: dict) -> int:
+    """Resume the run at ``source`` with ``options`` (see ``recipes.run.resume``), write the report;
+    returns the exit status."""
+    run = resume(source, **options)
+    if run.ran:
+        finish_run(run.run_dir)  # plots/, report.html and the findings, over the whole run
+    return final_lines(run)
+
+
+def world_size(nproc_per_node: int) -> int:
+    """The data-parallel processes of this job: spawned here, or torchrun's."""
+    return nproc_per_node if nproc_per_node > 1 else int(os.environ.get("WORLD_SIZE", "1")) if under_torchrun() else 1
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 (the one that prints and writes)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_job(job: functools.partial, nproc_per_node: int, backend: str | None, run_dir: Path) -> None:
+    """Run ``job`` here, under torchrun, or in spawned processes; exit with the run's status."""
+    if nproc_per_node <= 1:
+        code = launch(job, backend=backend)
+        exit_now_if_distributed(code or 0)
+        if code:
+            sys.exit(code)
+        return
+    try:
+        launch(job, nproc_per_node=nproc_per_node, backend=backend)
+    except Exception as e:  # a rank raised: torch.multiprocessing reports its traceback above
+        click.echo(f"kiln: a training process failed: {str(e).strip().splitlines()[-1]}", err=True)
+        sys.exit(1)
+    status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    if status == "diverged":
+        sys.exit(EXIT_DIVERGED)
+    if status == "interrupted" and signal.SIGINT in LAUNCHER_SIGNALS:
+        sys.exit(130)
+
+
+def final_lines(run: Assembly) -> int:
+    """Print the final lines of a run (rank 0 only); return its exit status: 0, 3 diverged, 130 Ctrl-C."""
+    summary = run.handlers["summary"]
+    s = run.trainer.state
+    if run.status == "diverged":
+        if run.writes:
+            click.echo(f"kiln: {format_diagnosis(s.diverged)}", err=True)
+            click.echo(f"run directory: {run.run_dir} (summary.json status \"diverged\"; details in events.jsonl)")
+        return EXIT_DIVERGED
+    if run.status == "interrupted":
+        name = signal.Signals(run.stop_signal).name if run.stop_signal else "a stop"
+        if run.writes:
+            click.echo(f"stopped by {name} at iteration {s.iteration} (epoch {s.epoch}); checkpoint saved. "
+                       f"Continue with: kiln resume {run.run_dir}")
+            click.echo(f"run directory: {run.run_dir}")
+        return 130 if run.stop_signal == signal.SIGINT else 0
+    if not run.writes:
+        return 0
+    best = summary.best_val_accuracy
+    final = summary.final_val_accuracy
+    figures = f"best val_accuracy {best:.4f}, final {final:.4f}" if best is not None else "no validation"
+    click.echo(f"done in {summary.wall_seconds:.1f}s: {figures} ({run.device}, {run.precision.name})")
+    early_stop = run.handlers.get("early_stop")
+    if early_stop is not None and early_stop.stopped_epoch is not None and s.iteration < s.max_epochs * s.epoch_length:
+        click.echo(f"stopped early after epoch {early_stop.stopped_epoch} of {s.max_epochs}: no val_accuracy gain "
+                   f"above {early_stop.min_delta:g} in {early_stop.patience} epoch{'s' if early_stop.patience > 1 else ''}")
+    click.echo(f"run directory: {run.run_dir}")
+    return 0

@@ -1,0 +1,109 @@
+"""What the commands share: ``--set`` parsing, the one place where options meet a recipe, ``--max-lr``'s
+type, and ``--help`` in sections."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import click
+
+from recipes.config import OPTION_KEYS, Config, ConfigError, apply_overrides, config_from_dict
+from recipes.recipe_files import load_recipe
+
+__all__ = ["parse_sets", "overrides", "resolve_config", "recipe_or_run", "MaxLR", "SectionedCommand", "set_option"]
+
+
+def parse_sets(pairs: Sequence[str]) -> dict[str, str]:
+    """``("key=value", ...)`` from ``--set`` as a dict.
+
+    Raises:
+        ConfigError: a pair without ``=`` or without a key.
+    """
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes key=value, not {pair!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def overrides(sets: Sequence[str] = (), options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``--set`` pairs, then the explicit options that were given (not None), as ``{"section.key": value}``.
+
+    Example:
+        >>> overrides(["train.seed=3", "epochs=2"], {"epochs": 5, "lr": None})
+        {'train.seed': '3', 'epochs': '2', 'train.epochs': 5}
+    """
+    result: dict[str, Any] = parse_sets(sets)
+    result.update({OPTION_KEYS[k]: v for k, v in (options or {}).items() if v is not None})
+    return result
+
+
+def resolve_config(recipe: str, sets: Sequence[str] = (), **options: Any) -> Config:
+    """RECIPE (a registered name or a .yaml/.yml recipe file) with ``--set`` overrides, then explicit options.
+
+    Precedence, lowest first: the recipe, the recipe file, ``--set``, explicit options.
+    """
+    return apply_overrides(load_recipe(recipe), overrides(sets, options))
+
+
+def recipe_or_run(recipe: str, sets: Sequence[str], kind: str, **options: Any) -> tuple[Config, Path]:
+    """RECIPE's config (or the config.json of the run directory RECIPE) and where a tool's outputs go by
+    default: the run directory itself, or ``runs/RECIPE-KIND-TIMESTAMP``."""
+    source = Path(recipe)
+    if (source / "config.json").is_file():
+        base = config_from_dict(json.loads((source / "config.json").read_text()))
+        return apply_overrides(base, overrides(sets, options)), source
+    cfg = resolve_config(recipe, sets, **options)
+    return cfg, Path("runs") / f"{cfg.name}-{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                          help="Override any config key, e.g. --set schedule.pct_start=0.3 (repeatable).")
+
+
+class MaxLR(click.ParamType):
+    """A positive number, or ``auto`` (run the LR range test and use its suggestion)."""
+
+    name = "FLOAT|auto"
+
+    def convert(self, value: object, param: object, ctx: object) -> float | str:
+        """``"auto"``, or the value as a float (click reports anything else as a usage error)."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)  # type: ignore[arg-type]
+
+
+class SectionedCommand(click.Command):
+    """A click command whose ``--help`` lists its options in titled sections instead of one long list.
+
+    ``sections`` maps a title to the parameter names it holds, in order (``"help"`` is the help option);
+    options it does not name go last, under "Other options".
+    """
+
+    def __init__(self, *args: Any, sections: Mapping[str, Sequence[str]] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sections = dict(sections)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Write each section's options under its title."""
+        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx) if isinstance(p, click.Option)}
+        help_option = self.get_help_option(ctx)
+        placed: set[str] = set()
+        for title, names in self.sections.items():
+            names = [help_option.name if n == "help" and help_option is not None else n for n in names]
+            rows = [records[n] for n in names if records.get(n)]
+            placed.update(names)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        rest = [record for name, record in records.items() if record and name not in placed]
+        if rest:
+            with formatter.section("Other options"):
+                formatter.write_dl(rest)

@@ -1,0 +1,34 @@
+"""What every data set gives the run: the :class:`Data` record, and :class:`DataError` for data kiln cannot use."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Data", "DataError", "num_samples"]
+
+
+class DataError(ValueError):
+    """A data set that is missing or unreadable; the message says where kiln looked and what to do."""
+
+
+@dataclass
+class Data:
+    """A data set ready to train on: batched training and validation data and what the model must fit.
+
+    ``train`` and ``val`` are :class:`~recipes.data.batches.TensorBatches` or
+    :class:`~recipes.data.batches.LoaderBatches`: iterables of ``(x, y)`` batches with ``len()``, a
+    ``sampler`` and ``set_position(epoch, start_batch)``.
+    """
+
+    train: Any
+    val: Any
+    in_channels: int
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)  #: the classes in label order
+
+
+def num_samples(data: Any) -> int:
+    """How many samples one pass over ``data`` (TensorBatches or LoaderBatches) yields."""
+    if hasattr(data, "x"):
+        return len(data.x)
+    return data.sampler.samples_per_rank

@@ -1,0 +1,55 @@
+"""Data sets held in memory as tensors: scikit-learn's bundled digits and random synthetic images.
+
+Both are standardised with the training split's mean and standard deviation and batched by index
+(:class:`TensorBatches`), or through a DataLoader with workers when ``data.num_workers`` asks for one
+(:class:`LoaderBatches`): the batches are the same either way.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from recipes.data.base import Data, DataError
+from recipes.data.batches import EpochBatchSampler, LoaderBatches, TensorBatches, random_crop_flip, split_indices
+from recipes.data.builtin import DIGITS_CLASSES, digits_tensors, synthetic_tensors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from recipes.config import Config
+
+__all__ = ["in_memory_data"]
+
+
+def in_memory_data(cfg: "Config", device: torch.device) -> Data:
+    """The digits or synthetic data set of ``cfg`` as a :class:`Data`: a seeded split, standardised with the
+    training split's mean and std, batched in memory (or by a DataLoader with ``data.num_workers``)."""
+    d = cfg.data
+    if d.dataset == "digits":
+        x, y = digits_tensors(d.image_size)
+        class_names = list(DIGITS_CLASSES)
+    elif d.dataset == "synthetic":
+        x, y = synthetic_tensors(d.samples, d.num_classes, d.image_size, cfg.train.seed)
+        class_names = [f"class{i}" for i in range(d.num_classes)]
+    else:  # pragma: no cover - the dispatcher sends only these
+        raise DataError(f"{d.dataset!r} is not an in-memory data set")
+    train_idx, val_idx = split_indices(len(x), d.val_fraction, cfg.train.seed)
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    x = (x - mean) / std
+    augment = None
+    if d.augment != "none":
+        flip = d.augment == "crop+flip"
+        augment = lambda xb, g: random_crop_flip(xb, g, pad=max(1, d.image_size // 8), flip=flip)  # noqa: E731
+    seed = cfg.train.seed
+    if d.num_workers > 0:  # the DataLoader path: workers load and collate, the batches are the same
+        sampler = EpochBatchSampler(len(train_idx), d.batch_size, shuffle=True, seed=seed)
+        dataset = torch.utils.data.TensorDataset(x[train_idx], y[train_idx])
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=d.num_workers,
+                                             pin_memory=device.type == "cuda")
+        train: Any = LoaderBatches(loader, seed=seed, augment=augment)
+    else:
+        x, y = x.to(device), y.to(device)
+        train = TensorBatches(x[train_idx.to(device)], y[train_idx.to(device)], d.batch_size, shuffle=True,
+                              seed=seed, augment=augment)
+    val = TensorBatches(x[val_idx.to(x.device)].to(device), y[val_idx.to(y.device)].to(device),
+                        max(d.batch_size, 256), shuffle=False)
+    return Data(train, val, x.shape[1], len(class_names), class_names)

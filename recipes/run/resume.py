@@ -1,0 +1,127 @@
+"""Continuing a stopped run from its last.pt, in its own run directory, exactly where it stopped."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import ignite.distributed as idist
+from ignite.handlers import Checkpoint
+
+from callbacks import OneCycle
+from callbacks._files import append_jsonl, truncate_jsonl
+from recipes.config import Config, ConfigError, apply_overrides
+from recipes.run.build import Assembly, build, write_config
+from recipes.run.checkpoints import find_last_checkpoint, load_checkpoint, run_changing_differences
+from recipes.run.train import execute
+
+__all__ = ["ResumePlan", "plan_resume", "resume"]
+
+
+@dataclass
+class ResumePlan:
+    """What :func:`plan_resume` found: the checkpoint, its config, the config to continue with, where."""
+
+    last: Path
+    checkpoint: dict[str, Any]
+    saved: Config
+    config: Config
+    iteration: int
+    epoch_length: int
+    finished: bool  #: the run already ended (all epochs, or early stopping) and nothing changes that
+
+
+def plan_resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool = False,
+                requested: Config | None = None, force: bool = False, world_size: int | None = None) -> ResumePlan:
+    """Check that the run at ``source`` can continue as asked (see :func:`resume`), without building it.
+
+    Raises:
+        ConfigError: a missing or unusable run directory or checkpoint, a refused config change, a
+            schedule change without ``new_schedule``, or a different number of processes.
+    """
+    source = Path(source)
+    last = source if source.suffix == ".pt" else find_last_checkpoint(source)
+    checkpoint, saved = load_checkpoint(last, resumable=True)
+    cfg = saved
+    if requested is not None:
+        changes = run_changing_differences(saved, requested)
+        if changes and not force:
+            raise ConfigError("the config differs from the checkpoint's in fields that change the run: "
+                              + "; ".join(changes) + " (pass --force to continue anyway)")
+        cfg = requested
+    saved_world = int(checkpoint["kiln"].get("world_size", 1))
+    world_size = idist.get_world_size() if world_size is None else world_size
+    if saved_world != world_size:
+        raise ConfigError(f"{last} was written by {saved_world} process(es) and the batch order depends on it: "
+                          f"resume with --nproc-per-node {saved_world}")
+    trainer_state = checkpoint["trainer"]
+    iteration, epoch_length = int(trainer_state["iteration"]), int(trainer_state["epoch_length"])
+    saved_epochs = saved.train.epochs
+    finished = False
+    if epochs is not None and epochs != saved_epochs:
+        if epochs * epoch_length < iteration:
+            raise ConfigError(f"the run is already past epoch {epochs} (iteration {iteration})")
+        if not new_schedule:
+            raise ConfigError(f"the one-cycle schedule spans {saved_epochs} epochs; running {epochs} would change it "
+                              "(pass --new-schedule for a second one-cycle over the added epochs)")
+        cfg = apply_overrides(cfg, {"train.epochs": epochs})
+    elif cfg.train.epochs == saved_epochs:
+        stopped_early = (checkpoint.get("early_stop") or {}).get("stopped_epoch")
+        finished = iteration >= saved_epochs * epoch_length or bool(stopped_early)
+    return ResumePlan(last, checkpoint, saved, cfg, iteration, epoch_length, finished)
+
+
+def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool = False,
+           requested: Config | None = None, force: bool = False, quiet: bool = False,
+           stream: TextIO | None = None) -> Assembly:
+    """Continue the run whose run directory (or last.pt) is ``source``, in the same run directory.
+
+    The finished run equals the uninterrupted one: weights, optimizer, schedule, scaler, counters and
+    the data position come from last.pt; lines the stopped process wrote after it are dropped from
+    metrics.jsonl and steps.jsonl, and TensorBoard drops its points from that step on.
+
+    Args:
+        source: RUN_DIR, or a path to its checkpoints/last.pt.
+        epochs: extend (or set) the run's length; refused if it changes the one-cycle schedule,
+            unless ``new_schedule`` (a second one-cycle over the added epochs).
+        requested: a config that must match the checkpoint's (``kiln train --resume``); run-changing
+            differences are refused unless ``force``.
+        force: continue despite run-changing differences in ``requested``.
+        quiet: no progress bar or epoch lines.
+
+    The plots, report.html and findings are not redrawn here: ``recipes.report.finish_run(run.run_dir)``.
+
+    Raises:
+        ConfigError: a missing or unusable run directory or checkpoint, a refused config change.
+    """
+    plan = plan_resume(source, epochs=epochs, new_schedule=new_schedule, requested=requested, force=force)
+    last, checkpoint, saved, cfg = plan.last, plan.checkpoint, plan.saved, plan.config
+    run_dir, iteration, epoch_length, saved_epochs = last.parent.parent, plan.iteration, plan.epoch_length, saved.train.epochs
+    trainer_state = checkpoint["trainer"]
+    if plan.finished:  # nothing to run: the Assembly says how the run ended (``ran`` stays False)
+        run = build(cfg, run_dir, quiet=True)
+        run.status = "completed"
+        return run
+
+    run = build(cfg, run_dir, quiet=quiet, stream=stream, resume_from_iteration=iteration)
+    objects = run.to_save()
+    objects.pop("kiln")
+    for name in ("ema", "ema_model", "early_stop"):  # switched on by a --force'd config change: they start afresh
+        if name not in checkpoint:
+            objects.pop(name, None)
+    if new_schedule and epochs is not None and epochs != saved_epochs:  # a second one-cycle over the added epochs
+        objects.pop("schedule")
+        remaining = OneCycle.total_steps_for(epochs, epoch_length, cfg.train.accumulation_steps) - checkpoint["trainer"]["optimizer_step"]
+        run.handlers["schedule"].restart(max(1, remaining))
+    objects["checkpointer"] = run.handlers["checkpointer"]
+    trainer_state = dict(trainer_state)
+    trainer_state["max_epochs"] = cfg.train.epochs
+    checkpoint = {**checkpoint, "trainer": trainer_state}
+    Checkpoint.load_objects(objects, checkpoint)
+    if run.writes:
+        for name in ("metrics.jsonl", "steps.jsonl"):
+            truncate_jsonl(run_dir / name, iteration)
+        write_config(run)
+        append_jsonl(run.events_path, {"event": "resume", "iteration": iteration, "epoch": iteration // epoch_length,
+                                       "checkpoint": str(last), "epochs": cfg.train.epochs})
+    return execute(run)
