@@ -16,6 +16,7 @@ from ignite.engine.events import RemovableEventHandle
 from callbacks._files import append_jsonl
 from callbacks.nan_diagnosis import format_diagnosis, hint, summarize_diagnosis
 from engine.events import StepEvents
+from engine.step import is_epoch_end
 
 __all__ = ["NanGuard", "POLICIES", "format_diagnosis", "summarize_diagnosis"]
 
@@ -267,9 +268,8 @@ class NanGuard:
 
     def _on_iteration_completed(self, engine: Engine) -> None:
         s = engine.state
-        epoch_end = bool(s.epoch_length) and s.iteration % s.epoch_length == 0  # before validation sees the weights
         due = self._stepped_at == s.iteration and s.optimizer_step % self.check_every == 0
-        if not (due or epoch_end) or s.diverged is not None:
+        if not (due or is_epoch_end(s)) or s.diverged is not None:  # epoch end: before validation sees the weights
             return
         sound = self._finite_tensor() & ~self._exploded()
         if self._deferred:
