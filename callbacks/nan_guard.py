@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import math
 from pathlib import Path
@@ -14,6 +13,8 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
 from callbacks._files import append_jsonl
+from callbacks._snapshot import Snapshot
+from callbacks._tensors import nonfinite_names, norms
 from callbacks.nan_diagnosis import format_diagnosis, hint, summarize_diagnosis
 from engine.events import StepEvents
 from engine.step import is_epoch_end
@@ -130,7 +131,8 @@ class NanGuard:
         for key, obj in to_snapshot.items():
             if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
                 raise TypeError(f"to_snapshot[{key!r}] has no state_dict/load_state_dict")
-        if not any(obj is model for obj in to_snapshot.values()):
+        model_key = next((key for key, obj in to_snapshot.items() if obj is model), None)
+        if model_key is None:
             raise ValueError("to_snapshot must include the model")
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
@@ -138,6 +140,7 @@ class NanGuard:
         self.buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.to_snapshot = dict(to_snapshot)
+        self._model_key = model_key  # where the snapshot keeps the model's buffers
         self.policy, self.check_every = policy, check_every
         self.max_skips, self.skip_window = max_skips, skip_window
         self.lr_factor, self.max_rollbacks = lr_factor, max_rollbacks
@@ -185,7 +188,7 @@ class NanGuard:
         self._consecutive = 0  # fp16: skipped steps in a row
         self._streak: dict[str, Any] | None = None  # fp16: the first step of the current run of skips
         self._stepped_at = -1
-        self._snapshot: dict[str, Any] | None = None
+        self._snapshot: Snapshot | None = None
         self._finite_at = 0  # the last iteration at which the state was known sound
 
     def _on_started(self, engine: Engine) -> None:
@@ -211,7 +214,7 @@ class NanGuard:
 
     def _on_backward(self, engine: Engine) -> None:
         s = engine.state
-        self._grad_norms = _norms([p.grad if p.grad is not None else self._zero for _, p in self.params])
+        self._grad_norms = norms([p.grad if p.grad is not None else self._zero for _, p in self.params])
         self._grad_total = torch.linalg.vector_norm(self._grad_norms)
         true_scale = self._grad_total / s.loss_scale if self._scaled and s.loss_scale else self._grad_total
         self._norms[self._count % len(self._norms)].copy_(true_scale)
@@ -230,7 +233,7 @@ class NanGuard:
         inputs = self._zero
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device == self.device:
             inputs = x.sum(dtype=torch.float32)
-        params = _norms([p for _, p in self.params])
+        params = norms([p for _, p in self.params])
         now = torch.cat([torch.stack([self._loss_sum, inputs]), params, self._grad_norms])
         ok = torch.isfinite(now.sum())
         new = ~(ok | self._seen)
@@ -284,7 +287,7 @@ class NanGuard:
         if self._deferred and bool(self._seen):
             self._act(engine, self._diagnose_deferred(engine), cannot_skip=f"the policy is {self.policy}")
             return
-        params, buffers = _nonfinite_names(self.params), _nonfinite_names(self.buffers)
+        params, buffers = nonfinite_names(self.params), nonfinite_names(self.buffers)
         if params or buffers:
             cause, name = ("parameter", params[0]) if params else ("buffer", buffers[0])
             first = self._streak["iteration"] if self._streak else s.iteration
@@ -311,7 +314,7 @@ class NanGuard:
         self._event(engine, "scale_collapse", {"iteration": s.iteration, "epoch": s.epoch, "loss_scale": s.loss_scale,
                                                "consecutive_skipped_steps": self._consecutive,
                                                "streak_started_at": streak["iteration"]})
-        params = _nonfinite_names(self.params)
+        params = nonfinite_names(self.params)
         grads = self._names_of(streak["grads"])
         name = params[0] if params else (grads[-1] if grads else None)
         first = (f"parameter {name}" if params else "loss" if not math.isfinite(streak["loss"].item())
@@ -327,7 +330,7 @@ class NanGuard:
     def _diagnose_step(self, engine: Engine) -> dict[str, Any]:
         """fp32/bf16 before the optimizer step: the weights are still the ones the forward pass used."""
         s = engine.state
-        params = _nonfinite_names(self.params)
+        params = nonfinite_names(self.params)
         grads = self._names_of(self._grad_norms)
         batch = s.batch if isinstance(s.batch, (list, tuple)) else [s.batch]
         input_bad = any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
@@ -420,11 +423,11 @@ class NanGuard:
             return
         if self._snapshot is not None:
             self._restore(engine)
-            diag["restored_iteration"] = self._snapshot["iteration"]
+            diag["restored_iteration"] = self._snapshot.iteration
         if action == "rollback":
             self.rollbacks += 1
             target = self.lr_scale * self.lr_factor
-            self._scale_lr(target / self._snapshot["lr_scale"])
+            self._scale_lr(target / self._snapshot.lr_scale)
             self.lr_scale = target
             diag.update(lr_scale=self.lr_scale, peak_lr_after=self._peak_lr())
             self._event(engine, "rollback", diag)
@@ -434,8 +437,7 @@ class NanGuard:
         engine.terminate()
 
     def _restore(self, engine: Engine) -> None:
-        for key, obj in self.to_snapshot.items():
-            obj.load_state_dict(_clone(self._snapshot["state"][key]))  # a fresh copy: load_state_dict may alias
+        self._snapshot.restore(self.to_snapshot)
         scaler = getattr(engine.state, "scaler", None)
         if scaler is not None:
             engine.state.loss_scale = scaler.get_scale()
@@ -447,13 +449,9 @@ class NanGuard:
 
     def _restore_buffers(self) -> list[str]:
         """Skip: put back non-finite float buffers (BatchNorm statistics a bad batch went through)."""
-        bad = _nonfinite_names(self.buffers)
+        bad = nonfinite_names(self.buffers)
         if bad and self._snapshot is not None:
-            saved = next(self._snapshot["state"][k] for k, obj in self.to_snapshot.items() if obj is self.model)
-            with torch.no_grad():
-                for name, buffer in self.buffers:
-                    if name in bad and name in saved:
-                        buffer.copy_(saved[name])
+            self._snapshot.restore_tensors(self._model_key, self.buffers, bad)
         return bad
 
     def _scale_lr(self, factor: float) -> None:
@@ -465,7 +463,7 @@ class NanGuard:
 
     def _finite_tensor(self) -> torch.Tensor:
         tensors = [p for _, p in self.params] + [b for _, b in self.buffers]
-        return torch.isfinite(torch.linalg.vector_norm(_norms(tensors)))
+        return torch.isfinite(torch.linalg.vector_norm(norms(tensors)))
 
     def _exploded(self) -> torch.Tensor:
         if self.max_loss_ratio is None or self._loss_ref is None:
@@ -473,10 +471,8 @@ class NanGuard:
         return self._loss_max > self.max_loss_ratio * self._loss_ref  # False while the reference is NaN
 
     def _take_snapshot(self, engine: Engine) -> None:
-        s = engine.state
-        self._finite_at = s.iteration
-        self._snapshot = {"iteration": s.iteration, "lr_scale": self.lr_scale,
-                          "state": {k: _clone(obj.state_dict()) for k, obj in self.to_snapshot.items()}}
+        self._finite_at = engine.state.iteration
+        self._snapshot = Snapshot.take(self.to_snapshot, engine.state.iteration, self.lr_scale)
 
     # ---- output -------------------------------------------------------------------------------
     def _event(self, engine: Engine, event: str, record: dict[str, Any]) -> None:
@@ -523,33 +519,3 @@ class NanGuard:
         first = state.get("first_loss")
         self.first_loss = float(first) if first is not None else None
         self._loss_ref = None if self.first_loss is None else torch.tensor(self.first_loss, device=self.device)
-
-
-def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Each tensor's 2-norm in fp32, in one foreach call: NaN or Inf when the tensor is non-finite.
-
-    That is kiln's test for a non-finite tensor: NaN/Inf values, or values so large (about 1e19) that
-    the norm overflows. It is far cheaper than ``isfinite().all()`` per tensor on the CPU.
-    """
-    with torch.no_grad():  # of parameters too: a norm kept across steps must not keep their graphs alive
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-
-
-def _nonfinite_names(named: list[tuple[str, torch.Tensor]]) -> list[str]:
-    if not named:
-        return []
-    return [n for (n, _), v in zip(named, _norms([t for _, t in named]).tolist()) if not math.isfinite(v)]
-
-
-def _clone(value: Any) -> Any:
-    """A deep copy of a state dict: tensors cloned, containers rebuilt (keeping a state dict's metadata)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        out = type(value)((k, _clone(v)) for k, v in value.items())
-        if hasattr(value, "_metadata"):
-            out._metadata = copy.deepcopy(value._metadata)
-        return out
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
-    return copy.deepcopy(value)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from callbacks import AMP, GradClip, NanGuard, OneCycle
+from callbacks._snapshot import Snapshot
 from engine import create_trainer
 from engine.records import epoch_record
 from tests.conftest import TinyCNN, random_batches
@@ -153,7 +154,7 @@ def watch_snapshots(run: Run) -> list[bool]:
     """After every iteration: is every tensor NanGuard would restore finite?"""
     seen: list[bool] = []
     run.trainer.add_event_handler(Events.ITERATION_COMPLETED,
-                                  lambda e: seen.append(_all_finite(run.guard._snapshot["state"])))
+                                  lambda e: seen.append(_all_finite(run.guard._snapshot.state)))
     return seen
 
 
@@ -430,11 +431,31 @@ def test_the_values_kept_on_the_device_between_reads_hold_no_autograd_graph(tmp_
 def test_the_snapshot_is_a_deep_copy(tmp_path):
     run = make_run(tmp_path, "rollback", epochs=1)
     start(run)
-    kept = {k: v.clone() for k, v in run.guard._snapshot["state"]["model"].items()}
+    kept = {k: v.clone() for k, v in run.guard._snapshot.state["model"].items()}
     with torch.no_grad():
         for p in run.model.parameters():
             p.add_(1.0)
-    assert all(torch.equal(kept[k], v) for k, v in run.guard._snapshot["state"]["model"].items())
+    assert all(torch.equal(kept[k], v) for k, v in run.guard._snapshot.state["model"].items())
+
+
+def test_a_restore_leaves_the_snapshot_as_it_was_taken():
+    """Optimizer.load_state_dict keeps the tensors it is given: training on must not write into the snapshot."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    objects = {"model": model, "optimizer": optimizer}
+
+    def train_a_step() -> None:
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+
+    train_a_step()
+    snapshot = Snapshot.take(objects, iteration=1, lr_scale=1.0)
+    kept = _copy(model), [v.clone() for v in optimizer.state[model.weight].values()]
+    for _ in range(2):  # restore, train on in place, restore again
+        snapshot.restore(objects)
+        assert _params_equal(_copy(model), kept[0], model)
+        assert all(torch.equal(a, b) for a, b in zip(optimizer.state[model.weight].values(), kept[1]))
+        train_a_step()
 
 
 def test_counters_and_lr_factor_survive_a_weights_only_round_trip(tmp_path):
