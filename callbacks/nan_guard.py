@@ -15,7 +15,7 @@ from ignite.engine.events import RemovableEventHandle
 from callbacks._files import append_jsonl
 from callbacks._snapshot import Snapshot
 from callbacks._tensors import nonfinite_names, norms
-from callbacks.nan_diagnosis import format_diagnosis, hint, summarize_diagnosis
+from callbacks.nan_diagnosis import build_diagnosis, format_diagnosis, rank_cause, summarize_diagnosis
 from engine.events import StepEvents
 from engine.step import is_epoch_end
 
@@ -335,52 +335,30 @@ class NanGuard:
         batch = s.batch if isinstance(s.batch, (list, tuple)) else [s.batch]
         input_bad = any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
                         for t in batch)
-        if params:
-            cause, name = "parameter", params[0]
-        elif input_bad:
-            cause, name = "input", None
-        elif not math.isfinite(self._loss_sum.item()):
-            cause, name = "loss", None
-        else:
-            cause, name = "gradient", grads[-1] if grads else None
+        cause, name = rank_cause(params, input_bad, not math.isfinite(self._loss_sum.item()), grads)
         return self._diagnosis(engine, cause, s.iteration, name=name, nonfinite_parameters=params,
                                nonfinite_gradients=grads)
 
     def _diagnose_deferred(self, engine: Engine) -> dict[str, Any]:
+        """fp32/bf16 rollback and stop, at a check: from the values kept at the first bad step (see _record_first)."""
         values, count = self._first["values"].tolist(), len(self.params)
         loss, inputs, param_norms, grad_norms = values[0], values[1], values[2:2 + count], values[2 + count:]
         params = [n for (n, _), v in zip(self.params, param_norms) if not math.isfinite(v)]
         grads = [n for (n, _), v in zip(self.params, grad_norms) if not math.isfinite(v)]
-        if params:
-            cause, name = "parameter", params[0]
-        elif not math.isfinite(inputs):
-            cause, name = "input", None
-        elif not math.isfinite(loss):
-            cause, name = "loss", None
-        else:
-            cause, name = "gradient", grads[-1] if grads else None
+        cause, name = rank_cause(params, not math.isfinite(inputs), not math.isfinite(loss), grads)
         return self._diagnosis(engine, cause, int(self._first["iteration"]), name=name, nonfinite_parameters=params,
                                nonfinite_gradients=grads)
 
-    def _diagnosis(self, engine: Engine, cause: str, iteration: int, *, name: str | None = None,
-                   first: str | None = None, what: str | None = None, **extra: Any) -> dict[str, Any]:
-        """The record of one event: what went wrong first, where, with which LR, scale and grad norms."""
+    def _diagnosis(self, engine: Engine, cause: str, iteration: int, **fields: Any) -> dict[str, Any]:
+        """The diagnosis of a fault first seen at ``iteration``, with the LR, loss scale and grad norms of that step."""
         s = engine.state
         at = next((step for step in reversed(self._steps) if step[0] <= iteration), None)
         lr, scale = (at[1], at[2]) if at else (s.lr, s.loss_scale)
-        if first is None and cause not in ("loss_explosion", "other_rank"):
-            first = {"parameter": f"parameter {name}", "buffer": f"buffer {name}", "input": "input batch",
-                     "loss": "loss", "gradient": f"gradient of {name}"}[cause]
-        diag: dict[str, Any] = {
-            "iteration": iteration,
-            "epoch": (iteration - 1) // s.epoch_length + 1 if s.epoch_length else s.epoch,
-            "detected_at": s.iteration, "cause": cause, "what": what or f"non-finite {first}",
-            "first_nonfinite": first, "parameter": name,
-            "lr": extra.pop("lr", lr), "peak_lr": self._peak_lr(), "loss_scale": extra.pop("loss_scale", scale),
-            "grad_norm_history": self._grad_history(iteration), **extra,
-        }
-        diag["hint"] = hint(diag)
-        return diag
+        fields.setdefault("lr", lr)
+        fields.setdefault("loss_scale", scale)
+        epoch = (iteration - 1) // s.epoch_length + 1 if s.epoch_length else s.epoch
+        return build_diagnosis(cause, iteration, epoch=epoch, detected_at=s.iteration, peak_lr=self._peak_lr(),
+                               grad_norm_history=self._grad_history(iteration), **fields)
 
     def _grad_history(self, upto: int) -> list[dict[str, Any]]:
         size = len(self._norms)
