@@ -95,7 +95,8 @@ def _one_run(with_guard: bool, epochs: int, policy: str, precision: str, threads
         snapshot = {"model": model, "optimizer": optimizer, "schedule": schedule}
         if precision == "fp16":
             snapshot["scaler"] = amp.scaler
-        guard = TimedNanGuard(model, optimizer, to_snapshot=snapshot, schedule=schedule, policy=policy)
+        guard = TimedNanGuard(model, optimizer, to_snapshot=snapshot, schedule=schedule,
+                              scaler=amp.scaler if precision == "fp16" else None, policy=policy)
         handlers.append(guard)
     for handler in handlers:
         handler.attach(trainer)

@@ -53,9 +53,9 @@ class NanGuard:
     diagnosis and calls ``engine.terminate()``.
 
     Events: STARTED, the four StepEvents, ITERATION_COMPLETED. Reads ``state.loss``, ``state.batch``,
-    ``state.scaler``, ``state.step_skipped``, ``state.loss_scale``, ``state.lr``. Writes
-    ``state.skip_step``, ``state.diverged``, ``state.metrics["nan_skips"|"rollbacks"|"scale_collapses"]``
-    and, on restore, the ``to_snapshot`` objects and ``state.loss_scale``. Appends "nan_skip",
+    ``state.step_skipped``, ``state.loss_scale``, ``state.lr``, and ``state.scaler`` only to refuse a
+    scaler other than its own. Writes ``state.skip_step``, ``state.diverged``,
+    ``state.metrics["nan_skips"|"rollbacks"|"scale_collapses"]`` and, on restore, the ``to_snapshot`` objects and ``state.loss_scale``. Appends "nan_skip",
     "rollback", "scale_collapse" and "diverged" records to ``events_path`` (rank 0 only; with several
     ranks the checks agree through an all-reduce, so every rank takes the same action). State across
     resume: the counters, the LR factor so far, the first loss and whether the fp16 scale has worked
@@ -69,6 +69,8 @@ class NanGuard:
             model. Default: the model, the optimizer and ``schedule``.
         schedule: an LR schedule with ``scale_lr(factor)`` (``OneCycle``); without one the param
             groups' LR is scaled.
+        scaler: the fp16 loss scaler the trainer steps with (``AMP(...).scaler``), or None for fp32 and
+            bf16. It must be the trainer's ``state.scaler``: the run refuses to start otherwise.
         policy: "skip", "rollback" or "stop".
         check_every: optimizer steps between weight checks, flag reads and snapshots.
         max_skips, skip_window: skip rolls back instead past ``max_skips`` skips in the window.
@@ -99,6 +101,7 @@ class NanGuard:
         *,
         to_snapshot: Mapping[str, Any] | None = None,
         schedule: Any = None,
+        scaler: torch.amp.GradScaler | None = None,
         policy: str = "rollback",
         check_every: int = 20,
         max_skips: int = 3,
@@ -126,6 +129,8 @@ class NanGuard:
             raise ValueError(f"max_loss_ratio must be > 1 or None, not {max_loss_ratio}")
         if schedule is not None and not callable(getattr(schedule, "scale_lr", None)):
             raise TypeError("schedule must have a scale_lr(factor) method (e.g. callbacks.OneCycle)")
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError("scaler must be a torch.amp.GradScaler (e.g. callbacks.AMP(...).scaler) or None")
         if to_snapshot is None:
             to_snapshot = {"model": model, "optimizer": optimizer, **({"schedule": schedule} if schedule else {})}
         for key, obj in to_snapshot.items():
@@ -138,7 +143,7 @@ class NanGuard:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.model, self.optimizer, self.schedule, self.scaler = model, optimizer, schedule, scaler
         self.to_snapshot = dict(to_snapshot)
         self._model_key = model_key  # where the snapshot keeps the model's buffers
         self.policy, self.check_every = policy, check_every
@@ -154,7 +159,8 @@ class NanGuard:
         self.first_loss: float | None = None  # the reference of max_loss_ratio
         self.scale_found = False  # fp16: the scaler has made a step; skips before it are its calibration
         self._recent_skips: collections.deque[int] = collections.deque()
-        self._scaled = self._deferred = False
+        self._scaled = scaler is not None  # fp16: watch the scaler's skips and scale
+        self._deferred = not self._scaled and policy != "skip"  # skip must decide before the update
         self._reset_run()
 
     # ---- wiring -------------------------------------------------------------------------------
@@ -193,9 +199,10 @@ class NanGuard:
 
     def _on_started(self, engine: Engine) -> None:
         s = engine.state
+        if s.scaler is not self.scaler:  # its skips and scale would be misread as divergence, or missed
+            raise ValueError("NanGuard's scaler must be the one the trainer steps with: pass scaler=AMP(...).scaler "
+                             "under fp16 and no scaler under fp32 or bf16")
         self._reset_run()
-        self._scaled = getattr(s, "scaler", None) is not None
-        self._deferred = not self._scaled and self.policy != "skip"  # skip must decide before the update
         s.diverged = None
         if bool(self._finite_tensor()):
             self._take_snapshot(engine)
@@ -416,9 +423,8 @@ class NanGuard:
 
     def _restore(self, engine: Engine) -> None:
         self._snapshot.restore(self.to_snapshot)
-        scaler = getattr(engine.state, "scaler", None)
-        if scaler is not None:
-            engine.state.loss_scale = scaler.get_scale()
+        if self.scaler is not None:  # restored with to_snapshot["scaler"], if it is there
+            engine.state.loss_scale = self.scaler.get_scale()
         self._finite_at = engine.state.iteration
         self._recent_skips.clear()
         self._consecutive, self._streak = 0, None

@@ -261,7 +261,8 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
     if ema is not None:  # a rollback restores the average too, not only the weights it follows
         to_snapshot.update(ema_model=ema.ema_model, ema=ema)
     handlers["nan_guard"] = NanGuard(
-        model, optimizer, to_snapshot=to_snapshot, schedule=handlers["schedule"], policy=t.on_nan,
+        model, optimizer, to_snapshot=to_snapshot, schedule=handlers["schedule"],
+        scaler=handlers["amp"].scaler if precision.needs_scaler else None, policy=t.on_nan,
         check_every=t.nan_check_every, max_skips=t.nan_max_skips, lr_factor=t.nan_lr_factor,
         max_rollbacks=t.nan_max_rollbacks, max_consecutive_skips=t.nan_collapse_skips,
         min_loss_scale=t.nan_min_loss_scale, max_loss_ratio=t.nan_max_loss_ratio or None,

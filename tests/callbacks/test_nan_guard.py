@@ -94,8 +94,9 @@ def make_run(tmp_path: Path, policy: str, *, precision: str = "fp32", batch_norm
         to_snapshot["scaler"] = amp.scaler
     options = {"check_every": 2, **guard_options}
     events_path = tmp_path / "events.jsonl"
-    guard = NanGuard(model, optimizer, to_snapshot=to_snapshot, schedule=schedule, policy=policy,
-                     events_path=events_path, **options)
+    guard = NanGuard(model, optimizer, to_snapshot=to_snapshot, schedule=schedule,
+                     scaler=amp.scaler if precision == "fp16" else None, policy=policy, events_path=events_path,
+                     **options)
     clip = GradClip(model.parameters(), max_norm=1.0)
     order = [amp, clip, schedule, guard] if clip_first else [guard, schedule, clip, amp]
     for handler in order:
@@ -502,6 +503,7 @@ def test_accumulation_drops_the_whole_window(tmp_path):
     ({"policy": "ignore"}, ValueError), ({"check_every": 0}, ValueError), ({"lr_factor": 0.0}, ValueError),
     ({"lr_factor": 1.5}, ValueError), ({"max_rollbacks": -1}, ValueError), ({"max_skips": 0}, ValueError),
     ({"schedule": object()}, TypeError), ({"to_snapshot": {"thing": object()}}, TypeError),
+    ({"scaler": object()}, TypeError),
 ])
 def test_bad_settings_are_refused(kwargs, error):
     model = torch.nn.Linear(2, 2)
@@ -514,3 +516,17 @@ def test_the_snapshot_must_include_the_model():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="include the model"):
         NanGuard(model, optimizer, to_snapshot={"optimizer": optimizer})
+
+
+@pytest.mark.parametrize("precision, scaler", [("fp16", None), ("fp32", "amp"), ("fp16", "another")])
+def test_a_scaler_other_than_the_trainers_is_refused_at_start(precision, scaler):
+    """Under fp16 the guard must watch the scaler's skips: guessing from a mismatch would misread them."""
+    model = TinyCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = create_trainer(model, optimizer, F.cross_entropy, precision=precision)
+    amp = AMP(device="cpu")
+    amp.attach(trainer)
+    given = {"amp": amp.scaler, "another": AMP(device="cpu").scaler, None: None}[scaler]
+    NanGuard(model, optimizer, scaler=given).attach(trainer)
+    with pytest.raises(ValueError, match="the one the trainer steps with"):
+        trainer.run(random_batches(count=2, batch_size=4, seed=3), max_epochs=1)
