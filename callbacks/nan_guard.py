@@ -29,38 +29,34 @@ POLICIES = ("skip", "rollback", "stop")
 class NanGuard:
     """Watch a run for divergence and act on it: drop the update, roll back and lower the LR, or stop.
 
-    What it watches, without a host sync per iteration where no policy needs one: the loss
-    (FORWARD_COMPLETED); each parameter's gradient (BACKWARD_COMPLETED, before any handler clips or
-    mixes gradients, so the diagnosis names the right parameter whatever the attach order); weights,
-    float buffers and the largest loss against ``max_loss_ratio`` x the run's first loss, every
-    ``check_every`` optimizer steps and at each epoch's last iteration (ITERATION_COMPLETED, after
-    every optimizer-step handler), where it also snapshots the state when it is sound; under fp16 the
-    scaler's skips and scale (OPTIMIZER_STEP_COMPLETED): single skips are normal and only counted, a
-    collapse (``max_consecutive_skips`` in a row once a scale has worked, or a scale below
-    ``min_loss_scale``) is divergence; the skips that bring a too-high ``init_scale`` down are not.
-    fp32/bf16 with skip read one flag per optimizer step (BEFORE_OPTIMIZER_STEP), so the bad update is
-    never applied; rollback, stop and fp16 keep the first bad step's values on the device and read them
-    at the checks, so the step never waits for the device (on a GPU, no host sync per step): the bad
-    updates made since the last sound check are undone by the restore. A tensor counts as non-finite
-    when its fp32 2-norm is (NaN/Inf, or >~1e19).
+    Divergence: a non-finite (NaN/Inf, or beyond ~1e19) loss, input, gradient, weight or float buffer;
+    a loss above ``max_loss_ratio`` x the run's first loss; under fp16, a loss-scale collapse
+    (``max_consecutive_skips`` skips in a row once a scale has worked, or a scale below
+    ``min_loss_scale``; other skips are only counted). Gradients are measured at BACKWARD_COMPLETED,
+    before anyone clips them, so the diagnosis (:mod:`callbacks.nan_diagnosis`) names the right
+    parameter whatever the attach order.
 
-    Policies: ``skip`` sets ``state.skip_step`` (no update; the schedule does not advance; non-finite
-    BatchNorm statistics come back from the snapshot) and rolls back instead past ``max_skips`` skips
-    within ``skip_window`` optimizer steps, or when dropping one update cannot help (bad weights, an
-    exploded loss, a scale collapse). ``rollback`` restores the last snapshot (deep copies of
-    ``to_snapshot``) and multiplies the rest of the LR schedule by ``lr_factor``; past
-    ``max_rollbacks`` it stops. ``stop`` restores the snapshot, sets ``state.diverged`` to the
-    diagnosis and calls ``engine.terminate()``.
+    When it looks: under fp32/bf16 with ``skip`` it reads one flag before each optimizer step, so the
+    bad update is never applied. Otherwise the step never waits for the device: the first bad step's
+    values stay there until the check every ``check_every`` optimizer steps and at each epoch's end,
+    which also snapshots the state when it is sound; a restore undoes the updates made since.
 
-    Events: STARTED, the four StepEvents, ITERATION_COMPLETED. Reads ``state.loss``, ``state.batch``,
-    ``state.step_skipped``, ``state.loss_scale``, ``state.lr``, and ``state.scaler`` only to refuse a
-    scaler other than its own. Writes ``state.skip_step``, ``state.diverged``,
-    ``state.metrics["nan_skips"|"rollbacks"|"scale_collapses"]`` and, on restore, the ``to_snapshot`` objects and ``state.loss_scale``. Appends "nan_skip",
-    "rollback", "scale_collapse" and "diverged" records to ``events_path`` (rank 0 only; with several
-    ranks the checks agree through an all-reduce, so every rank takes the same action). State across
-    resume: the counters, the LR factor so far, the first loss and whether the fp16 scale has worked
-    (the snapshot is in memory only: a run resumed and then rolled back returns to the state it
-    loaded or a later one, not to the uninterrupted run's older snapshot).
+    Policies: ``skip`` drops the update (``state.skip_step``; non-finite BatchNorm statistics come back
+    from the snapshot), and rolls back instead past ``max_skips`` skips in ``skip_window`` optimizer
+    steps or when one dropped update cannot help (bad weights, an exploded loss, a scale collapse).
+    ``rollback`` restores the snapshot of ``to_snapshot`` and multiplies the rest of the LR schedule by
+    ``lr_factor``; past ``max_rollbacks`` it stops. ``stop`` restores the snapshot, sets
+    ``state.diverged`` to the diagnosis and terminates the run.
+
+    Events: STARTED, the four StepEvents, ITERATION_COMPLETED (the checks, after every step handler).
+    Reads ``state.loss``, ``state.batch``, ``state.lr``, ``state.step_skipped``, ``state.loss_scale``
+    (and ``state.scaler``, only to refuse a scaler that is not its own). Writes ``state.skip_step``,
+    ``state.diverged``, ``state.metrics["nan_skips"|"rollbacks"|"scale_collapses"]`` and, on restore,
+    the ``to_snapshot`` objects and ``state.loss_scale``. Appends "nan_skip", "rollback",
+    "scale_collapse" and "diverged" records to ``events_path`` (rank 0; with several ranks the checks
+    agree through an all-reduce, so all act alike). State across resume: the counters, recent skips,
+    the LR factor so far, the first loss and whether the fp16 scale has worked; the snapshot is in
+    memory only, so a resumed run rolls back to the state it loaded or a later one.
 
     Args:
         model: the network whose parameters and buffers it checks.
@@ -70,7 +66,8 @@ class NanGuard:
         schedule: an LR schedule with ``scale_lr(factor)`` (``OneCycle``); without one the param
             groups' LR is scaled.
         scaler: the fp16 loss scaler the trainer steps with (``AMP(...).scaler``), or None for fp32 and
-            bf16. It must be the trainer's ``state.scaler``: the run refuses to start otherwise.
+            bf16. It must be the trainer's ``state.scaler`` (ValueError at STARTED otherwise): under
+            fp16 its skips are normal, not NaN steps. Put it in ``to_snapshot`` to restore its scale.
         policy: "skip", "rollback" or "stop".
         check_every: optimizer steps between weight checks, flag reads and snapshots.
         max_skips, skip_window: skip rolls back instead past ``max_skips`` skips in the window.
@@ -178,6 +175,7 @@ class NanGuard:
         ]
 
     def _reset_run(self) -> None:
+        """Forget the last run's per-step values: device accumulators, grad-norm ring, fp16 streak, snapshot."""
         zero = torch.zeros((), device=self.device)
         self._zero = zero
         self._loss_sum = zero  # the window's losses added up: NaN/Inf if any of them is (device)
@@ -185,7 +183,7 @@ class NanGuard:
         self._loss_ref = None if self.first_loss is None else torch.tensor(self.first_loss, device=self.device)
         self._grad_norms: torch.Tensor | None = None  # per parameter, at the last BACKWARD_COMPLETED (device)
         self._grad_total = zero
-        self._seen = torch.zeros((), dtype=torch.bool, device=self.device)  # stop, fp32/bf16: a bad step unread
+        self._seen = torch.zeros((), dtype=torch.bool, device=self.device)  # deferred: a bad step not read yet
         self._first: dict[str, torch.Tensor] | None = None  # ... and the values at the first one
         size = self.history + self.check_every + 1
         self._norms = torch.full((size,), math.nan, device=self.device)  # ring of true-scale total grad norms
@@ -198,6 +196,7 @@ class NanGuard:
         self._finite_at = 0  # the last iteration at which the state was known sound
 
     def _on_started(self, engine: Engine) -> None:
+        """Check the scaler, reset the per-run values and snapshot the starting state if it is sound."""
         s = engine.state
         if s.scaler is not self.scaler:  # its skips and scale would be misread as divergence, or missed
             raise ValueError("NanGuard's scaler must be the one the trainer steps with: pass scaler=AMP(...).scaler "
@@ -212,6 +211,7 @@ class NanGuard:
 
     # ---- per step: device work only, except the one read of _on_before_step ------------------
     def _on_forward(self, engine: Engine) -> None:
+        """Add the loss to the window's sum and keep the largest finite one (device only)."""
         loss = engine.state.loss
         self._loss_sum = self._loss_sum + loss
         if self.max_loss_ratio is not None:
@@ -220,6 +220,7 @@ class NanGuard:
                 self._loss_ref = loss.detach().clone()
 
     def _on_backward(self, engine: Engine) -> None:
+        """Measure each parameter's gradient before anyone clips it; note the step's LR and scale (device only)."""
         s = engine.state
         self._grad_norms = norms([p.grad if p.grad is not None else self._zero for _, p in self.params])
         self._grad_total = torch.linalg.vector_norm(self._grad_norms)
@@ -251,6 +252,7 @@ class NanGuard:
         self._seen = self._seen | ~ok
 
     def _on_before_step(self, engine: Engine) -> None:
+        """fp32/bf16 with skip: read one flag, and drop the update when the loss or a gradient is non-finite."""
         if self._scaled or self._deferred or self._grad_norms is None:
             return
         if math.isfinite((self._loss_sum + self._grad_total).item()):  # the one host sync per optimizer step
@@ -260,6 +262,7 @@ class NanGuard:
         self._act(engine, diag, cannot_skip="skipping cannot repair weights" if diag["cause"] == "parameter" else None)
 
     def _on_step_completed(self, engine: Engine) -> None:
+        """fp16: count the scaler's skips in a row and act on a collapse."""
         s = engine.state
         self._stepped_at = s.iteration
         if self._scaled and s.diverged is None:
@@ -277,6 +280,7 @@ class NanGuard:
         self._loss_sum = self._zero
 
     def _on_iteration_completed(self, engine: Engine) -> None:
+        """The check (every ``check_every`` optimizer steps, epoch ends): snapshot if sound, else diagnose and act."""
         s = engine.state
         due = self._stepped_at == s.iteration and s.optimizer_step % self.check_every == 0
         if not (due or is_epoch_end(s)) or s.diverged is not None:  # epoch end: before validation sees the weights
@@ -314,6 +318,7 @@ class NanGuard:
         self._act(engine, diag, cannot_skip="the weights that made it are already in place")
 
     def _on_collapse(self, engine: Engine) -> None:
+        """fp16: record the collapse, name what first went non-finite in the run of skips, and act."""
         s = engine.state
         self.scale_collapses += 1
         streak = self._streak or {"iteration": s.iteration, "lr": s.lr, "loss_scale": s.loss_scale,
@@ -369,14 +374,16 @@ class NanGuard:
 
     def _grad_history(self, upto: int) -> list[dict[str, Any]]:
         size = len(self._norms)
-        norms = self._norms.tolist()
-        entries = [(step[0], norms[(self._count - len(self._steps) + i) % size]) for i, step in enumerate(self._steps)]
+        values = self._norms.tolist()
+        entries = [(step[0], values[(self._count - len(self._steps) + i) % size]) for i, step in enumerate(self._steps)]
         entries = [(it, v) for it, v in entries if it <= upto][-self.history:]
         return [{"iteration": it, "grad_norm": v if math.isfinite(v) else str(v)} for it, v in entries]
 
-    def _names_of(self, norms: torch.Tensor | None) -> list[str]:
-        """The parameters whose entry in ``norms`` is NaN/Inf."""
-        return [] if norms is None else [n for (n, _), v in zip(self.params, norms.tolist()) if not math.isfinite(v)]
+    def _names_of(self, grad_norms: torch.Tensor | None) -> list[str]:
+        """The parameters whose entry in ``grad_norms`` is NaN/Inf."""
+        if grad_norms is None:
+            return []
+        return [n for (n, _), v in zip(self.params, grad_norms.tolist()) if not math.isfinite(v)]
 
     def _peak_lr(self) -> float:
         return max(float(g.get("max_lr", g["lr"])) for g in self.optimizer.param_groups)
@@ -422,6 +429,7 @@ class NanGuard:
         engine.terminate()
 
     def _restore(self, engine: Engine) -> None:
+        """Load the snapshot back and forget the bad steps seen since."""
         self._snapshot.restore(self.to_snapshot)
         if self.scaler is not None:  # restored with to_snapshot["scaler"], if it is there
             engine.state.loss_scale = self.scaler.get_scale()
@@ -460,6 +468,7 @@ class NanGuard:
 
     # ---- output -------------------------------------------------------------------------------
     def _event(self, engine: Engine, event: str, record: dict[str, Any]) -> None:
+        """Publish the counters; on rank 0 append ``record`` to events.jsonl and log one line."""
         record = {"event": event, **record}
         self._publish(engine)
         if idist.get_rank() != 0:
