@@ -88,14 +88,15 @@ def _one_run(with_guard: bool, epochs: int, policy: str, precision: str, threads
                              seed=0)
     amp = AMP(device="cpu")
     schedule = OneCycle(optimizer, max_lr=cfg.schedule.max_lr, total_steps=OneCycle.total_steps_for(epochs, len(data)),
-                        div_factor=cfg.schedule.max_lr / cfg.optim.lr)
+                        div_factor=cfg.div_factor)
     handlers = [amp, GradClip(model.parameters(), max_norm=1.0), schedule]
     guard = None
     if with_guard:
         snapshot = {"model": model, "optimizer": optimizer, "schedule": schedule}
         if precision == "fp16":
             snapshot["scaler"] = amp.scaler
-        guard = TimedNanGuard(model, optimizer, to_snapshot=snapshot, schedule=schedule, policy=policy)
+        guard = TimedNanGuard(model, optimizer, to_snapshot=snapshot, schedule=schedule,
+                              scaler=amp.scaler if precision == "fp16" else None, policy=policy)
         handlers.append(guard)
     for handler in handlers:
         handler.attach(trainer)

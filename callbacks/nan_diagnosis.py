@@ -1,15 +1,68 @@
-"""How NanGuard words a divergence: the hint, the one-line summary and the few lines the CLI prints.
+"""NanGuard's diagnosis of a divergence: which cause ranks first, the record, and how it is worded.
 
-A diagnosis is the plain dict NanGuard builds (and events.jsonl keeps): ``what``, ``iteration``,
-``epoch``, ``cause`` (parameter, buffer, input, loss, gradient, loss_explosion, loss_scale,
-other_rank), ``parameter``, ``lr``, ``peak_lr``, ``loss_scale``, ``grad_norm_history``, ``why``...
-These functions only read it.
+A diagnosis is the plain dict :func:`build_diagnosis` makes (and events.jsonl keeps): ``what``,
+``iteration``, ``epoch``, ``cause`` (parameter, buffer, input, loss, gradient, loss_explosion,
+loss_scale, other_rank), ``parameter``, ``lr``, ``peak_lr``, ``loss_scale``, ``grad_norm_history``,
+``hint``, and the policy's ``action`` and ``why``. These are plain functions of values and dicts;
+NanGuard gathers the values.
 """
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["hint", "spread", "summarize_diagnosis", "format_diagnosis"]
+__all__ = ["rank_cause", "build_diagnosis", "hint", "spread", "summarize_diagnosis", "format_diagnosis"]
+
+#: What went non-finite first, in words, for each cause that names one.
+_FIRST = {"parameter": "parameter {}", "buffer": "buffer {}", "input": "input batch", "loss": "loss",
+          "gradient": "gradient of {}"}
+
+
+def rank_cause(nonfinite_parameters: list[str], input_bad: bool, loss_bad: bool,
+               nonfinite_gradients: list[str]) -> tuple[str, str | None]:
+    """The cause of a non-finite step and the parameter it names: ``(cause, name)``.
+
+    Ranked parameter > input > loss > gradient: each one makes everything after it non-finite, so the
+    earliest in that chain is the cause. Among gradients it names the last parameter of the model,
+    whose gradient backward computed first.
+
+    Example:
+        >>> rank_cause([], False, False, ["0.weight", "3.weight"])
+        ('gradient', '3.weight')
+        >>> rank_cause(["1.bias"], True, True, ["1.bias"]), rank_cause([], True, True, [])
+        (('parameter', '1.bias'), ('input', None))
+    """
+    if nonfinite_parameters:
+        return "parameter", nonfinite_parameters[0]
+    if input_bad:
+        return "input", None
+    if loss_bad:
+        return "loss", None
+    return "gradient", nonfinite_gradients[-1] if nonfinite_gradients else None
+
+
+def build_diagnosis(cause: str, iteration: int, *, epoch: int, detected_at: int, lr: float, peak_lr: float,
+                    loss_scale: float | None, grad_norm_history: list[dict[str, Any]], name: str | None = None,
+                    first: str | None = None, what: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The record of one event: what went wrong first, where, with which LR, scale and grad norms, and a hint.
+
+    ``first`` (what went non-finite first, in words) defaults to the wording of ``cause`` and ``name``,
+    and ``what`` (the headline) to "non-finite <first>"; ``extra`` fields follow the standard ones.
+
+    Example:
+        >>> d = build_diagnosis("input", 7, epoch=1, detected_at=8, lr=0.1, peak_lr=0.1, loss_scale=None,
+        ...                     grad_norm_history=[], nonfinite_parameters=[])
+        >>> d["what"], list(d)[-2:]
+        ('non-finite input batch', ['nonfinite_parameters', 'hint'])
+    """
+    if first is None and cause in _FIRST:
+        first = _FIRST[cause].format(name)
+    diag: dict[str, Any] = {
+        "iteration": iteration, "epoch": epoch, "detected_at": detected_at, "cause": cause,
+        "what": what or f"non-finite {first}", "first_nonfinite": first, "parameter": name,
+        "lr": lr, "peak_lr": peak_lr, "loss_scale": loss_scale, "grad_norm_history": grad_norm_history, **extra,
+    }
+    diag["hint"] = hint(diag)
+    return diag
 
 
 def spread(history: list[dict[str, Any]]) -> str:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import math
 from pathlib import Path
@@ -14,10 +13,13 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
 from callbacks._files import append_jsonl
-from callbacks.nan_diagnosis import format_diagnosis, hint, summarize_diagnosis
+from callbacks._snapshot import Snapshot
+from callbacks._tensors import nonfinite_names, norms
+from callbacks.nan_diagnosis import build_diagnosis, rank_cause, summarize_diagnosis
 from engine.events import StepEvents
+from engine.step import is_epoch_end
 
-__all__ = ["NanGuard", "POLICIES", "format_diagnosis", "summarize_diagnosis"]
+__all__ = ["NanGuard", "POLICIES"]
 
 log = logging.getLogger("kiln")
 
@@ -27,38 +29,34 @@ POLICIES = ("skip", "rollback", "stop")
 class NanGuard:
     """Watch a run for divergence and act on it: drop the update, roll back and lower the LR, or stop.
 
-    What it watches, without a host sync per iteration where no policy needs one: the loss
-    (FORWARD_COMPLETED); each parameter's gradient (BACKWARD_COMPLETED, before any handler clips or
-    mixes gradients, so the diagnosis names the right parameter whatever the attach order); weights,
-    float buffers and the largest loss against ``max_loss_ratio`` x the run's first loss, every
-    ``check_every`` optimizer steps and at each epoch's last iteration (ITERATION_COMPLETED, after
-    every optimizer-step handler), where it also snapshots the state when it is sound; under fp16 the
-    scaler's skips and scale (OPTIMIZER_STEP_COMPLETED): single skips are normal and only counted, a
-    collapse (``max_consecutive_skips`` in a row once a scale has worked, or a scale below
-    ``min_loss_scale``) is divergence; the skips that bring a too-high ``init_scale`` down are not.
-    fp32/bf16 with skip read one flag per optimizer step (BEFORE_OPTIMIZER_STEP), so the bad update is
-    never applied; rollback, stop and fp16 keep the first bad step's values on the device and read them
-    at the checks, so the step never waits for the device (on a GPU, no host sync per step): the bad
-    updates made since the last sound check are undone by the restore. A tensor counts as non-finite
-    when its fp32 2-norm is (NaN/Inf, or >~1e19).
+    Divergence: a non-finite (NaN/Inf, or beyond ~1e19) loss, input, gradient, weight or float buffer;
+    a loss above ``max_loss_ratio`` x the run's first loss; under fp16, a loss-scale collapse
+    (``max_consecutive_skips`` skips in a row once a scale has worked, or a scale below
+    ``min_loss_scale``; other skips are only counted). Gradients are measured at BACKWARD_COMPLETED,
+    before anyone clips them, so the diagnosis (:mod:`callbacks.nan_diagnosis`) names the right
+    parameter whatever the attach order.
 
-    Policies: ``skip`` sets ``state.skip_step`` (no update; the schedule does not advance; non-finite
-    BatchNorm statistics come back from the snapshot) and rolls back instead past ``max_skips`` skips
-    within ``skip_window`` optimizer steps, or when dropping one update cannot help (bad weights, an
-    exploded loss, a scale collapse). ``rollback`` restores the last snapshot (deep copies of
-    ``to_snapshot``) and multiplies the rest of the LR schedule by ``lr_factor``; past
-    ``max_rollbacks`` it stops. ``stop`` restores the snapshot, sets ``state.diverged`` to the
-    diagnosis and calls ``engine.terminate()``.
+    When it looks: under fp32/bf16 with ``skip`` it reads one flag before each optimizer step, so the
+    bad update is never applied. Otherwise the step never waits for the device: the first bad step's
+    values stay there until the check every ``check_every`` optimizer steps and at each epoch's end,
+    which also snapshots the state when it is sound; a restore undoes the updates made since.
 
-    Events: STARTED, the four StepEvents, ITERATION_COMPLETED. Reads ``state.loss``, ``state.batch``,
-    ``state.scaler``, ``state.step_skipped``, ``state.loss_scale``, ``state.lr``. Writes
-    ``state.skip_step``, ``state.diverged``, ``state.metrics["nan_skips"|"rollbacks"|"scale_collapses"]``
-    and, on restore, the ``to_snapshot`` objects and ``state.loss_scale``. Appends "nan_skip",
-    "rollback", "scale_collapse" and "diverged" records to ``events_path`` (rank 0 only; with several
-    ranks the checks agree through an all-reduce, so every rank takes the same action). State across
-    resume: the counters, the LR factor so far, the first loss and whether the fp16 scale has worked
-    (the snapshot is in memory only: a run resumed and then rolled back returns to the state it
-    loaded or a later one, not to the uninterrupted run's older snapshot).
+    Policies: ``skip`` drops the update (``state.skip_step``; non-finite BatchNorm statistics come back
+    from the snapshot), and rolls back instead past ``max_skips`` skips in ``skip_window`` optimizer
+    steps or when one dropped update cannot help (bad weights, an exploded loss, a scale collapse).
+    ``rollback`` restores the snapshot of ``to_snapshot`` and multiplies the rest of the LR schedule by
+    ``lr_factor``; past ``max_rollbacks`` it stops. ``stop`` restores the snapshot, sets
+    ``state.diverged`` to the diagnosis and terminates the run.
+
+    Events: STARTED, the four StepEvents, ITERATION_COMPLETED (the checks, after every step handler).
+    Reads ``state.loss``, ``state.batch``, ``state.lr``, ``state.step_skipped``, ``state.loss_scale``
+    (and ``state.scaler``, only to refuse a scaler that is not its own). Writes ``state.skip_step``,
+    ``state.diverged``, ``state.metrics["nan_skips"|"rollbacks"|"scale_collapses"]`` and, on restore,
+    the ``to_snapshot`` objects and ``state.loss_scale``. Appends "nan_skip", "rollback",
+    "scale_collapse" and "diverged" records to ``events_path`` (rank 0; with several ranks the checks
+    agree through an all-reduce, so all act alike). State across resume: the counters, recent skips,
+    the LR factor so far, the first loss and whether the fp16 scale has worked; the snapshot is in
+    memory only, so a resumed run rolls back to the state it loaded or a later one.
 
     Args:
         model: the network whose parameters and buffers it checks.
@@ -67,6 +65,9 @@ class NanGuard:
             model. Default: the model, the optimizer and ``schedule``.
         schedule: an LR schedule with ``scale_lr(factor)`` (``OneCycle``); without one the param
             groups' LR is scaled.
+        scaler: the fp16 loss scaler the trainer steps with (``AMP(...).scaler``), or None for fp32 and
+            bf16. It must be the trainer's ``state.scaler`` (ValueError at STARTED otherwise): under
+            fp16 its skips are normal, not NaN steps. Put it in ``to_snapshot`` to restore its scale.
         policy: "skip", "rollback" or "stop".
         check_every: optimizer steps between weight checks, flag reads and snapshots.
         max_skips, skip_window: skip rolls back instead past ``max_skips`` skips in the window.
@@ -97,6 +98,7 @@ class NanGuard:
         *,
         to_snapshot: Mapping[str, Any] | None = None,
         schedule: Any = None,
+        scaler: torch.amp.GradScaler | None = None,
         policy: str = "rollback",
         check_every: int = 20,
         max_skips: int = 3,
@@ -124,19 +126,23 @@ class NanGuard:
             raise ValueError(f"max_loss_ratio must be > 1 or None, not {max_loss_ratio}")
         if schedule is not None and not callable(getattr(schedule, "scale_lr", None)):
             raise TypeError("schedule must have a scale_lr(factor) method (e.g. callbacks.OneCycle)")
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError("scaler must be a torch.amp.GradScaler (e.g. callbacks.AMP(...).scaler) or None")
         if to_snapshot is None:
             to_snapshot = {"model": model, "optimizer": optimizer, **({"schedule": schedule} if schedule else {})}
         for key, obj in to_snapshot.items():
             if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
                 raise TypeError(f"to_snapshot[{key!r}] has no state_dict/load_state_dict")
-        if not any(obj is model for obj in to_snapshot.values()):
+        model_key = next((key for key, obj in to_snapshot.items() if obj is model), None)
+        if model_key is None:
             raise ValueError("to_snapshot must include the model")
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.model, self.optimizer, self.schedule, self.scaler = model, optimizer, schedule, scaler
         self.to_snapshot = dict(to_snapshot)
+        self._model_key = model_key  # where the snapshot keeps the model's buffers
         self.policy, self.check_every = policy, check_every
         self.max_skips, self.skip_window = max_skips, skip_window
         self.lr_factor, self.max_rollbacks = lr_factor, max_rollbacks
@@ -150,7 +156,8 @@ class NanGuard:
         self.first_loss: float | None = None  # the reference of max_loss_ratio
         self.scale_found = False  # fp16: the scaler has made a step; skips before it are its calibration
         self._recent_skips: collections.deque[int] = collections.deque()
-        self._scaled = self._deferred = False
+        self._scaled = scaler is not None  # fp16: watch the scaler's skips and scale
+        self._deferred = not self._scaled and policy != "skip"  # skip must decide before the update
         self._reset_run()
 
     # ---- wiring -------------------------------------------------------------------------------
@@ -168,6 +175,7 @@ class NanGuard:
         ]
 
     def _reset_run(self) -> None:
+        """Forget the last run's per-step values: device accumulators, grad-norm ring, fp16 streak, snapshot."""
         zero = torch.zeros((), device=self.device)
         self._zero = zero
         self._loss_sum = zero  # the window's losses added up: NaN/Inf if any of them is (device)
@@ -175,7 +183,7 @@ class NanGuard:
         self._loss_ref = None if self.first_loss is None else torch.tensor(self.first_loss, device=self.device)
         self._grad_norms: torch.Tensor | None = None  # per parameter, at the last BACKWARD_COMPLETED (device)
         self._grad_total = zero
-        self._seen = torch.zeros((), dtype=torch.bool, device=self.device)  # stop, fp32/bf16: a bad step unread
+        self._seen = torch.zeros((), dtype=torch.bool, device=self.device)  # deferred: a bad step not read yet
         self._first: dict[str, torch.Tensor] | None = None  # ... and the values at the first one
         size = self.history + self.check_every + 1
         self._norms = torch.full((size,), math.nan, device=self.device)  # ring of true-scale total grad norms
@@ -184,14 +192,16 @@ class NanGuard:
         self._consecutive = 0  # fp16: skipped steps in a row
         self._streak: dict[str, Any] | None = None  # fp16: the first step of the current run of skips
         self._stepped_at = -1
-        self._snapshot: dict[str, Any] | None = None
+        self._snapshot: Snapshot | None = None
         self._finite_at = 0  # the last iteration at which the state was known sound
 
     def _on_started(self, engine: Engine) -> None:
+        """Check the scaler, reset the per-run values and snapshot the starting state if it is sound."""
         s = engine.state
+        if s.scaler is not self.scaler:  # its skips and scale would be misread as divergence, or missed
+            raise ValueError("NanGuard's scaler must be the one the trainer steps with: pass scaler=AMP(...).scaler "
+                             "under fp16 and no scaler under fp32 or bf16")
         self._reset_run()
-        self._scaled = getattr(s, "scaler", None) is not None
-        self._deferred = not self._scaled and self.policy != "skip"  # skip must decide before the update
         s.diverged = None
         if bool(self._finite_tensor()):
             self._take_snapshot(engine)
@@ -201,6 +211,7 @@ class NanGuard:
 
     # ---- per step: device work only, except the one read of _on_before_step ------------------
     def _on_forward(self, engine: Engine) -> None:
+        """Add the loss to the window's sum and keep the largest finite one (device only)."""
         loss = engine.state.loss
         self._loss_sum = self._loss_sum + loss
         if self.max_loss_ratio is not None:
@@ -209,8 +220,9 @@ class NanGuard:
                 self._loss_ref = loss.detach().clone()
 
     def _on_backward(self, engine: Engine) -> None:
+        """Measure each parameter's gradient before anyone clips it; note the step's LR and scale (device only)."""
         s = engine.state
-        self._grad_norms = _norms([p.grad if p.grad is not None else self._zero for _, p in self.params])
+        self._grad_norms = norms([p.grad if p.grad is not None else self._zero for _, p in self.params])
         self._grad_total = torch.linalg.vector_norm(self._grad_norms)
         true_scale = self._grad_total / s.loss_scale if self._scaled and s.loss_scale else self._grad_total
         self._norms[self._count % len(self._norms)].copy_(true_scale)
@@ -229,7 +241,7 @@ class NanGuard:
         inputs = self._zero
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device == self.device:
             inputs = x.sum(dtype=torch.float32)
-        params = _norms([p for _, p in self.params])
+        params = norms([p for _, p in self.params])
         now = torch.cat([torch.stack([self._loss_sum, inputs]), params, self._grad_norms])
         ok = torch.isfinite(now.sum())
         new = ~(ok | self._seen)
@@ -240,6 +252,7 @@ class NanGuard:
         self._seen = self._seen | ~ok
 
     def _on_before_step(self, engine: Engine) -> None:
+        """fp32/bf16 with skip: read one flag, and drop the update when the loss or a gradient is non-finite."""
         if self._scaled or self._deferred or self._grad_norms is None:
             return
         if math.isfinite((self._loss_sum + self._grad_total).item()):  # the one host sync per optimizer step
@@ -249,6 +262,7 @@ class NanGuard:
         self._act(engine, diag, cannot_skip="skipping cannot repair weights" if diag["cause"] == "parameter" else None)
 
     def _on_step_completed(self, engine: Engine) -> None:
+        """fp16: count the scaler's skips in a row and act on a collapse."""
         s = engine.state
         self._stepped_at = s.iteration
         if self._scaled and s.diverged is None:
@@ -266,10 +280,10 @@ class NanGuard:
         self._loss_sum = self._zero
 
     def _on_iteration_completed(self, engine: Engine) -> None:
+        """The check (every ``check_every`` optimizer steps, epoch ends): snapshot if sound, else diagnose and act."""
         s = engine.state
-        epoch_end = bool(s.epoch_length) and s.iteration % s.epoch_length == 0  # before validation sees the weights
         due = self._stepped_at == s.iteration and s.optimizer_step % self.check_every == 0
-        if not (due or epoch_end) or s.diverged is not None:
+        if not (due or is_epoch_end(s)) or s.diverged is not None:  # epoch end: before validation sees the weights
             return
         sound = self._finite_tensor() & ~self._exploded()
         if self._deferred:
@@ -284,7 +298,7 @@ class NanGuard:
         if self._deferred and bool(self._seen):
             self._act(engine, self._diagnose_deferred(engine), cannot_skip=f"the policy is {self.policy}")
             return
-        params, buffers = _nonfinite_names(self.params), _nonfinite_names(self.buffers)
+        params, buffers = nonfinite_names(self.params), nonfinite_names(self.buffers)
         if params or buffers:
             cause, name = ("parameter", params[0]) if params else ("buffer", buffers[0])
             first = self._streak["iteration"] if self._streak else s.iteration
@@ -304,6 +318,7 @@ class NanGuard:
         self._act(engine, diag, cannot_skip="the weights that made it are already in place")
 
     def _on_collapse(self, engine: Engine) -> None:
+        """fp16: record the collapse, name what first went non-finite in the run of skips, and act."""
         s = engine.state
         self.scale_collapses += 1
         streak = self._streak or {"iteration": s.iteration, "lr": s.lr, "loss_scale": s.loss_scale,
@@ -311,7 +326,7 @@ class NanGuard:
         self._event(engine, "scale_collapse", {"iteration": s.iteration, "epoch": s.epoch, "loss_scale": s.loss_scale,
                                                "consecutive_skipped_steps": self._consecutive,
                                                "streak_started_at": streak["iteration"]})
-        params = _nonfinite_names(self.params)
+        params = nonfinite_names(self.params)
         grads = self._names_of(streak["grads"])
         name = params[0] if params else (grads[-1] if grads else None)
         first = (f"parameter {name}" if params else "loss" if not math.isfinite(streak["loss"].item())
@@ -327,68 +342,48 @@ class NanGuard:
     def _diagnose_step(self, engine: Engine) -> dict[str, Any]:
         """fp32/bf16 before the optimizer step: the weights are still the ones the forward pass used."""
         s = engine.state
-        params = _nonfinite_names(self.params)
+        params = nonfinite_names(self.params)
         grads = self._names_of(self._grad_norms)
         batch = s.batch if isinstance(s.batch, (list, tuple)) else [s.batch]
         input_bad = any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
                         for t in batch)
-        if params:
-            cause, name = "parameter", params[0]
-        elif input_bad:
-            cause, name = "input", None
-        elif not math.isfinite(self._loss_sum.item()):
-            cause, name = "loss", None
-        else:
-            cause, name = "gradient", grads[-1] if grads else None
+        cause, name = rank_cause(params, input_bad, not math.isfinite(self._loss_sum.item()), grads)
         return self._diagnosis(engine, cause, s.iteration, name=name, nonfinite_parameters=params,
                                nonfinite_gradients=grads)
 
     def _diagnose_deferred(self, engine: Engine) -> dict[str, Any]:
+        """fp32/bf16 rollback and stop, at a check: from the values kept at the first bad step (see _record_first)."""
         values, count = self._first["values"].tolist(), len(self.params)
         loss, inputs, param_norms, grad_norms = values[0], values[1], values[2:2 + count], values[2 + count:]
         params = [n for (n, _), v in zip(self.params, param_norms) if not math.isfinite(v)]
         grads = [n for (n, _), v in zip(self.params, grad_norms) if not math.isfinite(v)]
-        if params:
-            cause, name = "parameter", params[0]
-        elif not math.isfinite(inputs):
-            cause, name = "input", None
-        elif not math.isfinite(loss):
-            cause, name = "loss", None
-        else:
-            cause, name = "gradient", grads[-1] if grads else None
+        cause, name = rank_cause(params, not math.isfinite(inputs), not math.isfinite(loss), grads)
         return self._diagnosis(engine, cause, int(self._first["iteration"]), name=name, nonfinite_parameters=params,
                                nonfinite_gradients=grads)
 
-    def _diagnosis(self, engine: Engine, cause: str, iteration: int, *, name: str | None = None,
-                   first: str | None = None, what: str | None = None, **extra: Any) -> dict[str, Any]:
-        """The record of one event: what went wrong first, where, with which LR, scale and grad norms."""
+    def _diagnosis(self, engine: Engine, cause: str, iteration: int, **fields: Any) -> dict[str, Any]:
+        """The diagnosis of a fault first seen at ``iteration``, with the LR, loss scale and grad norms of that step."""
         s = engine.state
         at = next((step for step in reversed(self._steps) if step[0] <= iteration), None)
         lr, scale = (at[1], at[2]) if at else (s.lr, s.loss_scale)
-        if first is None and cause not in ("loss_explosion", "other_rank"):
-            first = {"parameter": f"parameter {name}", "buffer": f"buffer {name}", "input": "input batch",
-                     "loss": "loss", "gradient": f"gradient of {name}"}[cause]
-        diag: dict[str, Any] = {
-            "iteration": iteration,
-            "epoch": (iteration - 1) // s.epoch_length + 1 if s.epoch_length else s.epoch,
-            "detected_at": s.iteration, "cause": cause, "what": what or f"non-finite {first}",
-            "first_nonfinite": first, "parameter": name,
-            "lr": extra.pop("lr", lr), "peak_lr": self._peak_lr(), "loss_scale": extra.pop("loss_scale", scale),
-            "grad_norm_history": self._grad_history(iteration), **extra,
-        }
-        diag["hint"] = hint(diag)
-        return diag
+        fields.setdefault("lr", lr)
+        fields.setdefault("loss_scale", scale)
+        epoch = (iteration - 1) // s.epoch_length + 1 if s.epoch_length else s.epoch
+        return build_diagnosis(cause, iteration, epoch=epoch, detected_at=s.iteration, peak_lr=self._peak_lr(),
+                               grad_norm_history=self._grad_history(iteration), **fields)
 
     def _grad_history(self, upto: int) -> list[dict[str, Any]]:
         size = len(self._norms)
-        norms = self._norms.tolist()
-        entries = [(step[0], norms[(self._count - len(self._steps) + i) % size]) for i, step in enumerate(self._steps)]
+        values = self._norms.tolist()
+        entries = [(step[0], values[(self._count - len(self._steps) + i) % size]) for i, step in enumerate(self._steps)]
         entries = [(it, v) for it, v in entries if it <= upto][-self.history:]
         return [{"iteration": it, "grad_norm": v if math.isfinite(v) else str(v)} for it, v in entries]
 
-    def _names_of(self, norms: torch.Tensor | None) -> list[str]:
-        """The parameters whose entry in ``norms`` is NaN/Inf."""
-        return [] if norms is None else [n for (n, _), v in zip(self.params, norms.tolist()) if not math.isfinite(v)]
+    def _names_of(self, grad_norms: torch.Tensor | None) -> list[str]:
+        """The parameters whose entry in ``grad_norms`` is NaN/Inf."""
+        if grad_norms is None:
+            return []
+        return [n for (n, _), v in zip(self.params, grad_norms.tolist()) if not math.isfinite(v)]
 
     def _peak_lr(self) -> float:
         return max(float(g.get("max_lr", g["lr"])) for g in self.optimizer.param_groups)
@@ -420,11 +415,11 @@ class NanGuard:
             return
         if self._snapshot is not None:
             self._restore(engine)
-            diag["restored_iteration"] = self._snapshot["iteration"]
+            diag["restored_iteration"] = self._snapshot.iteration
         if action == "rollback":
             self.rollbacks += 1
             target = self.lr_scale * self.lr_factor
-            self._scale_lr(target / self._snapshot["lr_scale"])
+            self._scale_lr(target / self._snapshot.lr_scale)
             self.lr_scale = target
             diag.update(lr_scale=self.lr_scale, peak_lr_after=self._peak_lr())
             self._event(engine, "rollback", diag)
@@ -434,11 +429,10 @@ class NanGuard:
         engine.terminate()
 
     def _restore(self, engine: Engine) -> None:
-        for key, obj in self.to_snapshot.items():
-            obj.load_state_dict(_clone(self._snapshot["state"][key]))  # a fresh copy: load_state_dict may alias
-        scaler = getattr(engine.state, "scaler", None)
-        if scaler is not None:
-            engine.state.loss_scale = scaler.get_scale()
+        """Load the snapshot back and forget the bad steps seen since."""
+        self._snapshot.restore(self.to_snapshot)
+        if self.scaler is not None:  # restored with to_snapshot["scaler"], if it is there
+            engine.state.loss_scale = self.scaler.get_scale()
         self._finite_at = engine.state.iteration
         self._recent_skips.clear()
         self._consecutive, self._streak = 0, None
@@ -447,13 +441,9 @@ class NanGuard:
 
     def _restore_buffers(self) -> list[str]:
         """Skip: put back non-finite float buffers (BatchNorm statistics a bad batch went through)."""
-        bad = _nonfinite_names(self.buffers)
+        bad = nonfinite_names(self.buffers)
         if bad and self._snapshot is not None:
-            saved = next(self._snapshot["state"][k] for k, obj in self.to_snapshot.items() if obj is self.model)
-            with torch.no_grad():
-                for name, buffer in self.buffers:
-                    if name in bad and name in saved:
-                        buffer.copy_(saved[name])
+            self._snapshot.restore_tensors(self._model_key, self.buffers, bad)
         return bad
 
     def _scale_lr(self, factor: float) -> None:
@@ -465,7 +455,7 @@ class NanGuard:
 
     def _finite_tensor(self) -> torch.Tensor:
         tensors = [p for _, p in self.params] + [b for _, b in self.buffers]
-        return torch.isfinite(torch.linalg.vector_norm(_norms(tensors)))
+        return torch.isfinite(torch.linalg.vector_norm(norms(tensors)))
 
     def _exploded(self) -> torch.Tensor:
         if self.max_loss_ratio is None or self._loss_ref is None:
@@ -473,13 +463,12 @@ class NanGuard:
         return self._loss_max > self.max_loss_ratio * self._loss_ref  # False while the reference is NaN
 
     def _take_snapshot(self, engine: Engine) -> None:
-        s = engine.state
-        self._finite_at = s.iteration
-        self._snapshot = {"iteration": s.iteration, "lr_scale": self.lr_scale,
-                          "state": {k: _clone(obj.state_dict()) for k, obj in self.to_snapshot.items()}}
+        self._finite_at = engine.state.iteration
+        self._snapshot = Snapshot.take(self.to_snapshot, engine.state.iteration, self.lr_scale)
 
     # ---- output -------------------------------------------------------------------------------
     def _event(self, engine: Engine, event: str, record: dict[str, Any]) -> None:
+        """Publish the counters; on rank 0 append ``record`` to events.jsonl and log one line."""
         record = {"event": event, **record}
         self._publish(engine)
         if idist.get_rank() != 0:
@@ -523,33 +512,3 @@ class NanGuard:
         first = state.get("first_loss")
         self.first_loss = float(first) if first is not None else None
         self._loss_ref = None if self.first_loss is None else torch.tensor(self.first_loss, device=self.device)
-
-
-def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Each tensor's 2-norm in fp32, in one foreach call: NaN or Inf when the tensor is non-finite.
-
-    That is kiln's test for a non-finite tensor: NaN/Inf values, or values so large (about 1e19) that
-    the norm overflows. It is far cheaper than ``isfinite().all()`` per tensor on the CPU.
-    """
-    with torch.no_grad():  # of parameters too: a norm kept across steps must not keep their graphs alive
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-
-
-def _nonfinite_names(named: list[tuple[str, torch.Tensor]]) -> list[str]:
-    if not named:
-        return []
-    return [n for (n, _), v in zip(named, _norms([t for _, t in named]).tolist()) if not math.isfinite(v)]
-
-
-def _clone(value: Any) -> Any:
-    """A deep copy of a state dict: tensors cloned, containers rebuilt (keeping a state dict's metadata)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        out = type(value)((k, _clone(v)) for k, v in value.items())
-        if hasattr(value, "_metadata"):
-            out._metadata = copy.deepcopy(value._metadata)
-        return out
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
-    return copy.deepcopy(value)

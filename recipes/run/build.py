@@ -187,7 +187,8 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
         to_snapshot.update(ema_model=ema.ema_model, ema=ema)
     g = cfg.guard
     handlers["nan_guard"] = NanGuard(
-        model, optimizer, to_snapshot=to_snapshot, schedule=handlers["schedule"], policy=g.on_nan,
+        model, optimizer, to_snapshot=to_snapshot, schedule=handlers["schedule"],
+        scaler=handlers["amp"].scaler if precision.needs_scaler else None, policy=g.on_nan,
         check_every=g.check_every, max_skips=g.max_skips, lr_factor=g.lr_factor,
         max_rollbacks=g.max_rollbacks, max_consecutive_skips=g.collapse_skips,
         min_loss_scale=g.min_loss_scale, max_loss_ratio=g.max_loss_ratio or None,

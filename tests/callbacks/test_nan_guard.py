@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from callbacks import AMP, GradClip, NanGuard, OneCycle
+from callbacks._snapshot import Snapshot
 from engine import create_trainer
 from engine.records import epoch_record
 from tests.conftest import TinyCNN, random_batches
@@ -93,8 +94,9 @@ def make_run(tmp_path: Path, policy: str, *, precision: str = "fp32", batch_norm
         to_snapshot["scaler"] = amp.scaler
     options = {"check_every": 2, **guard_options}
     events_path = tmp_path / "events.jsonl"
-    guard = NanGuard(model, optimizer, to_snapshot=to_snapshot, schedule=schedule, policy=policy,
-                     events_path=events_path, **options)
+    guard = NanGuard(model, optimizer, to_snapshot=to_snapshot, schedule=schedule,
+                     scaler=amp.scaler if precision == "fp16" else None, policy=policy, events_path=events_path,
+                     **options)
     clip = GradClip(model.parameters(), max_norm=1.0)
     order = [amp, clip, schedule, guard] if clip_first else [guard, schedule, clip, amp]
     for handler in order:
@@ -153,7 +155,7 @@ def watch_snapshots(run: Run) -> list[bool]:
     """After every iteration: is every tensor NanGuard would restore finite?"""
     seen: list[bool] = []
     run.trainer.add_event_handler(Events.ITERATION_COMPLETED,
-                                  lambda e: seen.append(_all_finite(run.guard._snapshot["state"])))
+                                  lambda e: seen.append(_all_finite(run.guard._snapshot.state)))
     return seen
 
 
@@ -430,11 +432,31 @@ def test_the_values_kept_on_the_device_between_reads_hold_no_autograd_graph(tmp_
 def test_the_snapshot_is_a_deep_copy(tmp_path):
     run = make_run(tmp_path, "rollback", epochs=1)
     start(run)
-    kept = {k: v.clone() for k, v in run.guard._snapshot["state"]["model"].items()}
+    kept = {k: v.clone() for k, v in run.guard._snapshot.state["model"].items()}
     with torch.no_grad():
         for p in run.model.parameters():
             p.add_(1.0)
-    assert all(torch.equal(kept[k], v) for k, v in run.guard._snapshot["state"]["model"].items())
+    assert all(torch.equal(kept[k], v) for k, v in run.guard._snapshot.state["model"].items())
+
+
+def test_a_restore_leaves_the_snapshot_as_it_was_taken():
+    """Optimizer.load_state_dict keeps the tensors it is given: training on must not write into the snapshot."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    objects = {"model": model, "optimizer": optimizer}
+
+    def train_a_step() -> None:
+        model(torch.randn(4, 3)).sum().backward()
+        optimizer.step()
+
+    train_a_step()
+    snapshot = Snapshot.take(objects, iteration=1, lr_scale=1.0)
+    kept = _copy(model), [v.clone() for v in optimizer.state[model.weight].values()]
+    for _ in range(2):  # restore, train on in place, restore again
+        snapshot.restore(objects)
+        assert _params_equal(_copy(model), kept[0], model)
+        assert all(torch.equal(a, b) for a, b in zip(optimizer.state[model.weight].values(), kept[1]))
+        train_a_step()
 
 
 def test_counters_and_lr_factor_survive_a_weights_only_round_trip(tmp_path):
@@ -481,6 +503,7 @@ def test_accumulation_drops_the_whole_window(tmp_path):
     ({"policy": "ignore"}, ValueError), ({"check_every": 0}, ValueError), ({"lr_factor": 0.0}, ValueError),
     ({"lr_factor": 1.5}, ValueError), ({"max_rollbacks": -1}, ValueError), ({"max_skips": 0}, ValueError),
     ({"schedule": object()}, TypeError), ({"to_snapshot": {"thing": object()}}, TypeError),
+    ({"scaler": object()}, TypeError),
 ])
 def test_bad_settings_are_refused(kwargs, error):
     model = torch.nn.Linear(2, 2)
@@ -493,3 +516,17 @@ def test_the_snapshot_must_include_the_model():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="include the model"):
         NanGuard(model, optimizer, to_snapshot={"optimizer": optimizer})
+
+
+@pytest.mark.parametrize("precision, scaler", [("fp16", None), ("fp32", "amp"), ("fp16", "another")])
+def test_a_scaler_other_than_the_trainers_is_refused_at_start(precision, scaler):
+    """Under fp16 the guard must watch the scaler's skips: guessing from a mismatch would misread them."""
+    model = TinyCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = create_trainer(model, optimizer, F.cross_entropy, precision=precision)
+    amp = AMP(device="cpu")
+    amp.attach(trainer)
+    given = {"amp": amp.scaler, "another": AMP(device="cpu").scaler, None: None}[scaler]
+    NanGuard(model, optimizer, scaler=given).attach(trainer)
+    with pytest.raises(ValueError, match="the one the trainer steps with"):
+        trainer.run(random_batches(count=2, batch_size=4, seed=3), max_epochs=1)
