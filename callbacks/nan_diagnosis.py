@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["rank_cause", "build_diagnosis", "hint", "spread", "summarize_diagnosis", "format_diagnosis"]
+__all__ = ["rank_cause", "build_diagnosis", "hint", "spread", "summarize_diagnosis", "format_diagnosis", "log_line"]
 
 #: What went non-finite first, in words, for each cause that names one.
 _FIRST = {"parameter": "parameter {}", "buffer": "buffer {}", "input": "input batch", "loss": "loss",
@@ -138,3 +138,23 @@ def format_diagnosis(d: dict[str, Any]) -> str:
     lines.append(f"  stopped ({d['why']}){restored}")
     lines.append(f"  hint: {d['hint']}")
     return "\n".join(lines)
+
+
+def log_line(record: dict[str, Any], *, nan_skips: int, lr_scale: float) -> str | None:
+    """The log line for an events.jsonl ``record`` of NanGuard's (None for events it does not log).
+
+    Example:
+        >>> log_line({"event": "nan_skip", "what": "non-finite loss", "iteration": 7, "epoch": 1},
+        ...          nan_skips=2, lr_scale=1.0)
+        'non-finite loss at iteration 7 (epoch 1): update skipped (2 so far)'
+    """
+    where = f"iteration {record['iteration']} (epoch {record['epoch']})"
+    event = record["event"]
+    if event == "nan_skip":
+        return f"{record['what']} at {where}: update skipped ({nan_skips} so far)"
+    if event == "rollback":
+        return (f"{record['what']} at {where}: rolled back to iteration {record.get('restored_iteration')}, "
+                f"LR x{lr_scale:g} (peak now {record['peak_lr_after']:.3g}); hint: {record['hint']}")
+    if event == "diverged":
+        return summarize_diagnosis(record)
+    return None

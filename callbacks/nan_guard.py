@@ -14,8 +14,9 @@ from ignite.engine.events import RemovableEventHandle
 
 from callbacks._files import append_jsonl
 from callbacks._snapshot import Snapshot
+from callbacks._step_history import StepHistory
 from callbacks._tensors import nonfinite_names, norms
-from callbacks.nan_diagnosis import build_diagnosis, rank_cause, summarize_diagnosis
+from callbacks.nan_diagnosis import build_diagnosis, log_line, rank_cause
 from engine.events import StepEvents
 from engine.step import is_epoch_end
 
@@ -185,10 +186,7 @@ class NanGuard:
         self._grad_total = zero
         self._seen = torch.zeros((), dtype=torch.bool, device=self.device)  # deferred: a bad step not read yet
         self._first: dict[str, torch.Tensor] | None = None  # ... and the values at the first one
-        size = self.history + self.check_every + 1
-        self._norms = torch.full((size,), math.nan, device=self.device)  # ring of true-scale total grad norms
-        self._steps: collections.deque[tuple[int, float, float | None]] = collections.deque(maxlen=size)
-        self._count = 0
+        self._history = StepHistory(self.history + self.check_every + 1, self.device)
         self._consecutive = 0  # fp16: skipped steps in a row
         self._streak: dict[str, Any] | None = None  # fp16: the first step of the current run of skips
         self._stepped_at = -1
@@ -225,9 +223,7 @@ class NanGuard:
         self._grad_norms = norms([p.grad if p.grad is not None else self._zero for _, p in self.params])
         self._grad_total = torch.linalg.vector_norm(self._grad_norms)
         true_scale = self._grad_total / s.loss_scale if self._scaled and s.loss_scale else self._grad_total
-        self._norms[self._count % len(self._norms)].copy_(true_scale)
-        self._steps.append((s.iteration, s.lr, s.loss_scale))
-        self._count += 1
+        self._history.record(s.iteration, s.lr, s.loss_scale, true_scale)
         if self._deferred:
             self._record_first(s)
 
@@ -270,7 +266,7 @@ class NanGuard:
                 self._consecutive, self._streak, self.scale_found = 0, None, True
             else:
                 if self._consecutive == 0:
-                    used = self._steps[-1][2] if self._steps else s.loss_scale
+                    used = self._history.last_loss_scale(default=s.loss_scale)
                     self._streak = {"iteration": s.iteration, "lr": s.lr, "loss_scale": used,
                                     "loss": self._loss_sum, "grads": self._grad_norms}
                 self._consecutive += 1
@@ -364,20 +360,12 @@ class NanGuard:
     def _diagnosis(self, engine: Engine, cause: str, iteration: int, **fields: Any) -> dict[str, Any]:
         """The diagnosis of a fault first seen at ``iteration``, with the LR, loss scale and grad norms of that step."""
         s = engine.state
-        at = next((step for step in reversed(self._steps) if step[0] <= iteration), None)
-        lr, scale = (at[1], at[2]) if at else (s.lr, s.loss_scale)
+        lr, scale = self._history.at(iteration) or (s.lr, s.loss_scale)
         fields.setdefault("lr", lr)
         fields.setdefault("loss_scale", scale)
         epoch = (iteration - 1) // s.epoch_length + 1 if s.epoch_length else s.epoch
         return build_diagnosis(cause, iteration, epoch=epoch, detected_at=s.iteration, peak_lr=self._peak_lr(),
-                               grad_norm_history=self._grad_history(iteration), **fields)
-
-    def _grad_history(self, upto: int) -> list[dict[str, Any]]:
-        size = len(self._norms)
-        values = self._norms.tolist()
-        entries = [(step[0], values[(self._count - len(self._steps) + i) % size]) for i, step in enumerate(self._steps)]
-        entries = [(it, v) for it, v in entries if it <= upto][-self.history:]
-        return [{"iteration": it, "grad_norm": v if math.isfinite(v) else str(v)} for it, v in entries]
+                               grad_norm_history=self._history.grad_norms(iteration, self.history), **fields)
 
     def _names_of(self, grad_norms: torch.Tensor | None) -> list[str]:
         """The parameters whose entry in ``grad_norms`` is NaN/Inf."""
@@ -475,15 +463,9 @@ class NanGuard:
             return
         if self.events_path is not None:
             append_jsonl(self.events_path, record)
-        where = f"iteration {record['iteration']} (epoch {record['epoch']})"
-        if event == "nan_skip":
-            log.warning("kiln: %s at %s: update skipped (%d so far)", record["what"], where, self.nan_skips)
-        elif event == "rollback":
-            log.warning("kiln: %s at %s: rolled back to iteration %s, LR x%g (peak now %.3g); hint: %s",
-                        record["what"], where, record.get("restored_iteration"), self.lr_scale,
-                        record["peak_lr_after"], record["hint"])
-        elif event == "diverged":
-            log.warning("kiln: %s", summarize_diagnosis(record))
+        line = log_line(record, nan_skips=self.nan_skips, lr_scale=self.lr_scale)
+        if line is not None:
+            log.warning("kiln: %s", line)
 
     def _publish(self, engine: Engine) -> None:
         metrics = engine.state.metrics

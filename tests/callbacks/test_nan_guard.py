@@ -425,7 +425,7 @@ def test_the_values_kept_on_the_device_between_reads_hold_no_autograd_graph(tmp_
     """Kept across steps, a graph would chain every step's to the next: memory grew 1.4 GB in a digits run."""
     run = make_run(tmp_path, policy, epochs=1)
     start(run)
-    kept = [run.guard._first["values"], run.guard._loss_sum, run.guard._grad_total, run.guard._norms]
+    kept = [run.guard._first["values"], run.guard._loss_sum, run.guard._grad_total, run.guard._history._norms]
     assert not any(t.requires_grad for t in kept)
 
 
