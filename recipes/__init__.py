@@ -18,10 +18,12 @@ __all__ = ["RECIPES", "get_recipe"]
 @functools.cache
 def _registry() -> dict[str, "Config"]:
     """Every named recipe, by name (built once). A plain dict: grep it, no registration side effects."""
-    from recipes import cifar10, digits, imagefolder, synthetic
+    from recipes import cifar10, digits, fashion_mnist, imagefolder, mnist, synthetic
 
     return {
         "digits": digits.CONFIG,
+        "fashion-mnist": fashion_mnist.CONFIG,
+        "mnist": mnist.CONFIG,
         "synthetic": synthetic.CONFIG,
         "cifar10": cifar10.CONFIG,
         "imagefolder": imagefolder.CONFIG,

@@ -32,7 +32,7 @@ def _check(condition: bool, message: str) -> None:
 
 
 #: The data sets a recipe can train on.
-DATASETS = ("digits", "synthetic", "cifar10", "imagefolder")
+DATASETS = ("digits", "synthetic", "cifar10", "imagefolder", "fashion-mnist", "mnist")
 
 
 #: The models kiln defines itself (``recipes.models``); any torchvision classification model works too.
@@ -69,9 +69,9 @@ def _check_model_name(name: str) -> None:
 class DataConfig:
     """Which data, how it is split and batched."""
 
-    dataset: str = "digits"  #: digits | synthetic | cifar10 | imagefolder
+    dataset: str = "digits"  #: digits | synthetic | cifar10 | imagefolder | fashion-mnist | mnist
     batch_size: int = 64  #: images per optimizer step per micro-batch (per process)
-    val_fraction: float = 0.2  #: share of the data held out for validation (seeded split)
+    val_fraction: float = 0.2  #: share of the training data held out for validation (seeded); 0: the data set's own test split
     image_size: int = 32  #: images are resized to image_size x image_size
     augment: str = "none"  #: none | crop | crop+flip (batched, seeded by position)
     samples: int = 1024  #: synthetic only: how many images
@@ -83,7 +83,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, f"data.dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, not {self.batch_size}")
-        _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), not {self.val_fraction}")
+        _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), not {self.val_fraction}")
         _check(self.image_size >= 8, f"data.image_size must be >= 8, not {self.image_size}")
         _check(self.augment in ("none", "crop", "crop+flip"), f"data.augment must be none, crop or crop+flip, not {self.augment!r}")
         _check(self.samples >= 2, f"data.samples must be >= 2, not {self.samples}")

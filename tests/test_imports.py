@@ -27,7 +27,7 @@ WINGS: list[tuple[str, tuple[str, ...]]] = [
     ("run", ("recipes.run.*",)),
     ("data, models", ("recipes.data.*", "recipes.models")),
     ("recipe registry", ("recipes", "recipes.digits", "recipes.cifar10", "recipes.synthetic", "recipes.imagefolder",
-                         "recipes.recipe_files")),
+                         "recipes.fashion_mnist", "recipes.mnist", "recipes.recipe_files")),
     ("config", ("recipes.config",)),
     ("callbacks", ("callbacks.*",)),
     ("engine", ("engine.*",)),

@@ -1,7 +1,7 @@
 """Data sets for the recipes: one :func:`load` for every data set, and the batching they share.
 
-Add a data set here: a module that turns a config into a :class:`Data` (see ``memory.py`` and
-``disk.py``), a name in ``recipes.config.DATASETS``, and a line in :data:`LOADERS`.
+Add a data set here: a module that turns a config into a :class:`Data` (see ``memory.py``,
+``disk.py`` and ``idx.py``), a name in ``recipes.config.DATASETS``, and a line in :data:`LOADERS`.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from recipes.data.base import Data, DataError, num_samples
 from recipes.data.batches import (EpochBatchSampler, LoaderBatches, TensorBatches, augment_batch, mix_seed,
                                   random_crop_flip, split_indices)
 from recipes.data.disk import cifar10_data, imagefolder_data
+from recipes.data.idx import idx_data
 from recipes.data.memory import digits_tensors, in_memory_data, synthetic_tensors
 
 __all__ = [
@@ -27,6 +28,8 @@ LOADERS: dict[str, Callable[[Config, torch.device], Data]] = {
     "synthetic": in_memory_data,
     "cifar10": cifar10_data,
     "imagefolder": imagefolder_data,
+    "fashion-mnist": idx_data,
+    "mnist": idx_data,
 }
 
 

@@ -88,8 +88,10 @@ class TensorBatches:
     """Batches of in-memory tensors, sliced by index: no per-sample Python, no collate, no workers.
 
     The order comes from an :class:`EpochBatchSampler` (a function of seed and epoch; an epoch can
-    start at any batch). ``augment(x, generator)`` runs on whole batches with a generator seeded by
-    (seed, epoch, batch), so augmentation does not depend on where a run was resumed.
+    start at any batch). ``prepare(x)`` turns every batch into what the model takes (e.g. uint8
+    images into normalised floats, on the device: the data set stays small in memory);
+    ``augment(x, generator)`` then runs on whole training batches with a generator seeded by (seed,
+    epoch, batch), so augmentation does not depend on where a run was resumed.
 
     Args:
         x: inputs, ``(N, ...)``; put them on the GPU to train there without copies.
@@ -100,10 +102,12 @@ class TensorBatches:
         drop_last: drop a last, smaller batch.
         augment: an optional batched augmentation.
         rank, world_size: the data-parallel shard this process reads.
+        prepare: an optional deterministic transform of every batch, before ``augment``.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, augment: Callable | None = None, rank: int = 0, world_size: int = 1) -> None:
+                 drop_last: bool = False, augment: Callable | None = None, rank: int = 0, world_size: int = 1,
+                 prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         if len(x) != len(y):
             raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
         self.x, self.y = x, y
@@ -111,6 +115,7 @@ class TensorBatches:
                                          rank=rank, world_size=world_size)
         self.seed = seed
         self.augment = augment
+        self.prepare = prepare
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -126,6 +131,8 @@ class TensorBatches:
         for b, idx in self.sampler.index_batches(epoch, start):
             idx = idx.to(self.x.device, non_blocking=True)
             xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            if self.prepare is not None:
+                xb = self.prepare(xb)
             yield (xb, yb) if self.augment is None else (augment_batch(self.augment, xb, self.seed, epoch, b), yb)
 
 

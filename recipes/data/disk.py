@@ -294,6 +294,8 @@ def imagefolder_data(cfg: Config, device: torch.device) -> Data:
     else:
         if len(train_set) < 2:
             raise DataError(f"{train_dir} holds {len(train_set)} image; at least 2 are needed to split off a val set")
+        if d.val_fraction <= 0:
+            raise DataError(f"{d.data_dir} has no val/ folder: data.val_fraction must be > 0 to split one off")
         val_set = train_set
         train_idx, val_idx = (t.tolist() for t in split_indices(len(train_set), d.val_fraction, seed))
     train_tf, eval_tf = imagefolder_transforms(d.image_size, d.augment)

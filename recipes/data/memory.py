@@ -32,6 +32,8 @@ def in_memory_data(cfg: "Config", device: torch.device) -> Data:
         class_names = [f"class{i}" for i in range(d.num_classes)]
     else:  # pragma: no cover - the dispatcher sends only these
         raise DataError(f"{d.dataset!r} is not an in-memory data set")
+    if d.val_fraction <= 0:
+        raise DataError(f"{d.dataset} has no validation split of its own: data.val_fraction must be > 0")
     train_idx, val_idx = split_indices(len(x), d.val_fraction, cfg.train.seed)
     mean, std = x[train_idx].mean(), x[train_idx].std()
     x = (x - mean) / std

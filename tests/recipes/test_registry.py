@@ -15,6 +15,7 @@ from recipes import RECIPES, get_recipe
 from recipes.cli import cli
 from recipes.config import Config, ConfigError, apply_overrides, config_from_dict
 from recipes.run import build
+from tests.recipes.data.test_idx import write_idx_set
 
 NAMES = sorted(RECIPES)
 #: settings that make any recipe tiny: small batches, logging every step, no timed checkpoints
@@ -55,6 +56,8 @@ PREPARE: dict[str, Callable[[Path], dict]] = {
     "synthetic": lambda root: {"data.image_size": 16, "model.channels": "4,8", "data.samples": 64},
     "cifar10": _fake_cifar10,
     "imagefolder": _fake_image_folder,
+    "fashion-mnist": lambda root: {"data.data_dir": str(write_idx_set(root, train=64, test=16)), "model.channels": "4,8"},
+    "mnist": lambda root: {"data.data_dir": str(write_idx_set(root, train=64, test=16)), "model.channels": "4,8"},
 }
 
 def test_the_registry_is_a_plain_dict_of_configs():
