@@ -25,7 +25,7 @@ def test_importing_recipes_loads_neither_torch_nor_ignite_until_a_recipe_is_aske
                   "print(sorted(m for m in ('torch', 'ignite', 'matplotlib') if m in sys.modules))\n"
                   "print(sorted(recipes.RECIPES))\n"
                   "print('torch' in sys.modules, recipes.get_recipe('digits').name)\n").stdout.splitlines()
-    assert out == ["[]", "['cifar10', 'digits', 'imagefolder', 'synthetic']", "True digits"]
+    assert out == ["[]", "['cifar10', 'digits', 'fashion-mnist', 'imagefolder', 'mnist', 'synthetic']", "True digits"]
 
 
 ENTRY = """
