@@ -14,9 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -25,23 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import save_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "kiln recipes": ["recipes"],
     "kiln show digits": ["show", "digits"],
     "kiln train digits --epochs 1": ["train", "digits", "--epochs", "1", "--quiet", "--out", "{out}"],
 }
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or what platform knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(checkout: Path, args: list[str]) -> float:
@@ -83,12 +74,8 @@ def main() -> None:
     print(f"{'command':<32} {'baseline s':>10} {'this s':>8} {'this/baseline':>14}")
     for row in rows:
         print(f"{row['command']:<32} {row['baseline_s']:>10.3f} {row['this_s']:>8.3f} {row['ratio']:>14.3f}")
-    result = {"benchmark": "startup", "cpu": cpu_model(), "cores": os.cpu_count(), "rounds": options.rounds,
-              "baseline": str(checkouts["baseline"]), "rows": rows, "seconds": seconds,
-              "date": time.strftime("%Y-%m-%d %H:%M")}
-    out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-cpu-startup.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_result("startup", {"benchmark": "startup", "rounds": options.rounds, "baseline": str(checkouts["baseline"]),
+                            "rows": rows, "seconds": seconds})
 
 
 if __name__ == "__main__":

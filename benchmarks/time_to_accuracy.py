@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from startup import cpu_model  # noqa: E402
+from machine import save_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,12 +108,8 @@ def main() -> None:
                                     for t in options.thresholds]
         cells += [" ".join(f"{a:.4f}" for a in row["final_accuracy"]), f"{row['wall_s']:.1f}"]
         print("  ".join(f"{c:>14}" for c in cells))
-    result = {"benchmark": "time_to_accuracy", "recipe": "fashion-mnist", "sets": options.sets, "cpu": cpu_model(),
-              "cores": os.cpu_count(), "repeats": options.repeats, "rows": rows, "runs": runs,
-              "date": time.strftime("%Y-%m-%d %H:%M")}
-    path = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-cpu-fashion-mnist.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    save_result("fashion-mnist", {"benchmark": "time_to_accuracy", "recipe": "fashion-mnist", "sets": options.sets,
+                                  "repeats": options.repeats, "rows": rows, "runs": runs})
 
 
 if __name__ == "__main__":
