@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from recipes.cli.options import resolve_config
+from recipes.report import finish_run
 from recipes.run import train
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts" / "report_browser"
@@ -132,6 +133,7 @@ def run_dir(tmp_path_factory):
     cfg = resolve_config("synthetic", ("train.log_every=2",))
     run_dir = tmp_path_factory.mktemp("browser") / "run"
     train(cfg, run_dir, quiet=True, stream=io.StringIO())
+    finish_run(run_dir, io.StringIO())  # plots/ and report.html, as the CLI writes them after a run
     return run_dir
 
 
