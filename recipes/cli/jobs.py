@@ -108,7 +108,7 @@ def final_lines(run: Assembly) -> int:
     figures = f"best val_accuracy {best:.4f}, final {final:.4f}" if best is not None else "no validation"
     click.echo(f"done in {summary.wall_seconds:.1f}s: {figures} ({run.device}, {run.precision.name})")
     early_stop = run.handlers.get("early_stop")
-    if early_stop is not None and early_stop.stopped_epoch is not None and s.iteration < s.max_epochs * s.epoch_length:
+    if run.stopped_early:
         click.echo(f"stopped early after epoch {early_stop.stopped_epoch} of {s.max_epochs}: no val_accuracy gain "
                    f"above {early_stop.min_delta:g} in {early_stop.patience} epoch{'s' if early_stop.patience > 1 else ''}")
     click.echo(f"run directory: {run.run_dir}")

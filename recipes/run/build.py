@@ -59,6 +59,13 @@ class Assembly:
         return idist.get_rank() == 0
 
     @property
+    def stopped_early(self) -> bool:
+        """Whether EarlyStop ended the run before its last epoch: finished by its own rule, not cut short."""
+        early_stop, s = self.handlers.get("early_stop"), self.trainer.state
+        return (early_stop is not None and early_stop.stopped_epoch is not None
+                and s.iteration < s.max_epochs * s.epoch_length)
+
+    @property
     def events_path(self) -> Path:
         """RUN_DIR/events.jsonl."""
         return self.run_dir / "events.jsonl"

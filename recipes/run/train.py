@@ -47,7 +47,7 @@ def execute(run: Assembly) -> Assembly:
     if getattr(s, "diverged", None) is not None:  # NanGuard stopped it, with the last good state restored
         run.status = "diverged"
         summary_extra["diagnosis"] = summarize_diagnosis(s.diverged)
-    elif early_stop is not None and early_stop.stopped_epoch is not None and s.iteration < s.max_epochs * s.epoch_length:
+    elif run.stopped_early:
         run.status = "completed"  # finished by its own rule, not cut short: `kiln resume` has nothing to do
         reason = (f"val_accuracy did not rise by more than {early_stop.min_delta:g} in {early_stop.patience} "
                   f"epoch{'s' if early_stop.patience > 1 else ''}")
