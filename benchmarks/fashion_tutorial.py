@@ -10,9 +10,12 @@ TensorDataset, ``zero_grad``, forward, loss, ``backward``, ``step``, ``OneCycleL
 click is imported. After each epoch it appends ``{"epoch", "val_accuracy", "train_loss"}`` to
 ``--out`` (a JSONL file).
 
+``--bf16`` wraps the forward passes in ``torch.autocast("cpu", torch.bfloat16)``, as the PyTorch AMP
+recipe writes it: the tutorial loop given the precision ``kiln``'s ``auto`` picks on a CPU with AMX.
+
 Usage::
 
-    python benchmarks/fashion_tutorial.py --out FILE [--data-dir /usr/share/datasets/fashion-mnist]
+    python benchmarks/fashion_tutorial.py --out FILE --recipe JSON [--bf16] [--data-dir /usr/share/datasets/fashion-mnist]
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--recipe", type=Path, required=True, help="the recipe's settings as JSON (kiln show)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast around the forward passes")
     options = parser.parse_args()
     r = json.loads(options.recipe.read_text())
     d, o, s, t, m = r["data"], r["optim"], r["schedule"], r["train"], r["model"]
@@ -73,6 +77,7 @@ def main() -> None:
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t["label_smoothing"])
     generator = torch.Generator().manual_seed(t["seed"])
     flip = d["augment"] == "crop+flip"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=options.bf16)
 
     for epoch in range(1, t["epochs"] + 1):
         model.train()
@@ -81,7 +86,8 @@ def main() -> None:
             if d["augment"] != "none":
                 x = batches.random_crop_flip(x, generator, pad=2, flip=flip)
             optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
+            with autocast:
+                loss = loss_fn(model(x), y)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -89,7 +95,7 @@ def main() -> None:
             count += len(y)
         model.eval()
         correct = 0
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             for x, y in test_loader:
                 correct += (model(x).argmax(1) == y).sum().item()
         accuracy = correct / len(test_loader.dataset)

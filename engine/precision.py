@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Precision", "resolve_precision", "resolve_device", "resolve_for_model", "PRECISIONS"]
+__all__ = ["Precision", "resolve_precision", "resolve_device", "resolve_for_model", "cpu_has_amx", "PRECISIONS"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,10 +44,25 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX tiles: matrix units that multiply bf16 natively (Sapphire Rapids on).
+
+    On such a CPU bf16 autocast trains convolutional networks about twice as fast as fp32 (measured on
+    kiln's digits and Fashion-MNIST recipes, same accuracy); on CPUs without it, bf16 is emulated and slower.
+    (``torch.cpu._is_amx_tile_supported`` is private; an older or newer torch without it answers False.)
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # a build without the probe's kernels
+        return False
+
+
 def resolve_precision(precision: str, device: str | torch.device) -> Precision:
     """Turn ``auto | fp32 | bf16 | fp16`` into a concrete :class:`Precision` for ``device``.
 
-    ``auto`` is fp32 on the CPU; on CUDA it is bf16 where the GPU supports it, else fp16 (with a scaler).
+    ``auto`` is the fastest precision that trains as well as fp32: on CUDA, bf16 where the GPU supports it,
+    else fp16 (with a scaler); on the CPU, bf16 where the CPU has AMX (:func:`cpu_has_amx`), else fp32.
 
     Raises:
         ValueError: for an unknown name, or bf16 on a GPU without bf16 support.
@@ -57,7 +72,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> Precision:
     device_type = torch.device(device).type
     if precision == "auto":
         if device_type != "cuda":
-            return Precision("fp32", device_type)
+            return Precision("bf16" if device_type == "cpu" and cpu_has_amx() else "fp32", device_type)
         return Precision("bf16" if torch.cuda.is_bf16_supported() else "fp16", device_type)
     if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU does not support bf16; use --precision fp16")

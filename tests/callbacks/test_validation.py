@@ -19,7 +19,8 @@ from tests.conftest import SINGLE_THREAD_ENV
 def _setup(make_model, every=1):
     model = make_model()
     trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, precision="fp32")
-    evaluator = create_evaluator(model, {"accuracy": Accuracy(), "loss": Loss(torch.nn.CrossEntropyLoss())})
+    evaluator = create_evaluator(model, {"accuracy": Accuracy(), "loss": Loss(torch.nn.CrossEntropyLoss())},
+                                 precision="fp32")  # compared with an fp32 forward below
     return model, trainer, evaluator
 
 

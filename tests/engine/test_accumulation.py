@@ -24,8 +24,8 @@ def test_one_step_over_k_micro_batches_equals_one_step_over_their_union(make_mod
 
     accumulated, single = make_model(), make_model()
     trainer_k = create_trainer(accumulated, torch.optim.SGD(accumulated.parameters(), lr=0.5), F.cross_entropy,
-                               accumulation_steps=k)
-    trainer_1 = create_trainer(single, torch.optim.SGD(single.parameters(), lr=0.5), F.cross_entropy)
+                               accumulation_steps=k, precision="fp32")  # fp32: compared to 1e-5 below
+    trainer_1 = create_trainer(single, torch.optim.SGD(single.parameters(), lr=0.5), F.cross_entropy, precision="fp32")
     grads_k, grads_1 = _grads_at_each_step(trainer_k, accumulated), _grads_at_each_step(trainer_1, single)
     trainer_k.run(micro, max_epochs=1)
     trainer_1.run(union, max_epochs=1)
@@ -43,7 +43,7 @@ def _recipe_trainer(model, data, accumulation_steps, epochs):
     """AdamW, OneCycle per optimizer step and clipping at 1.0: the recipe's step policy on a model without BN."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     trainer = create_trainer(model, optimizer, torch.nn.CrossEntropyLoss(label_smoothing=0.1), seed=0,
-                             accumulation_steps=accumulation_steps)
+                             accumulation_steps=accumulation_steps, precision="fp32")
     total = OneCycle.total_steps_for(epochs, len(data), accumulation_steps)
     OneCycle(optimizer, max_lr=2e-2, total_steps=total).attach(trainer)
     GradClip(model.parameters(), max_norm=1.0).attach(trainer)

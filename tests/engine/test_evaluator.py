@@ -31,7 +31,8 @@ def test_metrics_are_computed_over_every_sample(make_batches):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
     data = make_batches(count=3, batch_size=8, last_size=5)
-    evaluator = create_evaluator(model, {"accuracy": Accuracy(), "loss": Loss(torch.nn.CrossEntropyLoss())})
+    evaluator = create_evaluator(model, {"accuracy": Accuracy(), "loss": Loss(torch.nn.CrossEntropyLoss())},
+                                 precision="fp32")  # compared with an fp32 forward below
 
     metrics = evaluator.run(data).metrics
 

@@ -1,16 +1,31 @@
 """The precision policy: what each name resolves to, and what its autocast does."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from engine import Precision, resolve_device, resolve_precision
+from engine.precision import cpu_has_amx
 
 
-def test_auto_is_fp32_on_the_cpu():
+def _cpuinfo_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo to know the CPU")
+def test_auto_on_the_cpu_is_bf16_with_amx_else_fp32():
+    has_amx = "amx_tile" in _cpuinfo_flags()  # the kernel's view, independent of torch's probe
+    assert cpu_has_amx() is has_amx
     precision = resolve_precision("auto", "cpu")
-    assert precision == Precision("fp32", "cpu")
-    assert precision.dtype == torch.float32 and not precision.needs_scaler
+    assert precision == Precision("bf16" if has_amx else "fp32", "cpu")
+    assert not precision.needs_scaler
 
 
 @pytest.mark.parametrize("name, dtype, needs_scaler", [
