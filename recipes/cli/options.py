@@ -3,16 +3,16 @@ type, and ``--help`` in sections."""
 from __future__ import annotations
 
 import datetime as _dt
-import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import click
 
-from recipes.config import OPTION_KEYS, Config, ConfigError, apply_overrides, config_from_dict
+from recipes.config import OPTION_KEYS, Config, ConfigError, apply_overrides
 from recipes.recipe_files import load_recipe
 
-__all__ = ["parse_sets", "overrides", "resolve_config", "recipe_or_run", "MaxLR", "SectionedCommand", "set_option"]
+__all__ = ["MaxLR", "SectionedCommand", "overrides", "parse_sets", "recipe_or_run", "resolve_config", "set_option"]
 
 
 def parse_sets(pairs: Sequence[str]) -> dict[str, str]:
@@ -52,11 +52,17 @@ def resolve_config(recipe: str, sets: Sequence[str] = (), **options: Any) -> Con
 
 def recipe_or_run(recipe: str, sets: Sequence[str], kind: str, **options: Any) -> tuple[Config, Path]:
     """RECIPE's config (or the config.json of the run directory RECIPE) and where a tool's outputs go by
-    default: the run directory itself, or ``runs/RECIPE-KIND-TIMESTAMP``."""
+    default: the run directory itself, or ``runs/RECIPE-KIND-TIMESTAMP``.
+
+    Raises:
+        ConfigError: an unknown recipe, a bad override, or a run directory whose config.json cannot be read.
+    """
     source = Path(recipe)
     if (source / "config.json").is_file():
-        base = config_from_dict(json.loads((source / "config.json").read_text()))
-        return apply_overrides(base, overrides(sets, options)), source
+        # imported here: recipes.run loads torch, and `kiln --help` should not
+        from recipes.run.records import run_config
+
+        return apply_overrides(run_config(source), overrides(sets, options)), source
     cfg = resolve_config(recipe, sets, **options)
     return cfg, Path("runs") / f"{cfg.name}-{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 

@@ -1,6 +1,8 @@
 """Reading a run directory: config.json, metrics.jsonl, steps.jsonl, events.jsonl, summary.json, lr_find.json.
 
-Unreadable lines (a crash mid-write) are skipped, so a report can be drawn for any run, finished or not.
+A torn last line (a crash mid-append) and any other line that does not parse are skipped, so a report
+can be drawn for any run, finished, stopped or crashed. A config.json that does not parse is an error:
+kiln wrote it whole (atomically), so it was edited.
 """
 from __future__ import annotations
 
@@ -9,18 +11,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from callbacks._files import os_error_line
 from recipes.config import ConfigError, config_from_dict
+from recipes.run.records import read_config_json
 from recipes.tools.schedule import schedule_series
 
 __all__ = ["RunData", "load_run", "to_number"]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a .jsonl file; unreadable lines (a crash mid-write) are skipped."""
-    if not path.exists():
+    """The JSON objects of a .jsonl file; a torn last line (a crash mid-append) and other lines that do not
+    parse are skipped.
+
+    Raises:
+        ConfigError: the file exists but cannot be read (the OS's reason and the path).
+    """
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
         return []
+    except OSError as e:
+        raise ConfigError(os_error_line(e, path)) from None
     records = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line:
             continue
@@ -109,7 +122,8 @@ def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory's records.
 
     Raises:
-        ConfigError: the directory is missing, or holds neither metrics.jsonl nor steps.jsonl.
+        ConfigError: the directory is missing, holds neither metrics.jsonl nor steps.jsonl, has a
+            config.json that is not valid JSON, or a record that cannot be read.
     """
     run_dir = Path(run_dir)
     if not run_dir.exists():
@@ -121,7 +135,7 @@ def load_run(run_dir: str | Path) -> RunData:
     if not metrics and not steps:
         raise ConfigError(f"{run_dir} holds no metrics (metrics.jsonl, steps.jsonl): not a kiln run directory, "
                           "or the run stopped before it logged anything")
-    config = _read_json(run_dir / "config.json") or {}
+    config = read_config_json(run_dir) or {}
     events = _read_jsonl(run_dir / "events.jsonl")
     lr_find = _read_json(run_dir / "lr_find.json")
     if lr_find is None:

@@ -5,15 +5,25 @@ Saving them is ``callbacks.Checkpointer``'s job; :class:`RunMeta` is the ``kiln`
 from __future__ import annotations
 
 import pickle
+import stat
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from recipes.config import Config, ConfigError, config_from_dict, config_to_dict
+from callbacks._files import os_error_line
+from recipes.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+)
 
-__all__ = ["RunMeta", "load_checkpoint", "run_changing_differences", "CHECKPOINT_FORMAT", "find_last_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "RunMeta", "find_last_checkpoint", "load_checkpoint", "run_changing_differences",
+           "with_run_precision"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -47,24 +57,26 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     Returns the checkpoint dict and its config.
 
     Raises:
-        ConfigError: one line saying what is wrong: missing, not a file, truncated or corrupt,
+        ConfigError: one line saying what is wrong: missing, not a file, unreadable (the OS's reason:
+            ``permission denied: PATH``), opened but truncated or corrupt,
             holding pickled objects (refused unexecuted), not a kiln checkpoint, or (``resumable``)
             a weights-only checkpoint that cannot continue a run.
     """
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"no checkpoint at {path}")
-    if not path.is_file():
-        raise ConfigError(f"{path} is not a file")
+    _check_readable(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        if e.errno is None:  # torch's own reader raises errno-less OSErrors on bad bytes
+            raise ConfigError(f"{path} is truncated or corrupt: {e}") from None
+        raise ConfigError(os_error_line(e, path)) from None
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise ConfigError(f"{path} holds pickled Python objects; refused without running them "
                               "(kiln checkpoints hold only tensors, numbers and strings)") from None
         raise ConfigError(f"{path} is corrupt ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path} is truncated or corrupt: {reason}") from None
     except Exception as e:  # noqa: BLE001 - arbitrary bytes make the unpickler fail in any way (IndexError, KeyError...)
@@ -83,6 +95,24 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     return checkpoint, cfg
 
 
+def _check_readable(path: Path) -> None:
+    """One line when ``path`` is not a file this process can open: missing, not a file, or the OS's
+    reason (``permission denied: PATH``), so that only a file that opens and does not parse is "corrupt"."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(f"no checkpoint at {path}") from None
+    except OSError as e:
+        raise ConfigError(os_error_line(e, path)) from None
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{path} is not a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(os_error_line(e, path)) from None
+
+
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -99,6 +129,21 @@ def run_changing_differences(saved: Config, requested: Config) -> list[str]:
     a, b = _flatten(config_to_dict(saved)), _flatten(config_to_dict(requested))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in RUN_NEUTRAL_KEYS and not k.startswith("guard.")]
+
+
+def with_run_precision(cfg: Config, checkpoint: Mapping[str, Any]) -> Config:
+    """``cfg`` with ``train.precision: auto`` pinned to the precision the checkpointed run trained in.
+
+    ``auto`` depends on the machine (bf16 on a CPU with AMX, fp32 on one without), so a run resumed or
+    evaluated elsewhere would otherwise switch precision halfway. Checkpoints record the resolved name;
+    older ones, from before ``auto`` could mean bf16 on a CPU, trained in fp32 there.
+    """
+    if cfg.train.precision != "auto":
+        return cfg
+    recorded = (checkpoint.get("kiln") or {}).get("precision")
+    if recorded is None and str(cfg.train.device) in ("auto", "cpu") and not torch.cuda.is_available():
+        recorded = "fp32"
+    return apply_overrides(cfg, {"train.precision": recorded}) if recorded else cfg
 
 
 def find_last_checkpoint(run_dir: str | Path) -> Path:

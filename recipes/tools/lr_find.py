@@ -34,6 +34,7 @@ from engine import Precision, create_trainer
 from engine.precision import resolve_for_model
 from recipes.config import Config, ConfigError, with_max_lr
 from recipes.run.parts import training_parts
+from recipes.run.records import read_config_json
 
 __all__ = [
     "LRFindResult", "lr_range_test", "find_lr", "suggest_max_lr", "apply_suggestion", "choose_max_lr",
@@ -292,11 +293,10 @@ def record_in_run(run: Any, result: LRFindResult) -> None:
     summary = {"max_lr": "auto", "chosen_max_lr": run.config.schedule.max_lr,
                "chosen_lr": run.config.optim.lr, **result.summary()}
     append_jsonl(run_dir / "events.jsonl", {"event": "lr_find", "iteration": 0, "time": time.time(), **summary})
-    config_path = run_dir / "config.json"
-    if config_path.exists():
-        config = json.loads(config_path.read_text())
+    config = read_config_json(run_dir)
+    if config is not None:
         config["lr_find"] = summary
-        write_json_atomic(config_path, config)
+        write_json_atomic(run_dir / "config.json", config)
     tensorboard = getattr(run, "handlers", {}).get("tensorboard")
     if tensorboard is not None and hasattr(tensorboard, "log_lr_find"):
         tensorboard.log_lr_find(result.lrs, result.losses, result.smoothed, result.suggestion)

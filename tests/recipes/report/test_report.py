@@ -5,6 +5,8 @@ import base64
 import io
 import json
 import shutil
+import subprocess
+import sys
 from html.parser import HTMLParser
 
 import pytest
@@ -109,6 +111,22 @@ def test_report_recomputes_from_the_records_and_reads_events_tolerantly(run_dir,
     text = (copy / "report.html").read_text()
     assert "<td>interrupted</td>" in text and "signal=SIGTERM" in text
     assert "something_new" in text and "&lt;b&gt;escaped&lt;/b&gt;" in text and "<b>escaped</b>" not in text
+
+
+def test_kiln_report_skips_a_torn_last_line_of_metrics_and_steps(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for name in ("metrics.jsonl", "steps.jsonl"):  # a crash mid-append: the last line cut in half
+        data = (copy / name).read_bytes()
+        start = data.rstrip(b"\n").rfind(b"\n") + 1
+        (copy / name).write_bytes(data[: start + (len(data) - start) // 2])
+    done = subprocess.run([sys.executable, "-m", "recipes.cli", "report", str(copy)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    whole, torn = load_run(run_dir), load_run(copy)
+    assert torn.metrics == whole.metrics[:-1] and torn.steps == whole.steps[:-1]
+    assert {p.name for p in (copy / "plots").iterdir()} == {p.name for p in (run_dir / "plots").iterdir()}
+    assert f"report: {copy / 'report.html'}" in done.stdout
 
 
 @pytest.mark.parametrize("make, message", [

@@ -1,8 +1,10 @@
 """Loading checkpoints safely: pickled code never runs; corrupt, foreign and missing inputs get one line, exit 2."""
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +109,31 @@ def test_eval_prints_loss_and_accuracy_of_last_and_best(finished_run):
         figures = result.stdout.splitlines()[-1].split()
         assert figures[0] == "loss" and figures[2] == "accuracy"
         assert float(figures[3]) == pytest.approx(summary["final_val_accuracy"], abs=5e-5)
+
+
+def _cannot_bypass_file_modes() -> None:
+    """preexec_fn: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the capability bounding set, so that the
+    kiln started next, though root, is refused a file as any other user would be. (Running it as user 65534
+    does not work where the interpreter lives under a 0700 /root.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_a_checkpoint_that_cannot_be_read_says_permission_denied_not_corrupt(tmp_path, finished_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    preexec = None
+    if os.geteuid() == 0:  # a teammate's 0600 checkpoint
+        os.chown(last, 65534, 65534)
+        preexec = _cannot_bypass_file_modes
+    os.chmod(last, 0o600 if preexec else 0o000)
+    try:
+        result = subprocess.run([*KILN, "resume", str(run_dir)], cwd=REPO, capture_output=True, text=True,
+                                timeout=300, preexec_fn=preexec, check=False)
+    except subprocess.SubprocessError as e:
+        pytest.skip(f"cannot drop the capabilities that let root read any file: {e}")
+    assert_one_line_error(result, f"permission denied: {last}")
+    assert "corrupt" not in result.stderr
