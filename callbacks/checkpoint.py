@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO
 
 import ignite.distributed as idist
 import torch
@@ -17,7 +18,7 @@ from callbacks._files import append_jsonl, write_atomic
 from engine.events import EpochEvents, ensure_epoch_events
 from engine.step import is_epoch_end
 
-__all__ = ["Checkpointer", "AtomicDiskSaver", "NonFiniteCheckpointError"]
+__all__ = ["AtomicDiskSaver", "Checkpointer", "NonFiniteCheckpointError"]
 
 log = logging.getLogger("kiln")
 
@@ -42,6 +43,21 @@ def _first_non_finite(tree: Any, path: str = "") -> str | None:
         if found:
             return found
     return None
+
+
+def _save_to(checkpoint: Mapping, f: BinaryIO) -> None:
+    """``torch.save`` into ``f``, failing with the OSError itself when writing fails.
+
+    torch reports a failed write (a full disk) as ``RuntimeError: ... unexpected pos N vs M`` raised
+    while handling the OSError; the OSError is the cause a person can act on. (Saving into a buffer
+    first would raise it plainly, but costs a copy of the checkpoint in memory and ~1.5x the time.)
+    """
+    try:
+        torch.save(checkpoint, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
 
 
 class AtomicDiskSaver(BaseSaveHandler):
@@ -73,7 +89,7 @@ class AtomicDiskSaver(BaseSaveHandler):
         if idist.get_rank() != self.save_on_rank:  # every rank builds the same state; one writes it
             self._pending_removals = []
             return
-        write_atomic(self.dirname / filename, lambda f: torch.save(checkpoint, f))
+        write_atomic(self.dirname / filename, lambda f: _save_to(checkpoint, f))
         for old in self._pending_removals:
             if old != filename:
                 (self.dirname / old).unlink(missing_ok=True)
@@ -93,13 +109,16 @@ class Checkpointer:
     EpochEvents.EPOCH_RECORDED, after the epoch's records), every ``every_iterations`` iterations
     and every ``every_minutes`` minutes (on ITERATION_COMPLETED, never on an epoch's last iteration),
     and when the run ends or is stopped (COMPLETED; unless it stopped between an epoch's last
-    iteration and that epoch's records, where the older last.pt is kept so a resume replays it). The best ``keep_best`` checkpoints by
-    ``state.metrics[score_name]`` hold ``best_to_save`` and are rotated after each validation.
-    Every write is atomic (:class:`AtomicDiskSaver`); a state with NaN/Inf is never written.
+    iteration and that epoch's records, where the older last.pt is kept so a resume replays it; a run
+    NanGuard stopped as diverged always writes it, with the sound state NanGuard restored). The best
+    ``keep_best`` checkpoints by ``state.metrics[score_name]`` hold ``best_to_save`` and are rotated
+    after each validation. Every write is atomic (:class:`AtomicDiskSaver`); a state with NaN/Inf is
+    never written; a failed write (a full disk) raises the OSError naming the file, and the previous
+    file stays as it was.
 
     Events: ITERATION_COMPLETED, EpochEvents.EPOCH_RECORDED, COMPLETED. Reads ``state.iteration``,
-    ``state.epoch_length``, ``state.metrics``. Writes files, and a "checkpoint" line per save to
-    ``events_path``. State: which best files exist (``state_dict``), kept across resume.
+    ``state.epoch_length``, ``state.metrics``, ``state.diverged`` (NanGuard's). Writes files, and a
+    "checkpoint" line per save to ``events_path``. State: which best files exist (``state_dict``), kept across resume.
 
     Args:
         dirname: the checkpoint folder (``RUN_DIR/checkpoints``).
@@ -160,7 +179,8 @@ class Checkpointer:
     def _on_completed(self, engine: Engine) -> None:
         s = engine.state
         stopped_early = bool(s.max_epochs and s.epoch_length) and s.iteration < s.max_epochs * s.epoch_length
-        if stopped_early and is_epoch_end(s) and self._recorded_iteration != s.iteration:
+        diverged = getattr(s, "diverged", None) is not None  # NanGuard restored the last sound state: keep that
+        if stopped_early and is_epoch_end(s) and self._recorded_iteration != s.iteration and not diverged:
             # stopped after an epoch's last iteration but before its validation and records: keep the
             # older last.pt, so a resume replays that iteration and writes the epoch's records
             return

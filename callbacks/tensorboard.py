@@ -1,8 +1,11 @@
 """TensorBoard: scalar logging to tensorboardX event files through ignite's TensorboardLogger."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
@@ -64,7 +67,7 @@ class TensorBoard:
         return [
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.log_step),
             engine.add_event_handler(EpochEvents.VALIDATION_COMPLETED, self.log_epoch),
-            engine.add_event_handler(Events.COMPLETED, lambda _: self.logger.writer.flush()),
+            engine.add_event_handler(Events.COMPLETED, lambda _: self._flush()),
         ]
 
     def log_step(self, engine: Engine) -> None:
@@ -74,7 +77,7 @@ class TensorBoard:
             if record.get(key) is not None:
                 self.logger.writer.add_scalar(f"train/{key}", float(record[key]), engine.state.iteration)
         # to the OS now, not in 2 minutes: a killed run must keep every point up to its checkpoint
-        self.logger.writer.flush()
+        self._flush()
 
     def log_epoch(self, engine: Engine) -> None:
         """Write the epoch's figures (train loss, val metrics, throughput, lr)."""
@@ -88,7 +91,7 @@ class TensorBoard:
                 if key == "val_accuracy":
                     best = self._final.get("hparam/best_val_accuracy", float("-inf"))
                     self._final["hparam/best_val_accuracy"] = max(best, float(value))
-        self.logger.writer.flush()
+        self._flush()
 
     def log_lr_find(self, lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float) -> None:
         """Write an LR range test's curve (raw and smoothed loss and the LR per test iteration, and the
@@ -104,10 +107,90 @@ class TensorBoard:
             writer.add_scalar("lr_find/suggested_max_lr", float(suggestion), 0)
 
     def close(self) -> None:
-        """Write the hparams session (if ``hparams`` was given), then flush and close the event files."""
+        """Write the hparams session (if ``hparams`` was given), then flush and close the event files.
+
+        Raises:
+            OSError: the event files could not be written (a full or read-only disk), naming ``log_dir``;
+                the writers are shut down all the same (see :meth:`_flush`).
+        """
         if self._closed:
             return
         self._closed = True
-        if self.hparams is not None:
-            self.logger.writer.add_hparams(self.hparams, dict(self._final), name="hparams")
-        self.logger.close()
+        with _shut_down_on_os_error(self.logger.writer, self.log_dir):
+            if self.hparams is not None:
+                self._write_hparams()
+            self.logger.close()
+
+    def _flush(self) -> None:
+        """Flush the event files now. tensorboardX writes them from a thread of its own and raises a
+        failed write (ENOSPC) here, in the caller's thread; the writer is then shut down (nothing more is
+        written, and no traceback comes later from its thread or its exit hook) and the OSError names
+        ``log_dir``."""
+        try:
+            with _shut_down_on_os_error(self.logger.writer, self.log_dir):
+                self.logger.writer.flush()
+        except OSError:
+            self._closed = True  # nothing more is written, not even by close()
+            raise
+
+    def _write_hparams(self) -> None:
+        """The hparams session in ``log_dir/hparams``: what tensorboardX's ``add_hparams`` writes, through a
+        writer of our own so that a failed write can shut it down too."""
+        from tensorboardX import SummaryWriter
+        from tensorboardX.summary import hparams as hparams_summaries
+
+        writer = SummaryWriter(logdir=str(self.log_dir / "hparams"))
+        with _shut_down_on_os_error(writer, self.log_dir / "hparams"):
+            for summary in hparams_summaries(self.hparams, dict(self._final)):
+                writer.file_writer.add_summary(summary)
+            for key, value in self._final.items():
+                writer.add_scalar(key, value)
+            writer.close()
+
+
+@contextlib.contextmanager
+def _shut_down_on_os_error(writer: Any, log_dir: Path) -> Iterator[None]:
+    """On an OSError inside: shut ``writer`` (a tensorboardX SummaryWriter) down and re-raise it naming ``log_dir``.
+
+    A failed write leaves events in tensorboardX's buffers that every later flush, its thread and its
+    exit hook would try (and fail) to write again, each with a traceback: each event file's record
+    writer is swapped for one that writes nothing, its thread is stopped, and the real file is closed.
+    """
+    try:
+        yield
+    except OSError as e:
+        for file_writer in list((getattr(writer, "all_writers", None) or {}).values()):
+            _discard_events(file_writer)
+        if e.filename is None:
+            e.filename = str(log_dir)
+        raise
+
+
+def _discard_events(file_writer: Any) -> None:
+    """Make one tensorboardX FileWriter write nothing more, stop its thread and close its file."""
+    events_writer = getattr(getattr(file_writer, "event_writer", None), "_ev_writer", None)
+    records = getattr(events_writer, "_py_recordio_writer", None)
+    if records is None:  # another tensorboardX layout: leave it as it is
+        return
+    events_writer._py_recordio_writer = _NoRecords()
+    event_file_writer = file_writer.event_writer
+    worker = getattr(event_file_writer, "_worker", None)
+    if worker is not None and worker.is_alive():
+        event_file_writer.close()  # stops its thread (its flushes write nothing now)
+    else:  # its thread died of the failed write: nothing to stop, and its exit hook must not wait for it
+        event_file_writer._closed = True
+    with contextlib.suppress(OSError):  # its buffered events cannot be written; the file is closed all the same
+        records.close()
+
+
+class _NoRecords:
+    """A tensorboardX record writer that writes nothing (see :func:`_discard_events`)."""
+
+    def write(self, data: bytes) -> None:
+        """Drop ``data``."""
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+    def close(self) -> None:
+        """Nothing to close."""

@@ -5,23 +5,35 @@ commands that need them, so ``kiln recipes`` or ``kiln --help`` never loads them
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import yaml
 
+from callbacks._files import os_error_line
 from callbacks.nan_guard import POLICIES
 from engine.precision import PRECISIONS
 from recipes import RECIPES
 from recipes.cli.allocator import tune_malloc
-from recipes.cli.options import (MaxLR, SectionedCommand, overrides, recipe_or_run, resolve_config, set_option)
+from recipes.cli.options import (
+    MaxLR,
+    SectionedCommand,
+    overrides,
+    recipe_or_run,
+    resolve_config,
+    set_option,
+)
 from recipes.config import ConfigError, config_to_dict
 from recipes.data import DataError
 
-__all__ = ["cli", "main", "TRAIN_SECTIONS"]
+__all__ = ["TRAIN_SECTIONS", "cli", "main"]
 
 #: ``kiln train --help``, in sections that each fit a screen.
 TRAIN_SECTIONS = {
@@ -77,7 +89,7 @@ def show(recipe: str, sets: tuple[str, ...]) -> None:
 @click.option("--weight-decay", type=float, help="AdamW decoupled weight decay.")
 @click.option("--label-smoothing", type=float, help="Cross-entropy label smoothing, in [0, 1).")
 @click.option("--clip-norm", type=float, help="Clip the total gradient norm to this (0: measure only).")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Autocast precision.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Autocast precision (auto: bf16 on a GPU or a CPU with AMX, else fp32 on the CPU).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, help="Seed of the split, init, batch order and per-step randomness.")
 @click.option("--data-dir", type=click.Path(), help="Where the data set lives (cifar10: the folder holding "
@@ -110,7 +122,8 @@ def show(recipe: str, sets: tuple[str, ...]) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar and no epoch lines; only the final lines.")
 @click.option("--resume", "resume_from", type=click.Path(dir_okay=False),
               help="Continue the run of this last.pt (in its run directory) with this config.")
-@click.option("--force", is_flag=True, help="With --resume: continue even if the config changes the run.")
+@click.option("--force", is_flag=True, help="With --resume: continue even if the config changes the run. With "
+              "--out: start over a run there that stopped before its first checkpoint.")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes to spawn on this machine (ignite.distributed). --batch-size is per "
               "process: the global batch is N times larger, and the LR is not rescaled.")
@@ -125,11 +138,12 @@ def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, fo
     Example:  kiln train digits --epochs 5 --max-lr 0.02 --out runs/d5
     Stop it with Ctrl-C or SIGTERM: it saves, and `kiln resume RUN_DIR` continues it.
     Exit status: 0 done, 2 bad input, 3 diverged (NaN/Inf or an exploding loss --on-nan could not fix),
-    130 Ctrl-C.
+    1 an OS error during the run (one line: a full or read-only disk, and the file), 130 Ctrl-C.
     Several processes: --nproc-per-node N here, or under torchrun (see the README).
     """
     from recipes.cli import jobs
-    from recipes.run import make_run_dir, plan_resume
+    from recipes.run import RunLock, make_run_dir, plan_resume, run_dir_of
+    from recipes.run.lock import discarded_on_failure
 
     auto_max_lr = options.get("max_lr") == "auto"
     if auto_max_lr:
@@ -143,15 +157,19 @@ def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, fo
             raise ConfigError("--resume continues in the checkpoint's own run directory; drop --out")
         if auto_max_lr:
             raise ConfigError("--max-lr auto chooses the LR of a new run; it cannot be used with --resume")
+        if jobs.is_rank_zero():  # one process continues a run: the lock first, before anything is read
+            RunLock.take(run_dir_of(resume_from), create=False)
         plan_resume(resume_from, requested=cfg, force=force, world_size=world_size)
         job = functools.partial(jobs.resume_job, resume_from, dict(requested=cfg, force=force, quiet=quiet))
         jobs.run_job(job, nproc_per_node, backend, Path(resume_from).parent.parent)
         return
-    run_dir = make_run_dir(cfg, out)
+    run_dir = make_run_dir(cfg, out, force=force, writes=jobs.is_rank_zero())  # locked, before any data loads
     if not quiet and jobs.is_rank_zero():
         parallel = f" in {world_size} processes (global batch {cfg.data.batch_size * world_size})" if world_size > 1 else ""
         click.echo(f"kiln: training {cfg.name} for {cfg.train.epochs} epochs{parallel} into {run_dir}")
-    jobs.run_job(functools.partial(jobs.train_job, cfg, run_dir, quiet, auto_max_lr), nproc_per_node, backend, run_dir)
+    with discarded_on_failure(run_dir):  # bad data or options found later leave no run directory behind
+        jobs.run_job(functools.partial(jobs.train_job, cfg, run_dir, quiet, auto_max_lr), nproc_per_node, backend,
+                     run_dir)
 
 
 @cli.command()
@@ -170,8 +188,10 @@ def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, np
     Example:  kiln resume runs/d5
     """
     from recipes.cli import jobs
-    from recipes.run import plan_resume
+    from recipes.run import RunLock, plan_resume, run_dir_of
 
+    if jobs.is_rank_zero():  # one process continues a run: the lock first, before anything is read
+        RunLock.take(run_dir_of(run_dir), create=False)
     plan = plan_resume(run_dir, epochs=epochs, new_schedule=new_schedule, world_size=jobs.world_size(nproc_per_node))
     if plan.finished:
         click.echo(f"{run_dir} has already finished ({plan.iteration // plan.epoch_length} of {plan.saved.train.epochs} "
@@ -187,7 +207,8 @@ def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, np
 @click.argument("checkpoint", type=click.Path())
 @click.option("--device", help="auto, cpu, cuda or cuda:N (default: the recipe's).")
 @click.option("--batch-size", type=int, help="Images per evaluation batch.")
-@click.option("--data-dir", type=click.Path(), help="Evaluate on the data set here instead of the recipe's.")
+@click.option("--data-dir", type=click.Path(), help="Evaluate the data set here instead: its test files, or an "
+              "image folder's val/ (else all its images). Not for digits or synthetic.")
 @click.option("--tta", is_flag=True, help="Test-time augmentation: average the logits of each image and its mirror.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for confusion_matrix.png (default: the checkpoint's run directory).")
@@ -202,13 +223,24 @@ def eval_(checkpoint: str, device: str | None, batch_size: int | None, data_dir:
     Example:  kiln eval runs/d5/checkpoints/last.pt --tta
     """
     from recipes.report.plots import plot_confusion_matrix
-    from recipes.run.evaluate import eval_output_dir, evaluate_checkpoint, format_evaluation
+    from recipes.run.evaluate import (
+        eval_output_dir,
+        evaluate_checkpoint,
+        format_evaluation,
+    )
 
-    result = evaluate_checkpoint(checkpoint, device=device, batch_size=batch_size, data_dir=data_dir, tta=tta)
-    title = f"{result['recipe']}: confusion matrix ({result['samples']} images{', flip TTA' if tta else ''})"
-    png = plot_confusion_matrix(result["confusion_matrix"], result["class_names"],
-                                Path(out or eval_output_dir(checkpoint)) / "confusion_matrix.png", title=title)
-    click.echo(format_evaluation({**result, "confusion_matrix_png": str(png)}, checkpoint))
+    with _output_folder(Path(out) if out is not None else None) as folder:
+        result = evaluate_checkpoint(checkpoint, device=device, batch_size=batch_size, data_dir=data_dir, tta=tta)
+        if folder is None:  # the default place: the checkpoint's run directory, which may be someone else's
+            folder = _writable_or_none(eval_output_dir(checkpoint))
+        title = f"{result['recipe']}: confusion matrix ({result['samples']} images{', flip TTA' if tta else ''})"
+        png = None
+        try:  # the figures are printed even if the picture cannot be written (a full disk): then one line, exit 1
+            if folder is not None:
+                png = plot_confusion_matrix(result["confusion_matrix"], result["class_names"],
+                                            folder / "confusion_matrix.png", title=title)
+        finally:
+            click.echo(format_evaluation({**result, "confusion_matrix_png": str(png) if png else None}, checkpoint))
 
 
 @cli.command("lr-find")
@@ -236,11 +268,11 @@ def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, divide_b
     from recipes.tools.lr_find import find_lr, format_result, save_lr_find
 
     cfg, default_out = recipe_or_run(recipe, sets, "lr-find")
-    result = find_lr(cfg, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, divide_by=divide_by)
-    out_dir = Path(out) if out else default_out
-    json_path = save_lr_find(result, out_dir)
-    png_path = plot_lr_find(result, out_dir / "lr_find.png", title=f"{cfg.name}: LR range test")
-    click.echo(format_result(result, cfg.name))
+    with _output_folder(Path(out) if out else default_out) as out_dir:
+        result = find_lr(cfg, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, divide_by=divide_by)
+        click.echo(format_result(result, cfg.name))  # before writing: a full disk loses no result
+        json_path = save_lr_find(result, out_dir)
+        png_path = plot_lr_find(result, out_dir / "lr_find.png", title=f"{cfg.name}: LR range test")
     click.echo(f"wrote {png_path} and {json_path}")
 
 
@@ -263,11 +295,11 @@ def schedule(recipe: str, out: str | None, sets: tuple[str, ...], **options: obj
     from recipes.tools.schedule import format_schedule, save_schedule, schedule_series
 
     cfg, default_out = recipe_or_run(recipe, sets, "schedule", **options)
-    series = schedule_series(cfg)
-    out_dir = Path(out) if out else default_out
-    json_path = save_schedule(series, out_dir)
-    png_path = plot_schedule(series, out_dir / "schedule.png")
-    click.echo(format_schedule(series))
+    with _output_folder(Path(out) if out else default_out) as out_dir:
+        series = schedule_series(cfg)
+        click.echo(format_schedule(series))
+        json_path = save_schedule(series, out_dir)
+        png_path = plot_schedule(series, out_dir / "schedule.png")
     click.echo(f"wrote {png_path} and {json_path}")
 
 
@@ -304,7 +336,12 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
     import optuna
 
     from recipes.report import finish_run
-    from recipes.tools.sweep import SweepInterrupted, default_space, parse_param, run_sweep
+    from recipes.tools.sweep import (
+        SweepInterrupted,
+        default_space,
+        parse_param,
+        run_sweep,
+    )
 
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, not {trials}")
@@ -313,10 +350,12 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
     fixed = overrides(sets, {"epochs": epochs, "max_lr": None if auto else max_lr})
     space = [parse_param(p, cfg) for p in params] or default_space(cfg, with_max_lr=not auto and max_lr is None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna.study._optimize").addFilter(_QuietOSErrorTrials())
     try:
-        run_sweep(recipe, cfg, space, n_trials=trials, out=Path(out or f"runs/{cfg.name}-sweep"), storage=storage,
-                  study_name=study_name, pruner=pruner, auto_max_lr=auto, fixed=fixed, heartbeat_interval=heartbeat,
-                  finish=lambda run_dir: finish_run(run_dir, io.StringIO()))  # each trial's report, not printed
+        with _output_folder(Path(out or f"runs/{cfg.name}-sweep")) as sweep_dir:
+            run_sweep(recipe, cfg, space, n_trials=trials, out=sweep_dir, storage=storage, study_name=study_name,
+                      pruner=pruner, auto_max_lr=auto, fixed=fixed, heartbeat_interval=heartbeat,
+                      finish=lambda run_dir: finish_run(run_dir, io.StringIO()))  # each trial's report, not printed
     except SweepInterrupted as e:
         click.echo(f"kiln: {e}", err=True)
         sys.exit(130)
@@ -331,15 +370,74 @@ def report(run_dir: str) -> None:
     Example:  kiln report runs/d5
     """
     from recipes.report import format_findings, write_report
+    from recipes.run import RunLock
 
+    RunLock.take(run_dir, create=False)  # no other kiln process writes the run meanwhile
     result = write_report(run_dir)
     click.echo(format_findings(result.findings))
     click.echo(f"plots: {', '.join(p.name for p in result.plots)} in {result.html_path.parent / 'plots'}")
     click.echo(f"report: {result.html_path}")
 
 
+@contextlib.contextmanager
+def _output_folder(folder: Path | None, option: str = "--out") -> Iterator[Path | None]:
+    """``folder`` for a command's outputs, created and checked to take a new file before the work starts:
+    a read-only or full file system, a denied permission or a name too long is one line and exit status 2
+    then, not a traceback once the work is done. Removed again if the command fails before writing in it."""
+    if folder is None:
+        yield None
+        return
+    created = not os.path.lexists(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except FileExistsError:
+        raise ConfigError(f"{option} {folder} is a file, not a folder") from None
+    except OSError as e:
+        raise ConfigError(f"cannot write {option} {folder}: {(e.strerror or str(e)).lower()}") from None
+    try:
+        yield folder
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
+
+
+def _writable_or_none(folder: Path) -> Path | None:
+    """``folder`` if a file can be made in it, else None with one line on stderr saying why."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        click.echo(f"kiln: not writing confusion_matrix.png: {os_error_line(e, folder)} (pick a folder with --out)",
+                   err=True)
+        return None
+    return folder
+
+
+class _QuietOSErrorTrials(logging.Filter):
+    """Drop optuna's two lines about a trial that failed with an OSError (its traceback, then its value):
+    the OSError ends the sweep and reaches :func:`main`, which says it in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trials: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to keep ``record`` ("Trial N failed ...")."""
+        trial = record.getMessage().split(" failed", 1)[0]
+        if record.exc_info and isinstance(record.exc_info[1], OSError):
+            self.trials.add(trial)
+            return False
+        return trial not in self.trials
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input gets one line on stderr and exit status 2, never a traceback.
+    """Entry point: bad input gets one line on stderr and exit status 2, never a traceback; so does an
+    OS error (a full or read-only disk, a denied permission, a name too long), with its cause and path
+    and exit status 1: ``kiln: error: no space left on device: runs/d/checkpoints/last.pt``.
 
     First it tunes glibc malloc (:func:`recipes.cli.allocator.tune_malloc`: freed buffers stay in the
     process, so CPU training steps stop page-faulting), unless the environment sets ``KILN_MALLOC=default``.
@@ -360,6 +458,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError) as e:
         click.echo(f"kiln: error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:  # a file could not be written (or read) after the checks: a full or read-only disk...
+        notes = "".join(f"; {note}" for note in getattr(e, "__notes__", ()))
+        click.echo(f"kiln: error: {os_error_line(e)}{notes}", err=True)
+        sys.exit(1)
     sys.exit(code or 0)
 
 

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from callbacks._files import os_error_line, write_atomic
 from recipes.report.findings import Finding, find_issues, fmt, format_findings
 from recipes.report.plots import plot_run
 from recipes.report.rundata import RunData, load_run
 
-__all__ = ["Report", "write_report", "finish_run"]
+__all__ = ["Report", "finish_run", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ table{border-collapse:collapse;background:#fff} td,th{border:1px solid #d8dce3;p
 th{background:#eef0f4} .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
 .card{background:#fff;border:1px solid #d8dce3;border-radius:6px;padding:10px 12px}
 .card .k{color:#5b6473;font-size:12px;text-transform:uppercase;letter-spacing:.04em} .card .v{font-size:22px;font-weight:600}
-.status-completed{color:#1a7f37} .status-diverged,.status-failed{color:#c62828} .status-interrupted,.status-running{color:#b26a00}
+.status-completed{color:#1a7f37} .status-diverged,.status-failed,.status-killed{color:#c62828} .status-interrupted,.status-running{color:#b26a00}
 .finding{background:#fff8e6;border:1px solid #f0c36d;border-left:5px solid #e09b00;border-radius:6px;padding:10px 14px;margin:10px 0}
 .finding h3{margin:0 0 6px;font-size:16px} .finding ul{margin:4px 0 6px 18px;padding:0}
 .ok{background:#eaf7ee;border:1px solid #9fd5ad;border-radius:6px;padding:10px 14px}
@@ -199,9 +200,8 @@ def write_report(run_dir: str | Path) -> Report:
     plots = plot_run(run, run.run_dir / "plots")
     findings = find_issues(run)
     html_path = run.run_dir / "report.html"
-    tmp = html_path.with_name(".report.html.tmp")
-    tmp.write_text(_page(run, findings, plots), encoding="utf-8")
-    tmp.replace(html_path)
+    page = _page(run, findings, plots).encode("utf-8")
+    write_atomic(html_path, lambda f: f.write(page))
     return Report(run, findings, html_path, plots)
 
 
@@ -216,7 +216,8 @@ def finish_run(run_dir: str | Path, stream: TextIO | None = None) -> Report | No
     try:
         report = write_report(run_dir)
     except Exception as e:  # noqa: BLE001 - the run itself is done; the report is a bonus
-        print(f"kiln: could not write the report: {type(e).__name__}: {e}", file=out)
+        reason = os_error_line(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        print(f"kiln: could not write the report: {reason}", file=out)
         return None
     print(format_findings(report.findings), file=out)
     print(f"report: {report.html_path}", file=out)

@@ -7,20 +7,33 @@ config.json. Nothing here runs per iteration.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
+
+from callbacks._files import write_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from recipes.report.rundata import RunData
     from recipes.tools.lr_find import LRFindResult
     from recipes.tools.schedule import ScheduleSeries
 
-__all__ = ["plot_run", "run_figures", "plot_lr_find", "lr_find_figure", "plot_schedule", "schedule_figure", "ema",
-           "plot_confusion_matrix", "RUN_PLOTS", "MAX_ANNOTATED_CLASSES"]
+__all__ = [
+    "MAX_ANNOTATED_CLASSES",
+    "RUN_PLOTS",
+    "ema",
+    "lr_find_figure",
+    "plot_confusion_matrix",
+    "plot_lr_find",
+    "plot_run",
+    "plot_schedule",
+    "run_figures",
+    "schedule_figure",
+]
 
 #: More classes than this: the confusion matrix's cells carry no numbers.
 MAX_ANNOTATED_CLASSES = 20
@@ -64,9 +77,9 @@ def _figure(title: str, size: tuple[float, float] = _SIZE) -> tuple[Figure, Any]
     return fig, ax
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
+def _save(fig: Figure, path: Path, dpi: float | str = _DPI) -> Path:
+    """Write ``fig`` to ``path`` atomically (an OSError names the path); the format is the file's suffix."""
+    write_atomic(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi))
     return path
 
 
@@ -106,7 +119,7 @@ def _sci(value: float, _pos: Any = None) -> str:
     return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
 
 
-def run_figures(run: "RunData") -> dict[str, Figure]:
+def run_figures(run: RunData) -> dict[str, Figure]:
     """A run's figures by file name: lr.png, loss.png, accuracy.png, grad_norm.png and, for an fp16 run,
     loss_scale.png; a figure whose records are absent is left out."""
     figures = {}
@@ -118,18 +131,18 @@ def run_figures(run: "RunData") -> dict[str, Figure]:
     return figures
 
 
-def plot_run(run: "RunData", plots_dir: str | Path) -> list[Path]:
+def plot_run(run: RunData, plots_dir: str | Path) -> list[Path]:
     """Draw a run's plots (see :func:`run_figures`) into ``plots_dir``; returns the paths written."""
     plots_dir = Path(plots_dir)
     return [_save(fig, plots_dir / name) for name, fig in run_figures(run).items()]
 
 
-def _title(run: "RunData", what: str) -> str:
+def _title(run: RunData, what: str) -> str:
     name = run.config.get("name") or Path(run.run_dir).name
     return f"{name}: {what}"
 
 
-def _plot_lr(run: "RunData") -> Figure | None:
+def _plot_lr(run: RunData) -> Figure | None:
     steps = [s for s in run.steps if s.get("lr") is not None]
     if not steps and not run.metrics:
         return None
@@ -152,7 +165,7 @@ def _plot_lr(run: "RunData") -> Figure | None:
     return fig
 
 
-def _plot_loss(run: "RunData") -> Figure | None:
+def _plot_loss(run: RunData) -> Figure | None:
     steps = [s for s in run.steps if s.get("loss") is not None]
     epochs = [m for m in run.metrics if m.get("iteration") is not None]
     if not steps and not epochs:
@@ -186,7 +199,7 @@ def _plot_loss(run: "RunData") -> Figure | None:
     return fig
 
 
-def _plot_accuracy(run: "RunData") -> Figure | None:
+def _plot_accuracy(run: RunData) -> Figure | None:
     points = [(m["epoch"], 100 * m["val_accuracy"]) for m in run.metrics if m.get("val_accuracy") is not None]
     if not points:
         return None
@@ -205,7 +218,7 @@ def _plot_accuracy(run: "RunData") -> Figure | None:
     return fig
 
 
-def _plot_grad_norm(run: "RunData") -> Figure | None:
+def _plot_grad_norm(run: RunData) -> Figure | None:
     points = [(s["iteration"], _number(s["grad_norm"])) for s in run.steps if s.get("grad_norm") is not None]
     points = [(it, v) for it, v in points if math.isfinite(v) and v > 0]
     if not points:
@@ -227,7 +240,7 @@ def _plot_grad_norm(run: "RunData") -> Figure | None:
     return fig
 
 
-def _plot_loss_scale(run: "RunData") -> Figure | None:
+def _plot_loss_scale(run: RunData) -> Figure | None:
     points = [(s["iteration"], _number(s["loss_scale"])) for s in run.steps if s.get("loss_scale") is not None]
     if not points:
         return None
@@ -256,12 +269,12 @@ def _plot_loss_scale(run: "RunData") -> Figure | None:
     return fig
 
 
-def plot_lr_find(result: "LRFindResult", path: str | Path, title: str = "") -> Path:
+def plot_lr_find(result: LRFindResult, path: str | Path, title: str = "") -> Path:
     """lr_find.png: see :func:`lr_find_figure`."""
     return _save(lr_find_figure(result, title), Path(path))
 
 
-def lr_find_figure(result: "LRFindResult", title: str = "") -> Figure:
+def lr_find_figure(result: LRFindResult, title: str = "") -> Figure:
     """Raw and smoothed loss against the LR (log x), the lowest point and the suggestion marked."""
     fig, ax = _figure(title or "LR range test")
     ax.plot(result.lrs, [_clip(v) for v in result.losses], color=_TRAIN, alpha=0.3, lw=1, label="loss per iteration (raw)")
@@ -296,14 +309,14 @@ def _clip(value: float) -> float:
     return value if math.isfinite(value) else float("nan")
 
 
-def plot_schedule(series: "ScheduleSeries", path: str | Path, title: str = "") -> Path:
+def plot_schedule(series: ScheduleSeries, path: str | Path, title: str = "") -> Path:
     """schedule.png: see :func:`schedule_figure`; the default title gives the step count."""
     title = title or (f"{series.recipe}: one-cycle schedule, {series.epochs} epochs x {series.steps_per_epoch} "
                       f"steps = {series.total_steps} optimizer steps")
     return _save(schedule_figure(series, title), Path(path))
 
 
-def schedule_figure(series: "ScheduleSeries", title: str = "") -> Figure:
+def schedule_figure(series: ScheduleSeries, title: str = "") -> Figure:
     """The LR (top) and beta1 / momentum (bottom) over optimizer steps, with the warm-up and cool-down
     phases shaded and the peak marked."""
     fig = Figure(figsize=(8.0, 6.2), dpi=_DPI, layout="constrained")
@@ -382,7 +395,4 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence
                     ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
                             color="white" if share[i, j] > 0.5 else "black")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _save(fig, Path(path), dpi="figure")

@@ -1,15 +1,17 @@
 """Running an assembled run: to its end or to a stop, with how it ended recorded in the run directory."""
 from __future__ import annotations
 
+import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import ignite.distributed as idist
 import torch
 
 from callbacks import GracefulStop, RunSummary
-from callbacks._files import append_jsonl
+from callbacks._files import append_jsonl, os_error_line
 from callbacks.nan_diagnosis import summarize_diagnosis
 from recipes.config import Config
 from recipes.run.build import Assembly, build, write_config
@@ -22,9 +24,13 @@ def execute(run: Assembly) -> Assembly:
     summary: RunSummary = run.handlers["summary"]
     stop: GracefulStop = run.handlers["graceful_stop"]
     run.ran = True
+    for engine in (run.trainer, run.evaluator):
+        engine.logger.addFilter(_not_ignite_exception_line)
     try:
         run.trainer.run(run.train_data, max_epochs=run.config.train.epochs)
+        _close_tensorboard(run)  # its last flush is the run's last write: a failure there fails the run
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, last.pt is whatever was saved before
+        _close_tensorboard(run, quietly=True)
         run.status, run.stop_signal = "interrupted", signal.SIGINT
         if run.writes:
             summary.write("interrupted")
@@ -32,14 +38,13 @@ def execute(run: Assembly) -> Assembly:
                                            "iteration": run.trainer.state.iteration, "epoch": run.trainer.state.epoch})
         return run
     except BaseException as e:
+        _close_tensorboard(run, quietly=True)
         run.status = "failed"
         if run.writes:
-            summary.write("failed", error=f"{type(e).__name__}: {e}")
+            _record_failure(summary, e)
         raise
     finally:
         stop.restore()
-        if "tensorboard" in run.handlers:
-            run.handlers["tensorboard"].close()
     s = run.trainer.state
     summary_extra: dict[str, Any] = {}
     event: dict[str, Any] | None = None
@@ -61,11 +66,51 @@ def execute(run: Assembly) -> Assembly:
     if run.world_size > 1:
         summary_extra["rank_parameter_checksums"] = _parameter_checksums(run.model)
     if run.writes:
-        if summary_extra or run.status != "completed":
-            summary.write(run.status, **summary_extra)
-        if event is not None:
-            append_jsonl(run.events_path, {**event, "iteration": s.iteration, "epoch": s.epoch})
+        try:
+            if summary_extra or run.status != "completed":
+                summary.write(run.status, **summary_extra)
+            if event is not None:
+                append_jsonl(run.events_path, {**event, "iteration": s.iteration, "epoch": s.epoch})
+        except OSError as e:  # the run's own records could not be written: it failed after all
+            run.status = "failed"
+            _record_failure(summary, e)
+            raise
     return run
+
+
+def _failure_reason(error: BaseException) -> str:
+    """Why a run failed, in one line: an OS error as its cause and path (``no space left on device:
+    RUN/checkpoints/last.pt``), anything else as its type and message."""
+    if isinstance(error, OSError):
+        return os_error_line(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _record_failure(summary: RunSummary, error: BaseException) -> None:
+    """Write summary.json "failed" with the reason; if even that cannot be written (the disk is full),
+    say so in a note on ``error``, which the CLI prints on its one line."""
+    try:
+        summary.write("failed", error=_failure_reason(error))
+    except OSError as e:
+        error.add_note(f"summary.json not updated: {(e.strerror or str(e)).lower()}")
+
+
+def _not_ignite_exception_line(record: logging.LogRecord) -> bool:
+    """Drop ignite's log line of an exception it re-raises ("... terminating due to exception: ..."):
+    the exception reaches whoever runs the engine, and the CLI reports it once."""
+    return "terminating due to exception" not in record.getMessage()
+
+
+def _close_tensorboard(run: Assembly, quietly: bool = False) -> None:
+    """Close the TensorBoard writer; ``quietly``: a run that already failed keeps its own error."""
+    tensorboard = run.handlers.get("tensorboard")
+    if tensorboard is None:
+        return
+    try:
+        tensorboard.close()
+    except OSError:
+        if not quietly:
+            raise
 
 
 def _parameter_checksums(model: torch.nn.Module) -> list[float]:

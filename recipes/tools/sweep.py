@@ -17,9 +17,10 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, TextIO
 
 import optuna
 import yaml
@@ -27,14 +28,33 @@ from optuna.samplers import BaseSampler, TPESampler
 from optuna.trial import TrialState
 
 from callbacks import OptunaPruning
-from callbacks._files import append_jsonl, write_json_atomic
-from recipes.config import Config, ConfigError, apply_overrides, config_to_dict, field_paths, with_max_lr
+from callbacks._files import append_jsonl, write_atomic, write_json_atomic
+from recipes.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_to_dict,
+    field_paths,
+    with_max_lr,
+)
 from recipes.recipe_files import is_recipe_file, load_recipe
-from recipes.run import train
+from recipes.run import make_run_dir, train
+from recipes.run.lock import released_after
 from recipes.tools.lr_find import choose_max_lr
 
-__all__ = ["ParamSpec", "parse_param", "default_space", "open_study", "run_sweep", "SweepResult", "format_table",
-           "write_results", "trial_config", "SweepInterrupted", "TrialSeededTPE"]
+__all__ = [
+    "ParamSpec",
+    "SweepInterrupted",
+    "SweepResult",
+    "TrialSeededTPE",
+    "default_space",
+    "format_table",
+    "open_study",
+    "parse_param",
+    "run_sweep",
+    "trial_config",
+    "write_results",
+]
 
 #: What counts towards a sweep's ``--trials``: a trial that failed (its worker died) is replaced.
 _COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -171,20 +191,20 @@ class TrialSeededTPE(BaseSampler):
         return TPESampler(seed=(self.seed * 1_000_003 + number) % 2**32, n_startup_trials=self.n_startup_trials,
                           constant_liar=True)  # running trials count as bad guesses: workers spread out
 
-    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:  # noqa: D102
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self._inner = self._make(trial.number)
         self._inner.before_trial(study, trial)
 
-    def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, Any]:  # noqa: D102
+    def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, Any]:
         return self._inner.infer_relative_search_space(study, trial)
 
-    def sample_relative(self, study: optuna.Study, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:  # noqa: D102
+    def sample_relative(self, study: optuna.Study, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
         return self._inner.sample_relative(study, trial, search_space)
 
-    def sample_independent(self, study: optuna.Study, trial: Any, param_name: str, dist: Any) -> Any:  # noqa: D102
+    def sample_independent(self, study: optuna.Study, trial: Any, param_name: str, dist: Any) -> Any:
         return self._inner.sample_independent(study, trial, param_name, dist)
 
-    def after_trial(self, study: optuna.Study, trial: Any, state: TrialState, values: Sequence[float] | None) -> None:  # noqa: D102
+    def after_trial(self, study: optuna.Study, trial: Any, state: TrialState, values: Sequence[float] | None) -> None:
         self._inner.after_trial(study, trial, state, values)
 
 
@@ -322,13 +342,17 @@ def run_sweep(recipe: str, base: Config, space: list[ParamSpec], *, n_trials: in
         cfg = trial_config(base, params)
         if auto_max_lr:
             cfg = _auto_max_lr(study, base, cfg, out_stream)
-        run_dir = _trial_dir(out, trial.number)
+        run_dir = make_run_dir(cfg, _trial_dir(out, trial.number))  # locked; refused if it holds files already
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("config", {k: v for k, v in _flat(config_to_dict(cfg)).items()})
         pruning = OptunaPruning(trial)
-        run = train(cfg, run_dir, quiet=True, stream=io.StringIO(), extra_handlers={"optuna_pruning": pruning})
-        if finish is not None:
-            finish(run.run_dir)
+        with released_after(run_dir):  # the trial's run and report are written under its lock, then it is let go
+            run = train(cfg, run_dir, quiet=True, stream=io.StringIO(), extra_handlers={"optuna_pruning": pruning})
+            if pruning.pruned:
+                append_jsonl(run.events_path, {"event": "pruned", "epoch": pruning.pruned_epoch,
+                                               "trial": trial.number, "study": study.study_name})
+            if finish is not None:
+                finish(run.run_dir)
         summary = run.handlers["summary"]
         best = summary.best_val_accuracy
         epochs = int(run.trainer.state.epoch)
@@ -337,8 +361,6 @@ def run_sweep(recipe: str, base: Config, space: list[ParamSpec], *, n_trials: in
         trial.set_user_attr("best_val_accuracy", best)
         shown = ", ".join(f"{_short(k)}={_fmt(v)}" for k, v in params.items())
         if pruning.pruned:
-            append_jsonl(run.events_path, {"event": "pruned", "epoch": pruning.pruned_epoch,
-                                           "trial": trial.number, "study": study.study_name})
             print(f"trial {trial.number:3d}: {shown}: pruned after epoch {pruning.pruned_epoch} "
                   f"(val_accuracy {_fmt(best)})", file=out_stream, flush=True)
             raise optuna.TrialPruned()
@@ -434,7 +456,8 @@ def _write_best_yaml(study: optuna.Study, recipe: str, base: Config, path: Path)
     doc = {"base": source, "name": f"{base.name}-sweep-best",
            "description": f"kiln sweep {study.study_name}: trial {best.number}, best val_accuracy {best.value:.4f}",
            **changes}
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    text = yaml.safe_dump(doc, sort_keys=False).encode()
+    write_atomic(path, lambda f: f.write(text))
     return path
 
 
@@ -474,8 +497,10 @@ def _plots(study: optuna.Study, out: Path, space_keys: list[str]) -> list[Path]:
         fig.set_size_inches(7, 4.5)
         fig.tight_layout()
         path = plots_dir / f"{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            write_atomic(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))
+        finally:
+            plt.close(fig)
         written.append(path)
     return written
 
@@ -500,7 +525,8 @@ def write_results(study: optuna.Study, recipe: str, base: Config, out: Path, *, 
     space_keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
     plots = _plots(study, out, space_keys)
     html_path = out / "sweep.html"
-    html_path.write_text(_html(study, table, plots, best_yaml))
+    page = _html(study, table, plots, best_yaml).encode()
+    write_atomic(html_path, lambda f: f.write(page))
     best_row = next((r for r in rows if r["state"] == "complete"), None)
     json_path = out / "sweep.json"
     write_json_atomic(json_path, {

@@ -94,3 +94,52 @@ def test_purge_step_drops_the_points_a_resumed_run_rewrites(tmp_path):
 def test_every_must_be_positive(tmp_path):
     with pytest.raises(ValueError):
         TensorBoard(tmp_path, every=0)
+
+
+FULL_DISK_SCRIPT = """
+import os, sys
+from callbacks import TensorBoard
+from callbacks._files import os_error_line
+disk = sys.argv[1]
+tb = TensorBoard(os.path.join(disk, "tb"), hparams={"train.epochs": 1})
+tb.logger.writer.add_scalar("train/loss", 1.0, 1)
+fd = os.open(os.path.join(disk, "filler"), os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, bytes(65536))
+except OSError:
+    pass
+for step in range(2, 40):  # more events than tensorboardX's queue holds: its thread must not be dead and full
+    tb.logger.writer.add_scalar("train/loss", 1.0, step)
+try:
+    tb._flush()
+except OSError as e:
+    print(os_error_line(e))
+for step in range(40, 80):  # a writer that failed takes no more events, and never blocks
+    tb.logger.writer.add_scalar("train/loss", 1.0, step)
+tb.close()  # nothing more is written: no second error
+print("closed")
+"""
+
+
+def test_a_full_disk_is_one_error_naming_the_folder_then_silence(tmp_path):
+    """tensorboardX writes from a thread and retries at exit: after a failed write, kiln's handler raises one
+    OSError naming log_dir and shuts the writer down, so no traceback comes later from its thread or exit hook."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
+                             check=False)
+    if mounted.returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        result = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(disk)], capture_output=True, text=True,
+                                timeout=120, cwd=Path(__file__).resolve().parents[2], check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"no space left on device: {disk / 'tb'}", "closed"]
+    assert result.stderr == ""

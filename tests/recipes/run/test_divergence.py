@@ -28,7 +28,7 @@ SMALL = {"data.image_size": 16, "train.log_every": 1, "checkpoint.every_iteratio
 
 
 def kiln(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*KILN, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*KILN, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def events(run_dir: Path, kind: str | None = None) -> list[dict]:
@@ -153,3 +153,76 @@ def test_on_nan_option_reaches_the_config_and_bad_values_are_refused():
     assert get_recipe("digits").guard.on_nan == "rollback"
     result = CliRunner().invoke(cli, ["train", "digits", "--on-nan", "ignore"])
     assert result.exit_code == 2 and "ignore" in result.output
+
+
+# ---- a diverged run always leaves a loadable, finite last.pt holding the restored state -------------------
+DIGITS_16 = ("--epochs", "3", "--quiet", "--set", "data.image_size=16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [
+    ("--max-lr", "100", "--on-nan", "stop", "--set", "guard.check_every=50"),
+    ("--max-lr", "100", "--on-nan", "stop", "--set", "train.nan_check_every=50"),  # the old key name
+    ("--max-lr", "1e9", "--on-nan", "skip"),
+    ("--max-lr", "1e9", "--on-nan", "rollback"),
+], ids=["stop", "stop-old-key", "skip", "rollback"])
+def test_every_policy_that_ends_diverged_leaves_a_last_pt_that_kiln_eval_loads(tmp_path, options):
+    """The runs of the issue: each stops at an epoch's last iteration (digits at 16 px: 23 per epoch)."""
+    run_dir = tmp_path / "run"
+    result = kiln("train", "digits", *DIGITS_16, *options, "--out", str(run_dir))
+    assert result.returncode == EXIT_DIVERGED, result.stderr
+    [diverged] = events(run_dir, "diverged")
+    assert diverged["detected_at"] % 23 == 0  # found at an epoch's end, before that epoch's records
+    last = run_dir / "checkpoints" / "last.pt"
+    assert last.is_file(), "the diverged run wrote no last.pt"
+    assert finite(torch.load(last, weights_only=True))
+    assert [e for e in events(run_dir, "checkpoint") if e["kind"] == "last"][-1]["iteration"] == diverged["detected_at"]
+    evaluated = kiln("eval", str(last), "--out", str(tmp_path))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "accuracy" in evaluated.stdout.splitlines()[-1]
+
+
+def test_stop_writes_the_restored_weights_not_the_diverged_ones(tmp_path):
+    """--on-nan stop, checks every 50 steps: the first check is at the end of epoch 1, which restores the
+    weights of the start; last.pt holds exactly those."""
+    cfg = apply_overrides(get_recipe("digits"), {"data.image_size": 16, "train.epochs": 3, "schedule.max_lr": 100.0,
+                                                  "guard.on_nan": "stop", "guard.check_every": 50})
+    initial = {k: v.clone() for k, v in build(cfg, tmp_path / "initial", quiet=True).model.state_dict().items()}
+    run = build(cfg, tmp_path / "run", quiet=True)
+    write_config(run)
+    execute(run)
+    assert run.status == "diverged" and run.trainer.state.diverged["restored_iteration"] == 0
+    saved = torch.load(run.run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert saved.keys() == initial.keys()
+    assert all(torch.equal(saved[k], initial[k]) for k in initial)
+
+
+@pytest.mark.parametrize("bad, restored", [(23, 20), (12, 0)], ids=["epoch-end", "mid-epoch"])
+@pytest.mark.parametrize("policy", ["stop", "rollback", "skip"])
+def test_a_bad_step_anywhere_leaves_the_last_sound_state_in_last_pt(tmp_path, policy, bad, restored):
+    """A weight turns NaN at iteration ``bad`` (23: the last of epoch 1); no rollback is allowed, so every
+    policy stops (skip cannot repair weights, and escalates). last.pt holds the weights of the last sound
+    check (every 20 steps, and the start), and it loads as a kiln checkpoint."""
+    from recipes.run.checkpoints import load_checkpoint
+
+    cfg = apply_overrides(get_recipe("digits"), {"data.image_size": 16, "train.epochs": 2, "guard.on_nan": policy,
+                                                  "guard.max_rollbacks": 0, "checkpoint.every_minutes": 0})
+    run = build(cfg, tmp_path / "run", quiet=True)
+    write_config(run)
+    sound = {}
+
+    @run.trainer.on(Events.STARTED)
+    @run.trainer.on(Events.ITERATION_COMPLETED(once=20))
+    def _keep_the_sound_weights(engine):
+        sound[engine.state.iteration] = {k: v.clone() for k, v in run.model.state_dict().items()}
+
+    @run.trainer.on(Events.ITERATION_STARTED(once=bad))
+    def _poison(engine):
+        with torch.no_grad():
+            next(run.model.parameters()).view(-1)[0] = float("nan")
+
+    execute(run)
+    assert run.status == "diverged" and run.trainer.state.diverged["restored_iteration"] == restored
+    checkpoint, _ = load_checkpoint(run.run_dir / "checkpoints" / "last.pt")
+    assert finite(checkpoint)
+    assert all(torch.equal(checkpoint["model"][k], v) for k, v in sound[restored].items())
