@@ -13,7 +13,9 @@ from engine.events import EpochEvents, ensure_epoch_events
 
 __all__ = ["RunSummary", "STATUSES"]
 
-STATUSES = ("running", "completed", "interrupted", "diverged", "failed")
+#: "killed" is written by the next kiln process to take the run directory (``recipes.run.lock``) when
+#: summary.json still said "running" but no process held the directory: its writer died without a word.
+STATUSES = ("running", "completed", "interrupted", "diverged", "failed", "killed")
 
 
 class RunSummary:

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -21,9 +22,11 @@ from recipes.config import Config
 from recipes.report import finish_run
 from recipes.report.plots import plot_lr_find
 from recipes.run import Assembly, resume, train
+from recipes.run.lock import lend_to_children
 from recipes.tools.lr_find import choose_max_lr, record_in_run
 
-__all__ = ["train_job", "resume_job", "run_job", "final_lines", "world_size", "is_rank_zero", "EXIT_DIVERGED"]
+__all__ = ["train_job", "resume_job", "run_job", "final_lines", "report_unless_stopped", "world_size", "is_rank_zero",
+           "EXIT_DIVERGED"]
 
 #: Exit status of ``kiln train``/``kiln resume`` when NanGuard stopped the run as diverged (``--on-nan``).
 EXIT_DIVERGED = 3
@@ -42,17 +45,57 @@ def train_job(cfg: Config, run_dir: Path, quiet: bool, auto_max_lr: bool) -> int
             plot_lr_find(found, run.run_dir / "lr_find.png", title=f"{cfg.name}: LR range test")
 
     run = train(cfg, run_dir, quiet=quiet, before_run=record_range_test if found is not None else None)
-    finish_run(run.run_dir)
-    return final_lines(run)
+    stopped_by = report_unless_stopped(run)
+    return _exit_status(run, stopped_by)
 
 
 def resume_job(source: str, options: dict) -> int:
     """Resume the run at ``source`` with ``options`` (see ``recipes.run.resume``), write the report;
     returns the exit status."""
     run = resume(source, **options)
-    if run.ran:
-        finish_run(run.run_dir)  # plots/, report.html and the findings, over the whole run
-    return final_lines(run)
+    stopped_by = report_unless_stopped(run) if run.ran else None  # plots/, report.html, findings: the whole run
+    return _exit_status(run, stopped_by)
+
+
+class _ReportStopped(BaseException):
+    """SIGTERM or SIGINT arrived while the end-of-run report was drawn (a BaseException: ``finish_run``
+    turns ordinary exceptions into a warning)."""
+
+
+def report_unless_stopped(run: Assembly) -> int | None:
+    """Draw the run's plots, report.html and findings (``finish_run``), unless SIGTERM or SIGINT stops it:
+    then the report is skipped with one line saying ``kiln report RUN_DIR`` draws it later. Returns the
+    signal that came meanwhile, or None."""
+    if threading.current_thread() is not threading.main_thread():
+        finish_run(run.run_dir)  # signals reach only the main thread
+        return None
+    stop: dict = {"drawing": True, "signal": None, "skipped": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["signal"] = stop["signal"] or signum
+        if stop["drawing"]:
+            stop["drawing"] = False
+            raise _ReportStopped
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        finish_run(run.run_dir)
+        stop["drawing"] = False
+    except _ReportStopped:
+        stop["skipped"] = True
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop["skipped"] and run.writes:
+        click.echo(f"kiln: {signal.Signals(stop['signal']).name} while drawing the report: report skipped; "
+                   f"draw it later with: kiln report {run.run_dir}")
+    return stop["signal"]
+
+
+def _exit_status(run: Assembly, stopped_by: int | None) -> int:
+    """The run's final lines and exit status; a Ctrl-C during the report makes it 130 (SIGTERM keeps the run's)."""
+    code = final_lines(run)
+    return 130 if stopped_by == signal.SIGINT else code
 
 
 def world_size(nproc_per_node: int) -> int:
@@ -74,7 +117,8 @@ def run_job(job: functools.partial, nproc_per_node: int, backend: str | None, ru
             sys.exit(code)
         return
     try:
-        launch(job, nproc_per_node=nproc_per_node, backend=backend)
+        with lend_to_children():  # the ranks write under this process's lock on the run directory
+            launch(job, nproc_per_node=nproc_per_node, backend=backend)
     except Exception as e:  # a rank raised: torch.multiprocessing reports its traceback above
         click.echo(f"kiln: a training process failed: {str(e).strip().splitlines()[-1]}", err=True)
         sys.exit(1)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,17 +16,18 @@ from ignite.metrics import Accuracy, Loss
 
 from callbacks import (AMP, EMA, Checkpointer, EarlyStop, GracefulStop, GradClip, MetricsLog, MixUpCutMix, NanGuard,
                        Progress, RunSummary, TensorBoard, Validation)
-from callbacks._files import append_jsonl, write_json_atomic
+from callbacks._files import append_jsonl, os_error_line, write_json_atomic
 from engine import Precision, create_evaluator, create_trainer
 from engine.rng import RNGState
 from recipes.config import Config, ConfigError, config_to_dict, hparams
 from recipes.data import mix_seed, num_samples
 from recipes.run.checkpoints import RunMeta
 from recipes.run.compiled import CompiledForward
+from recipes.run.lock import LOCK_NAME, RunLock, discarded_on_failure
 from recipes.run.parts import (load_initial_weights, make_data, make_loss, make_model, make_optimizer, make_schedule,
                                resolve_runtime)
 
-__all__ = ["Assembly", "build", "make_run_dir", "versions", "write_config"]
+__all__ = ["RUN_FILES", "Assembly", "build", "make_run_dir", "versions", "write_config"]
 
 
 @dataclass
@@ -80,8 +83,10 @@ class Assembly:
                 **{n: self.handlers[n] for n in names}, **optional, "rng": RNGState(), "kiln": self.meta()}
 
     def meta(self) -> RunMeta:
-        """The ``kiln`` section of this run's checkpoints: the config and the class names."""
-        return RunMeta(self.config, extra={"class_names": list(self.class_names), "world_size": self.world_size})
+        """The ``kiln`` section of this run's checkpoints: the config, the class names, the process count
+        and the precision ``auto`` resolved to (resume and eval keep it)."""
+        return RunMeta(self.config, extra={"class_names": list(self.class_names), "world_size": self.world_size,
+                                           "precision": self.precision.name})
 
 
 def versions() -> dict[str, str]:
@@ -106,15 +111,83 @@ def _installed_version(distribution: str) -> str:
         return "0+unknown"
 
 
-def make_run_dir(cfg: Config, out: str | Path | None) -> Path:
-    """``out``, or ``runs/<recipe>-<timestamp>``; refuses a directory that already holds files."""
+#: What a run writes into its directory: ``kiln train --force`` removes these, and only these, to start
+#: over a run that stopped before its first checkpoint (so do temporary files: dot-names ending in .tmp).
+RUN_FILES = frozenset({"config.json", "summary.json", "metrics.jsonl", "steps.jsonl", "events.jsonl", "report.html",
+                       "lr_find.json", "lr_find.png", "confusion_matrix.png", "checkpoints", "tb", "plots"})
+
+
+def make_run_dir(cfg: Config, out: str | Path | None, *, force: bool = False, writes: bool = True) -> Path:
+    """``out``, or ``runs/<recipe>-<timestamp>``: created and locked for this process (:class:`RunLock`)
+    before any data is loaded, then checked to hold nothing but the lock file.
+
+    With ``force``, a run that stopped before its first checkpoint (and no live process holds) is
+    cleared and started over; a run with checkpoints, or files kiln did not write, are still refused.
+    ``writes=False`` (data-parallel ranks other than 0) only names the directory.
+
+    Raises:
+        ConfigError: the directory is in use by another kiln process, holds files, or cannot be created
+            or written (one line with the path and the cause: read-only file system, permission denied...).
+    """
     if out is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{cfg.name}-{stamp}"
     run_dir = Path(out)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise ConfigError(f"{run_dir} already exists and is not empty; pick another --out (or `kiln resume {run_dir}`)")
+    if not writes:
+        return run_dir
+    if LOCK_NAME not in _entries(run_dir):  # not locked before: refuse without leaving a lock file in it
+        _check_can_start(run_dir, force)
+    RunLock.take(run_dir, busy_hint="wait for it to end, or pick another --out")
+    with discarded_on_failure(run_dir):
+        if _check_can_start(run_dir, force):
+            _start_over(run_dir)
     return run_dir
+
+
+def _entries(run_dir: Path) -> set[str]:
+    """The names in ``run_dir`` (none if it does not exist yet)."""
+    if not os.path.lexists(run_dir):  # also False for a name too long: creating it then says why
+        return set()
+    try:
+        return {p.name for p in run_dir.iterdir()}
+    except NotADirectoryError:
+        raise ConfigError(f"{run_dir} is a file, not a directory; pick another --out") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the run directory: {os_error_line(e, run_dir)}") from None
+
+
+def _check_can_start(run_dir: Path, force: bool) -> bool:
+    """Whether ``run_dir`` holds a run to clear first (``force``); raises if a new run may not start there."""
+    files = _entries(run_dir) - {LOCK_NAME}
+    if not files:
+        return False
+    has_checkpoints = (run_dir / "checkpoints" / "last.pt").exists()  # what `kiln resume` continues from
+    is_run = bool(files & {"config.json", "summary.json"})
+    foreign = sorted(n for n in files if n not in RUN_FILES and not (n.startswith(".") and n.endswith(".tmp")))
+    if force and is_run and not has_checkpoints and not foreign:
+        return True
+    if has_checkpoints:
+        advice = "--force starts over only a run that stopped before its first checkpoint; " if force else ""
+        raise ConfigError(f"{run_dir} already exists and holds a run with checkpoints; {advice}continue it with "
+                          f"`kiln resume {run_dir}`, or pick another --out")
+    if is_run and not foreign:
+        raise ConfigError(f"{run_dir} holds a run that stopped before its first checkpoint; start it over with "
+                          "--force, or pick another --out")
+    kiln_run = " (--force starts over only a kiln run)" if force else ""
+    raise ConfigError(f"{run_dir} already exists and is not empty{kiln_run}; pick another --out")
+
+
+def _start_over(run_dir: Path) -> None:
+    """Remove what a run that never reached its first checkpoint left (``kiln train --force``)."""
+    for name in sorted(_entries(run_dir) - {LOCK_NAME}):
+        path = run_dir / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot clear the run to start over: {os_error_line(e)}") from None
 
 
 def _shard(data: Any, rank: int, world_size: int) -> Any:
@@ -127,14 +200,27 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
           resume_from_iteration: int | None = None) -> Assembly:
     """Assemble a run of ``cfg`` writing into ``run_dir`` (created), without starting it.
 
+    First this process takes the run directory's lock (:class:`RunLock`; rank 0 under data parallelism),
+    before any data is loaded: another kiln process writing there, or a directory that cannot be
+    written, is a one-line ConfigError. If the assembly fails before anything is written, the lock and
+    the directories it made are removed again.
+
     Handlers are attached in this order, written once here: AMP, GradClip, OneCycle, Validation,
     MetricsLog, TensorBoard, RunSummary, (when on) EMA, MixUpCutMix, EarlyStop, then NanGuard, Checkpointer,
     GracefulStop, Progress. None depends on that order for correctness: each acts on the step or epoch
     event that guarantees what it needs.
     """
+    if idist.get_rank() == 0:
+        RunLock.take(run_dir)
+    with discarded_on_failure(run_dir):  # a run that failed before it began leaves no run directory behind
+        return _assemble(cfg, Path(run_dir), quiet=quiet, stream=stream, resume_from_iteration=resume_from_iteration)
+
+
+def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
+              resume_from_iteration: int | None) -> Assembly:
+    """:func:`build`, once the run directory is locked."""
     t = cfg.train
     device, precision = resolve_runtime(cfg)
-    run_dir = Path(run_dir)
     rank, world_size = idist.get_rank(), idist.get_world_size()
     writes = rank == 0
     quiet = quiet or not writes
@@ -150,8 +236,6 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
     if cfg.model.weights and not (run_dir / "checkpoints" / "last.pt").exists():  # a resumed run has its weights
         weights_note = load_initial_weights(model, cfg.model.weights)
     model = model.to(device)
-    if writes:
-        run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad data or weights leave no empty run directory
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     ddp_model = model

@@ -1,6 +1,7 @@
 """Continuing a stopped run from its last.pt, in its own run directory, exactly where it stopped."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -12,10 +13,13 @@ from callbacks import OneCycle
 from callbacks._files import append_jsonl, truncate_jsonl
 from recipes.config import Config, ConfigError, apply_overrides
 from recipes.run.build import Assembly, build, write_config
-from recipes.run.checkpoints import find_last_checkpoint, load_checkpoint, run_changing_differences
+from recipes.run.checkpoints import (find_last_checkpoint, load_checkpoint, run_changing_differences,
+                                     with_run_precision)
+from recipes.run.lock import LOCK_NAME, RunLock
+from recipes.run.records import check_config_record, cut_torn_records
 from recipes.run.train import execute
 
-__all__ = ["ResumePlan", "plan_resume", "resume"]
+__all__ = ["ResumePlan", "plan_resume", "resume", "run_dir_of"]
 
 
 @dataclass
@@ -37,11 +41,16 @@ def plan_resume(source: str | Path, *, epochs: int | None = None, new_schedule: 
 
     Raises:
         ConfigError: a missing or unusable run directory or checkpoint, a refused config change, a
-            schedule change without ``new_schedule``, or a different number of processes.
+            schedule change without ``new_schedule``, a different number of processes, or (unless
+            ``force``) a config.json that is not valid JSON or was edited by hand.
     """
     source = Path(source)
+    if source.suffix != ".pt":
+        _refuse_a_run_without_checkpoint(source)
     last = source if source.suffix == ".pt" else find_last_checkpoint(source)
     checkpoint, saved = load_checkpoint(last, resumable=True)
+    if not force:  # config.json is a record: an edit to it is refused, never silently overwritten
+        check_config_record(last, saved, checkpoint, epochs=epochs)
     cfg = saved
     if requested is not None:
         changes = run_changing_differences(saved, requested)
@@ -68,7 +77,35 @@ def plan_resume(source: str | Path, *, epochs: int | None = None, new_schedule: 
     elif cfg.train.epochs == saved_epochs:
         stopped_early = (checkpoint.get("early_stop") or {}).get("stopped_epoch")
         finished = iteration >= saved_epochs * epoch_length or bool(stopped_early)
-    return ResumePlan(last, checkpoint, saved, cfg, iteration, epoch_length, finished)
+    return ResumePlan(last, checkpoint, saved, with_run_precision(cfg, checkpoint), iteration, epoch_length, finished)
+
+
+def run_dir_of(source: str | Path) -> Path:
+    """The run directory of ``source``: RUN_DIR itself, or the one a RUN_DIR/checkpoints/*.pt belongs to."""
+    source = Path(source)
+    return source.parent.parent if source.suffix == ".pt" else source
+
+
+def _refuse_a_run_without_checkpoint(run_dir: Path) -> None:
+    """A run killed before its first checkpoint has nothing to resume: say how to start it over instead."""
+    if not run_dir.is_dir() or (run_dir / "checkpoints" / "last.pt").exists():
+        return
+    names = {p.name for p in run_dir.iterdir()}
+    if not (names & {"config.json", "summary.json"} or names == {LOCK_NAME}):
+        return  # not a kiln run directory: find_last_checkpoint says so
+    config, summary = _read_json(run_dir / "config.json"), _read_json(run_dir / "summary.json")
+    status = f", status {summary['status']}" if isinstance(summary.get("status"), str) else ""
+    recipe = config.get("name") if isinstance(config.get("name"), str) else "RECIPE"
+    raise ConfigError(f"{run_dir} stopped before its first checkpoint (no checkpoints/last.pt{status}): nothing to "
+                      f"resume; start it over with: kiln train {recipe} --out {run_dir} --force")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool = False,
@@ -78,7 +115,8 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
 
     The finished run equals the uninterrupted one: weights, optimizer, schedule, scaler, counters and
     the data position come from last.pt; lines the stopped process wrote after it are dropped from
-    metrics.jsonl and steps.jsonl, and TensorBoard drops its points from that step on.
+    metrics.jsonl and steps.jsonl, and TensorBoard drops its points from that step on. A torn last line
+    (a crash mid-append) is cut from each .jsonl record, with a ``torn_line_dropped`` event.
 
     Args:
         source: RUN_DIR, or a path to its checkpoints/last.pt.
@@ -91,9 +129,14 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
 
     The plots, report.html and findings are not redrawn here: ``recipes.report.finish_run(run.run_dir)``.
 
+    The run directory is locked first (:class:`~recipes.run.lock.RunLock`): one process continues a run.
+
     Raises:
-        ConfigError: a missing or unusable run directory or checkpoint, a refused config change.
+        ConfigError: a missing or unusable run directory or checkpoint (for a run killed before its first
+            checkpoint: how to start it over), a refused config change, another kiln process in the directory.
     """
+    if idist.get_rank() == 0:  # before anything is read: one process continues a run
+        RunLock.take(run_dir_of(source), create=False)
     plan = plan_resume(source, epochs=epochs, new_schedule=new_schedule, requested=requested, force=force)
     last, checkpoint, saved, cfg = plan.last, plan.checkpoint, plan.saved, plan.config
     run_dir, iteration, epoch_length, saved_epochs = last.parent.parent, plan.iteration, plan.epoch_length, saved.train.epochs
@@ -119,6 +162,7 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
     checkpoint = {**checkpoint, "trainer": trainer_state}
     Checkpoint.load_objects(objects, checkpoint)
     if run.writes:
+        cut_torn_records(run_dir, run.events_path, iteration)  # a crash mid-append: before anything is appended
         for name in ("metrics.jsonl", "steps.jsonl"):
             truncate_jsonl(run_dir / name, iteration)
         write_config(run)

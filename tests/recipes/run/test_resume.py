@@ -244,3 +244,22 @@ def test_train_resume_with_force_continues_despite_a_changed_config(tmp_path):
     assert forced.returncode == 0, forced.stderr
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert json.loads((run_dir / "config.json").read_text())["train"]["label_smoothing"] == 0.2
+
+
+def test_resume_keeps_the_precision_auto_resolved_to_when_the_run_began(tmp_path):
+    # `auto` is bf16 on a CPU with AMX and fp32 elsewhere: a run begun on one machine and resumed on
+    # another must not switch halfway. Make the checkpoint say it came from the other kind of CPU.
+    run_dir = tmp_path / "run"
+    assert kiln("train", "digits", *FAST, "--epochs", "1", "--out", str(run_dir)).returncode == 0
+    began = json.loads((run_dir / "config.json").read_text())["runtime"]["precision"]
+    last = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["kiln"]["precision"] == began
+    other = "fp32" if began == "bf16" else "bf16"
+    state["kiln"]["precision"] = other
+    torch.save(state, last)
+    done = kiln("resume", str(run_dir), "--epochs", "2", "--new-schedule")
+    assert done.returncode == 0, done.stderr
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["runtime"]["precision"] == other and config["train"]["precision"] == other
+    assert torch.load(last, weights_only=True)["kiln"]["precision"] == other
