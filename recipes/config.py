@@ -34,6 +34,9 @@ def _check(condition: bool, message: str) -> None:
 #: The data sets a recipe can train on.
 DATASETS = ("digits", "synthetic", "cifar10", "imagefolder", "fashion-mnist", "mnist")
 
+#: The data sets read from files under ``data.data_dir``; the others are made in memory.
+FILE_DATASETS = ("cifar10", "imagefolder", "fashion-mnist", "mnist")
+
 
 #: The models kiln defines itself (``recipes.models``); any torchvision classification model works too.
 KILN_MODELS = ("small_cnn", "resnet9", "resnet18_32")
@@ -79,6 +82,7 @@ class DataConfig:
     data_dir: str = ""  #: where a data set on disk lives
     num_workers: int = 0  #: 0: in-memory batches sliced by index; N: a DataLoader with N workers (same batches)
     download: bool = False  #: cifar10: fetch the data set into data_dir with torchvision's downloader if it is missing
+    skip_bad_images: bool = False  #: imagefolder: skip unreadable image files (one warning line) instead of refusing
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, f"data.dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
@@ -89,6 +93,9 @@ class DataConfig:
         _check(self.samples >= 2, f"data.samples must be >= 2, not {self.samples}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, not {self.num_workers}")
         _check(self.num_classes >= 2, f"data.num_classes must be >= 2, not {self.num_classes}")
+        _check(not self.data_dir or self.dataset in FILE_DATASETS,
+               f"the {self.dataset} data set does not read files (kiln makes it in memory); --data-dir "
+               f"(data.data_dir) is for {', '.join(FILE_DATASETS[:-1])} and {FILE_DATASETS[-1]}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,7 @@ class TrainConfig:
     epochs: int = 10  #: passes over the training data
     seed: int = 0  #: seeds the split, the init, the batch order and every iteration's randomness
     device: str = "auto"  #: auto | cpu | cuda | cuda:N
-    precision: str = "auto"  #: auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16/fp16 on CUDA)
+    precision: str = "auto"  #: auto | fp32 | bf16 | fp16 (auto: bf16 on a CPU with AMX, else fp32; bf16/fp16 on CUDA)
     label_smoothing: float = 0.1  #: cross-entropy label smoothing
     clip_norm: float = 1.0  #: clip the total grad norm to this (0 = measure only)
     accumulation_steps: int = 1  #: batches per optimizer step
@@ -392,4 +399,6 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Rebuild a :class:`Config` from :func:`config_to_dict`'s output (extra top-level keys ignored)."""
     base = Config(name=str(data.get("name", "custom")), description=str(data.get("description", "")))
     flat = {f"{s}.{k}": v for s in SECTIONS for k, v in (data.get(s) or {}).items()}
+    if flat.get("data.dataset", base.data.dataset) not in FILE_DATASETS:
+        flat.pop("data.data_dir", None)  # older kiln recorded a --data-dir that an in-memory data set never read
     return apply_overrides(base, flat)

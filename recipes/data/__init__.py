@@ -13,13 +13,14 @@ from recipes.config import Config
 from recipes.data.base import Data, DataError, num_samples
 from recipes.data.batches import (EpochBatchSampler, LoaderBatches, TensorBatches, augment_batch, mix_seed,
                                   random_crop_flip, split_indices)
-from recipes.data.disk import cifar10_data, imagefolder_data
+from recipes.data.disk import cifar10_data, imagefolder_data, imagefolder_eval_data
 from recipes.data.idx import idx_data
 from recipes.data.memory import digits_tensors, in_memory_data, synthetic_tensors
 
 __all__ = [
     "load", "LOADERS", "Data", "DataError", "num_samples", "EpochBatchSampler", "TensorBatches", "LoaderBatches",
     "augment_batch", "mix_seed", "random_crop_flip", "split_indices", "digits_tensors", "synthetic_tensors",
+    "imagefolder_eval_data",
 ]
 
 #: data.dataset -> the function that reads it: ``(cfg, device) -> Data``.

@@ -15,9 +15,9 @@ from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccur
 from torch import nn
 
 from engine import Precision, create_evaluator
-from recipes.config import ConfigError, apply_overrides
-from recipes.data import DataError, num_samples
-from recipes.run.checkpoints import load_checkpoint
+from recipes.config import FILE_DATASETS, Config, ConfigError, apply_overrides
+from recipes.data import Data, DataError, imagefolder_eval_data, num_samples
+from recipes.run.checkpoints import load_checkpoint, with_run_precision
 from recipes.run.parts import make_data, make_model, resolve_runtime
 
 __all__ = ["FlipTTA", "evaluate", "evaluate_checkpoint", "format_evaluation", "eval_output_dir",
@@ -110,20 +110,42 @@ def eval_output_dir(checkpoint: str | Path) -> Path:
     return folder
 
 
+def _check_data_dir(cfg: Config, data_dir: str, path: str | Path) -> None:
+    """Refuse ``--data-dir`` for a model of a data set made in memory, and a folder that is not there."""
+    if cfg.data.dataset not in FILE_DATASETS:
+        raise ConfigError(f"{path} is a {cfg.name} model: the {cfg.data.dataset} data set is made in memory and reads "
+                          f"no files; --data-dir is for checkpoints of {', '.join(FILE_DATASETS)}")
+    if not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir}: no such directory")
+
+
+def _data_to_evaluate(cfg: Config, device: torch.device, other_data: bool) -> Data:
+    """The checkpoint's data set; for another image folder (``other_data``), its val/ folder or all its images."""
+    workers = cfg.data.num_workers if cfg.data.dataset == "imagefolder" else 0  # folders of images decode in workers
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers))
+    if other_data and cfg.data.dataset == "imagefolder":
+        return imagefolder_eval_data(cfg, device)
+    return make_data(cfg, device)
+
+
 def evaluate_checkpoint(path: str | Path, *, device: str | None = None, batch_size: int | None = None,
                         data_dir: str | None = None, tta: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint (last.pt or best-*.pt) on its recipe's validation data (or on ``data_dir``'s).
 
+    ``data_dir`` holds data of the checkpoint's data set, and its held-out part is evaluated: the test
+    files (cifar10, mnist, fashion-mnist), or an image folder's val/ folder, else all of its images.
     ``tta`` averages the logits of each image and its horizontal mirror. Returns ``{"loss",
     "accuracy", "samples", "epoch", "recipe", "device", "top5" (None under 5 classes), "per_class",
     "per_class_samples", "confusion_matrix" (rows: true class), "class_names", "tta"}``
     (see :func:`evaluate`).
 
     Raises:
-        ConfigError / DataError: an unusable checkpoint, missing data, or data whose classes differ
-            from the ones the checkpoint was trained on.
+        ConfigError / DataError: an unusable checkpoint, missing data, ``data_dir`` for a data set made
+            in memory, or data whose classes differ from the ones the checkpoint was trained on.
     """
     checkpoint, cfg = load_checkpoint(path)
+    if data_dir is not None:
+        _check_data_dir(cfg, data_dir, path)
     overrides: dict[str, Any] = {}
     if device is not None:
         overrides["train.device"] = device
@@ -131,10 +153,11 @@ def evaluate_checkpoint(path: str | Path, *, device: str | None = None, batch_si
         overrides["data.batch_size"] = batch_size
     if data_dir is not None:
         overrides["data.data_dir"] = data_dir
-    cfg = apply_overrides(cfg, overrides)
+        if cfg.data.dataset in ("fashion-mnist", "mnist"):
+            overrides["data.val_fraction"] = 0.0  # DIR's test files, not a split of its training files
+    cfg = with_run_precision(apply_overrides(cfg, overrides), checkpoint)
     dev, precision = resolve_runtime(cfg)
-    workers = cfg.data.num_workers if cfg.data.dataset == "imagefolder" else 0  # folders of images decode in workers
-    data = make_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers)), dev)
+    data = _data_to_evaluate(cfg, dev, other_data=data_dir is not None)
     val_data, num_classes = data.val, data.num_classes
     saved_names = list(checkpoint["kiln"].get("class_names") or [])
     data_names = data.class_names

@@ -1,6 +1,14 @@
 """Full evaluation: loss, top-1, top-5, per-class accuracy, the confusion matrix (text and PNG), flip TTA."""
 from __future__ import annotations
 
+import gzip
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,9 +16,13 @@ from torch import nn
 
 from recipes import RECIPES
 from recipes.config import apply_overrides
+from recipes.data.idx import IDX_FILES, LABELS_MAGIC
 from recipes.report.plots import plot_confusion_matrix
 from recipes.run.evaluate import FlipTTA, evaluate, format_evaluation
 from recipes.run import evaluate_checkpoint, train
+from tests.conftest import SINGLE_THREAD_ENV
+from tests.recipes.data.test_idx import idx_bytes, write_idx_set
+from tests.recipes.data.test_imagefolder import CLASSES, write_image_folder
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -113,3 +125,92 @@ def test_evaluate_checkpoint_keeps_its_keys_and_adds_the_new_figures(tmp_path):
     assert result["samples"] == 32 and result["epoch"] == 1 and result["recipe"] == "synthetic"
     assert result["class_names"] == [f"class{i}" for i in range(10)] and result["tta"]
     assert sum(map(sum, result["confusion_matrix"])) == 32 and result["top5"] >= result["accuracy"]
+
+
+# ------------------------------------------------------------------ kiln eval --data-dir, as real processes
+
+KILN = str(Path(sys.executable).with_name("kiln"))
+ENV = {**os.environ, **SINGLE_THREAD_ENV}
+PER_CLASS = re.compile(r"^\s+(\d+) (\S+)\s+\S+\s+\((\d+) images?\)$")
+
+
+def kiln(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([KILN, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900, check=False)
+
+
+def trained(tmp_path_factory, name: str, *args: str) -> Path:
+    """``kiln train ARGS --quiet`` into a fresh run directory; its last.pt."""
+    root = tmp_path_factory.mktemp(name)
+    result = kiln("train", *args, "--quiet", "--out", str(root / "run"), cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "run" / "checkpoints" / "last.pt"
+
+
+def images_per_class(stdout: str) -> dict[str, int]:
+    """The per-class image counts ``kiln eval`` printed, by class name."""
+    return {m[2]: int(m[3]) for m in (PER_CLASS.match(line) for line in stdout.splitlines()) if m}
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    return trained(tmp_path_factory, "digits", "digits", "--epochs", "1", "--set", "data.image_size=16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data_dir", ["FOLDER", "/nonexistent"])
+def test_eval_of_a_model_of_in_memory_data_refuses_a_data_dir(digits_checkpoint, tmp_path, data_dir):
+    data_dir = str(tmp_path) if data_dir == "FOLDER" else data_dir
+    result = kiln("eval", str(digits_checkpoint), "--data-dir", data_dir, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"kiln: error: {digits_checkpoint} is a digits model: the digits data set is made in "
+                             "memory and reads no files; --data-dir is for checkpoints of cifar10, imagefolder, "
+                             "fashion-mnist, mnist\n")
+    assert not (digits_checkpoint.parents[1] / "confusion_matrix.png").exists()
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory) -> tuple[Path, Path]:
+    """An mnist checkpoint trained on IDX files with 16 test images, and the folder of those files."""
+    data = write_idx_set(tmp_path_factory.mktemp("idx") / "data", train=64, test=16)
+    checkpoint = trained(tmp_path_factory, "mnist", "mnist", "--data-dir", str(data), "--epochs", "2",
+                         "--batch-size", "16", "--set", "model.channels=4,8")
+    return checkpoint, data
+
+
+@pytest.mark.slow
+def test_eval_with_a_data_dir_evaluates_that_folders_test_files(mnist, tmp_path):
+    checkpoint, _ = mnist
+    other = write_idx_set(tmp_path / "other", train=64, test=40, seed=1)
+    labels = other / (IDX_FILES["test"][1] + ".gz")
+    labels.write_bytes(gzip.compress(idx_bytes(np.full(40, 3, dtype=np.uint8), LABELS_MAGIC)))  # all 40 are "3"
+    own = kiln("eval", str(checkpoint), "--out", str(tmp_path), cwd=tmp_path)
+    there = kiln("eval", str(checkpoint), "--data-dir", str(other), "--out", str(tmp_path), cwd=tmp_path)
+    assert own.returncode == 0 and there.returncode == 0, there.stderr
+    assert "on 16 validation images" in own.stdout.splitlines()[0]
+    assert images_per_class(own.stdout) == {str(i): count for i, count in enumerate([2] * 6 + [1] * 4)}
+    assert "on 40 validation images" in there.stdout.splitlines()[0]
+    assert images_per_class(there.stdout) == {str(i): 40 if i == 3 else 0 for i in range(10)}
+    class_3 = next(line for line in there.stdout.splitlines() if PER_CLASS.match(line) and line.split()[0] == "3")
+    headline = there.stdout.splitlines()[-1].split()
+    assert headline[2:4] == ["accuracy", class_3.split()[2]]  # one class there: its accuracy is the accuracy
+
+
+@pytest.mark.slow
+def test_eval_of_a_file_recipe_on_a_missing_folder_is_one_line(mnist, tmp_path):
+    result = kiln("eval", str(mnist[0]), "--data-dir", "/nonexistent", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "kiln: error: --data-dir /nonexistent: no such directory\n"
+
+
+@pytest.mark.slow
+def test_eval_with_an_image_folder_evaluates_its_val_folder_or_all_its_images(tmp_path_factory, tmp_path):
+    folder = write_image_folder(tmp_path_factory.mktemp("images"), {"": 8})
+    checkpoint = trained(tmp_path_factory, "imagefolder", "imagefolder", "--data-dir", str(folder), "--model",
+                         "small_cnn", "--image-size", "16", "--num-workers", "0", "--epochs", "2", "--batch-size", "4")
+    flat = write_image_folder(tmp_path / "flat", {"": 5})
+    split = write_image_folder(tmp_path / "split", {"train": 4, "val": 3})
+    for data_dir, count in ((flat, 5), (split, 3)):
+        result = kiln("eval", str(checkpoint), "--data-dir", str(data_dir), "--out", str(tmp_path), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert f"on {3 * count} validation images" in result.stdout.splitlines()[0]
+        assert images_per_class(result.stdout) == {name: count for name in CLASSES}
