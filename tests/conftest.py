@@ -1,6 +1,10 @@
 """Tiny shared fixtures: a 2-conv CNN on random 3x16x16 tensors, a few batches of it, the digits tensors."""
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -20,6 +24,21 @@ torch.set_num_threads(1)
 
 #: tests/data holds files other code wrote (a script there ran on an older kiln): data, not tests.
 collect_ignore_glob = ["data/*"]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real small file system of ``size`` (e.g. "3m") mounted at ``path`` (made here) for the block, then
+    lazily unmounted. Mounting needs root (CI runs as root); elsewhere the test is skipped with the reason."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                             check=False)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'needs root'})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 class TinyCNN(nn.Sequential):

@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from callbacks import AMP, GradClip, TensorBoard, Validation
 from engine import EpochEvents, create_evaluator, create_trainer
+from tests.conftest import tmpfs
 
 
 def _scalars(log_dir):
@@ -129,17 +130,9 @@ def test_a_full_disk_is_one_error_naming_the_folder_then_silence(tmp_path):
     import sys
     from pathlib import Path
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
-                             check=False)
-    if mounted.returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "disk", "1m") as disk:
         result = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(disk)], capture_output=True, text=True,
                                 timeout=120, cwd=Path(__file__).resolve().parents[2], check=False)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"no space left on device: {disk / 'tb'}", "closed"]
     assert result.stderr == ""

@@ -15,7 +15,7 @@ import torch
 
 from recipes.config import ConfigError
 from recipes.run.lock import RunLock
-from tests.conftest import SINGLE_THREAD_ENV
+from tests.conftest import SINGLE_THREAD_ENV, tmpfs
 
 KILN = [sys.executable, "-m", "recipes.cli"]
 REPO = Path(__file__).resolve().parents[3]
@@ -221,18 +221,10 @@ def test_a_stop_signal_during_the_report_skips_it_and_exits_with_the_runs_status
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A small tmpfs holding an empty folder ``parent``, remounted read-only."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=False,
-                             capture_output=True)
-    if mounted.returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "ro", "1m") as mount:
         (mount / "parent").mkdir()
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False, capture_output=True)
 
 
 def test_an_out_that_cannot_be_written_is_one_line_before_the_data_loads(read_only_dir, tmp_path):

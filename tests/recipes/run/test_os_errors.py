@@ -4,7 +4,6 @@ that cannot be written, in its line), and the last.pt written before still loads
 small tmpfs mounts (the tests run as root; elsewhere they are skipped with the reason)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SINGLE_THREAD_ENV
+from tests.conftest import SINGLE_THREAD_ENV, tmpfs
 
 KILN = [sys.executable, "-m", "recipes.cli"]
 REPO = Path(__file__).resolve().parents[3]
@@ -28,19 +27,6 @@ FULL = "no space left on device"
 def kiln(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*KILN, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
                           check=False)
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Path:
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                             check=False)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'needs root'})")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
 @pytest.fixture
