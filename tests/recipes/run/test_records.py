@@ -7,21 +7,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.recipes.run.test_resume import FAST, KILN, REPO, TIMING_KEYS  # the same small digits run
+
 pytestmark = pytest.mark.slow
 
-KILN = [sys.executable, "-m", "recipes.cli"]
-REPO = Path(__file__).resolve().parents[3]
-# The real digits recipe, small: 2 epochs of 23 iterations at 16x16, a steps line every iteration.
-FAST = ["--epochs", "2", "--set", "data.image_size=16", "--set", "train.log_every=1",
-        "--set", "checkpoint.every_iterations=4", "--quiet"]
-TIMING_KEYS = {"epoch_seconds", "images_per_second"}
 RECORDS = ("metrics.jsonl", "steps.jsonl", "events.jsonl")
 
 
