@@ -18,7 +18,7 @@ from engine.precision import PRECISIONS
 __all__ = [
     "Config", "CheckpointConfig", "DataConfig", "GuardConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
     "TrainConfig", "ConfigError", "apply_overrides", "config_to_dict", "config_from_dict", "field_paths", "hparams",
-    "with_max_lr", "OPTION_KEYS", "LEGACY_KEYS", "KILN_MODELS", "SECTIONS",
+    "with_max_lr", "with_class_count", "OPTION_KEYS", "LEGACY_KEYS", "KILN_MODELS", "SECTIONS",
 ]
 
 
@@ -78,7 +78,7 @@ class DataConfig:
     image_size: int = 32  #: images are resized to image_size x image_size
     augment: str = "none"  #: none | crop | crop+flip (batched, seeded by position)
     samples: int = 1024  #: synthetic only: how many images
-    num_classes: int = 10  #: synthetic only: how many classes
+    num_classes: int = 10  #: synthetic: how many classes to make; the others record their data's count here
     data_dir: str = ""  #: where a data set on disk lives
     num_workers: int = 0  #: 0: in-memory batches sliced by index; N: a DataLoader with N workers (same batches)
     download: bool = False  #: cifar10: fetch the data set into data_dir with torchvision's downloader if it is missing
@@ -368,6 +368,18 @@ def with_max_lr(cfg: Config, max_lr: float) -> Config:
         (0.05, 0.005)
     """
     return apply_overrides(cfg, {"schedule.max_lr": max_lr, "optim.lr": max_lr / cfg.div_factor})
+
+
+def with_class_count(cfg: Config, num_classes: int) -> Config:
+    """``cfg`` with ``data.num_classes`` set to the number of classes its data set turned out to have.
+
+    The synthetic data set makes ``data.num_classes`` classes; every other data set has its own, and
+    the saved config records that number rather than the unused default. Resuming ignores the field for
+    those data sets (see ``recipes.run.checkpoints.run_changing_differences``).
+    """
+    if cfg.data.num_classes == num_classes:
+        return cfg
+    return apply_overrides(cfg, {"data.num_classes": num_classes})
 
 
 def hparams(cfg: Config) -> dict[str, bool | int | float | str]:

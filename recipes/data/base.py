@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from recipes.data.preprocess import Preprocessing
+
 __all__ = ["Data", "DataError", "num_samples"]
 
 
@@ -25,6 +27,7 @@ class Data:
     in_channels: int
     num_classes: int
     class_names: list[str] = field(default_factory=list)  #: the classes in label order
+    preprocessing: Preprocessing | None = None  #: how an image becomes an input of ``val`` (checkpoints record it)
 
 
 def num_samples(data: Any) -> int:

@@ -24,11 +24,13 @@ from recipes.config import Config
 from recipes.data.base import Data, DataError
 from recipes.data.batches import (EpochBatchSampler, LoaderBatches, TensorBatches, mix_seed, random_crop_flip,
                                   split_indices)
+from recipes.data.preprocess import Preprocessing
 
 log = logging.getLogger("kiln")
 
 __all__ = [
-    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "load_cifar10", "cifar10_data",
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10_PREPROCESSING", "IMAGENET_MEAN", "IMAGENET_STD",
+    "load_cifar10", "read_cifar_batch", "cifar10_data", "imagefolder_preprocessing",
     "SeededSamples", "SampleEpochBatchSampler", "imagefolder_transforms", "imagefolder_data", "imagefolder_classes",
     "imagefolder_eval_data", "unreadable_images",
 ]
@@ -65,7 +67,12 @@ def _get(entry: dict, key: str) -> Any:
     return entry.get(key.encode())
 
 
-def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR batch file (torchvision's python pickle): uint8 images ``(N, 3, 32, 32)`` and int64 labels.
+
+    Raises:
+        DataError: the file is not a CIFAR batch (one line with the reason).
+    """
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="latin1")  # the format is a pickle: torchvision reads it the same way
@@ -127,8 +134,8 @@ def load_cifar10(data_dir: str | Path, download: bool = False) -> tuple[torch.Te
         raise DataError(f"{what} in {folder} (kiln looks for data_batch_1..5 and test_batch there); get them with: "
                         f"kiln train cifar10 --data-dir {data_dir} --download")
     folder = _cifar_folder(data_dir)
-    train = [_read_cifar_batch(folder / name) for name in _CIFAR_TRAIN]
-    x_test, y_test = _read_cifar_batch(folder / _CIFAR_TEST)
+    train = [read_cifar_batch(folder / name) for name in _CIFAR_TRAIN]
+    x_test, y_test = read_cifar_batch(folder / _CIFAR_TEST)
     x_train = torch.cat([x for x, _ in train])
     y_train = torch.cat([y for _, y in train])
     classes = _cifar_class_names(folder)
@@ -138,10 +145,8 @@ def load_cifar10(data_dir: str | Path, download: bool = False) -> tuple[torch.Te
     return x_train, y_train, x_test, y_test, classes
 
 
-def _normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x.float().div_(255.0) - m) / s
+#: CIFAR-10's 32x32 RGB images, normalised with the training set's per-channel statistics.
+CIFAR10_PREPROCESSING = Preprocessing(mode="RGB", size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
 
 def cifar10_data(cfg: Config, device: torch.device) -> Data:
@@ -158,8 +163,8 @@ def cifar10_data(cfg: Config, device: torch.device) -> Data:
         raise DataError("cifar10 needs --data-dir DIR (the folder holding cifar-10-batches-py/); get the data set "
                         "with: kiln train cifar10 --data-dir DIR --download")
     x_train, y_train, x_test, y_test, classes = load_cifar10(d.data_dir, d.download)
-    x_train = _normalise(x_train.to(device), CIFAR10_MEAN, CIFAR10_STD)
-    x_test = _normalise(x_test.to(device), CIFAR10_MEAN, CIFAR10_STD)
+    x_train = CIFAR10_PREPROCESSING.from_uint8(x_train.to(device))
+    x_test = CIFAR10_PREPROCESSING.from_uint8(x_test.to(device))
     augment = None
     if d.augment != "none":
         flip = d.augment == "crop+flip"
@@ -167,7 +172,7 @@ def cifar10_data(cfg: Config, device: torch.device) -> Data:
     seed = cfg.train.seed
     train = TensorBatches(x_train, y_train.to(device), d.batch_size, shuffle=True, seed=seed, augment=augment)
     val = TensorBatches(x_test, y_test.to(device), max(d.batch_size, 512), shuffle=False)
-    return Data(train, val, 3, len(classes), classes)
+    return Data(train, val, 3, len(classes), classes, CIFAR10_PREPROCESSING)
 
 
 # ------------------------------------------------------------------------------------------ image folders
@@ -221,22 +226,28 @@ class SeededSamples(torch.utils.data.Dataset):
             return self.transform(image), label
 
 
+def imagefolder_preprocessing(image_size: int) -> Preprocessing:
+    """An image folder's evaluation transform: RGB, shorter side to ``int(image_size * 1.14)``, a center crop of
+    ``image_size``, ImageNet's mean and std (what torchvision's classification models are trained with)."""
+    return Preprocessing(mode="RGB", size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                         resize=int(image_size * 1.14))
+
+
 def imagefolder_transforms(image_size: int, augment: str = "crop+flip") -> tuple[Callable, Callable]:
     """``(train, eval)`` transforms: the standard ImageNet-style ones at ``image_size``.
 
-    Train: RandomResizedCrop(image_size) (``augment`` crop or crop+flip; else the eval resize and
-    center crop), RandomHorizontalFlip (crop+flip), ToTensor, Normalize(ImageNet mean and std).
-    Eval: Resize(int(image_size * 1.14)), CenterCrop(image_size), ToTensor, Normalize.
+    Train: RandomResizedCrop(image_size) (``augment`` crop or crop+flip), RandomHorizontalFlip
+    (crop+flip), ToTensor, Normalize(ImageNet mean and std); with ``augment`` none, the eval transform.
+    Eval: :func:`imagefolder_preprocessing` (resize, center crop and normalize on the float image), the
+    transform ``kiln predict`` and exported models document.
     """
     from torchvision import transforms as T
 
-    tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    resize = [T.Resize(int(image_size * 1.14)), T.CenterCrop(image_size)]
+    evaluation = imagefolder_preprocessing(image_size)
     if augment == "none":
-        train = resize
-    else:
-        train = [T.RandomResizedCrop(image_size)] + ([T.RandomHorizontalFlip()] if augment == "crop+flip" else [])
-    return T.Compose(train + tail), T.Compose(resize + tail)
+        return evaluation, evaluation
+    train = [T.RandomResizedCrop(image_size)] + ([T.RandomHorizontalFlip()] if augment == "crop+flip" else [])
+    return T.Compose(train + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]), evaluation
 
 
 def _image_folder(root: Path, two_classes: bool = True) -> Any:
@@ -391,7 +402,7 @@ def imagefolder_data(cfg: Config, device: torch.device) -> Data:
     train_loader = torch.utils.data.DataLoader(SeededSamples(train_set, train_idx, train_tf, seed=seed),
                                                batch_sampler=train_sampler, **_loader_args(cfg, device))
     return Data(LoaderBatches(train_loader, seed=seed), _eval_batches(val_set, val_idx, cfg, device), 3,
-                len(train_set.classes), list(train_set.classes))
+                len(train_set.classes), list(train_set.classes), imagefolder_preprocessing(d.image_size))
 
 
 def _loader_args(cfg: Config, device: torch.device) -> dict[str, Any]:
@@ -420,4 +431,5 @@ def imagefolder_eval_data(cfg: Config, device: torch.device) -> Data:
     dataset = _image_folder(val_dir or train_dir)
     _screen_images([dataset], cfg.data.skip_bad_images)
     batches = _eval_batches(dataset, range(len(dataset)), cfg, device)
-    return Data(batches, batches, 3, len(dataset.classes), list(dataset.classes))
+    return Data(batches, batches, 3, len(dataset.classes), list(dataset.classes),
+                imagefolder_preprocessing(cfg.data.image_size))

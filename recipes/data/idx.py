@@ -23,6 +23,7 @@ import torch
 
 from recipes.data.base import Data, DataError
 from recipes.data.batches import TensorBatches, random_crop_flip, split_indices
+from recipes.data.preprocess import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
     from recipes.config import Config
@@ -151,10 +152,8 @@ def idx_data(cfg: "Config", device: torch.device) -> Data:
         x_test, y_test = x_train[val_idx], y_train[val_idx]
         x_train, y_train = x_train[train_idx], y_train[train_idx]
     scaled = x_train.float().div_(255.0)
-    mean, std = float(scaled.mean()), float(scaled.std())
-
-    def prepare(xb: torch.Tensor) -> torch.Tensor:  # uint8 -> normalised float, on the device, per batch
-        return (xb.float() * (1.0 / (255.0 * std))) - (mean / std)
+    preprocessing = Preprocessing(mode="L", size=28, mean=(float(scaled.mean()),), std=(float(scaled.std()),))
+    prepare = preprocessing.from_uint8  # uint8 -> normalised float, on the device, per batch
 
     augment = None
     if d.augment != "none":
@@ -165,4 +164,4 @@ def idx_data(cfg: "Config", device: torch.device) -> Data:
                           augment=augment, prepare=prepare)
     val = TensorBatches(x_test.to(device), y_test.to(device), max(d.batch_size, 512), shuffle=False, prepare=prepare)
     names = list(FASHION_MNIST_CLASSES) if d.dataset == "fashion-mnist" else [str(i) for i in range(10)]
-    return Data(train, val, 1, 10, names)
+    return Data(train, val, 1, 10, names, preprocessing)

@@ -13,6 +13,7 @@ import torch
 from recipes.data.base import Data, DataError
 from recipes.data.batches import EpochBatchSampler, LoaderBatches, TensorBatches, random_crop_flip, split_indices
 from recipes.data.builtin import DIGITS_CLASSES, digits_tensors, synthetic_tensors
+from recipes.data.preprocess import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
     from recipes.config import Config
@@ -35,8 +36,11 @@ def in_memory_data(cfg: "Config", device: torch.device) -> Data:
     if d.val_fraction <= 0:
         raise DataError(f"{d.dataset} has no validation split of its own: data.val_fraction must be > 0")
     train_idx, val_idx = split_indices(len(x), d.val_fraction, cfg.train.seed)
-    mean, std = x[train_idx].mean(), x[train_idx].std()
-    x = (x - mean) / std
+    channels = x.shape[1]
+    mean, std = float(x[train_idx].mean()), float(x[train_idx].std())  # one figure for every channel
+    preprocessing = Preprocessing(mode="L" if channels == 1 else "RGB", size=d.image_size, mean=(mean,) * channels,
+                                  std=(std,) * channels)
+    x = preprocessing.normalize(x)
     augment = None
     if d.augment != "none":
         flip = d.augment == "crop+flip"
@@ -54,4 +58,4 @@ def in_memory_data(cfg: "Config", device: torch.device) -> Data:
                               seed=seed, augment=augment)
     val = TensorBatches(x[val_idx.to(x.device)].to(device), y[val_idx.to(y.device)].to(device),
                         max(d.batch_size, 256), shuffle=False)
-    return Data(train, val, x.shape[1], len(class_names), class_names)
+    return Data(train, val, channels, len(class_names), class_names, preprocessing)

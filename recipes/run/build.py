@@ -19,10 +19,11 @@ from callbacks import (AMP, EMA, Checkpointer, EarlyStop, GracefulStop, GradClip
 from callbacks._files import append_jsonl, os_error_line, write_json_atomic
 from engine import Precision, create_evaluator, create_trainer
 from engine.rng import RNGState
-from recipes.config import Config, ConfigError, config_to_dict, hparams
+from recipes.config import Config, ConfigError, config_to_dict, hparams, with_class_count
 from recipes.data import mix_seed, num_samples
 from recipes.run.checkpoints import RunMeta
 from recipes.run.compiled import CompiledForward
+from recipes.run.inference import inference_record
 from recipes.run.lock import LOCK_NAME, RunLock, discarded_on_failure
 from recipes.run.parts import (load_initial_weights, make_data, make_loss, make_model, make_optimizer, make_schedule,
                                resolve_runtime)
@@ -55,6 +56,7 @@ class Assembly:
     stop_signal: int | None = None
     class_names: list[str] = field(default_factory=list)  #: the data set's classes, in label order
     world_size: int = 1  #: data-parallel processes; only rank 0 writes files and prints
+    inference: dict[str, Any] = field(default_factory=dict)  #: how to rebuild and feed the model (inference_record)
 
     @property
     def writes(self) -> bool:
@@ -83,10 +85,10 @@ class Assembly:
                 **{n: self.handlers[n] for n in names}, **optional, "rng": RNGState(), "kiln": self.meta()}
 
     def meta(self) -> RunMeta:
-        """The ``kiln`` section of this run's checkpoints: the config, the class names, the process count
-        and the precision ``auto`` resolved to (resume and eval keep it)."""
+        """The ``kiln`` section of this run's checkpoints: the config, the class names, the process count,
+        the precision ``auto`` resolved to (resume, eval and predict keep it) and the inference record."""
         return RunMeta(self.config, extra={"class_names": list(self.class_names), "world_size": self.world_size,
-                                           "precision": self.precision.name})
+                                           "precision": self.precision.name, "inference": self.inference})
 
 
 def versions() -> dict[str, str]:
@@ -227,6 +229,7 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
 
     torch.manual_seed(t.seed)
     data = make_data(cfg, device)
+    cfg = with_class_count(cfg, data.num_classes)  # config.json and checkpoints say how many classes there are
     train_data, val_data, num_classes = data.train, data.val, data.num_classes
     if world_size > 1:  # each rank reads every world_size-th sample of the same (seed, epoch) order
         _shard(train_data, rank, world_size)
@@ -285,7 +288,8 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
         min_loss_scale=g.min_loss_scale, max_loss_ratio=g.max_loss_ratio or None,
         events_path=events_path)
     run = Assembly(cfg, run_dir, device, precision, model, optimizer, trainer, evaluator, train_data, val_data, handlers,
-                   class_names=data.class_names, world_size=world_size)
+                   class_names=data.class_names, world_size=world_size,
+                   inference=inference_record(cfg, data.in_channels, num_classes, data.preprocessing))
     if weights_note is not None and writes:
         append_jsonl(run.events_path, {"event": "weights", "path": cfg.model.weights, "note": weights_note})
         if not quiet:
@@ -314,7 +318,7 @@ def write_config(run: Assembly) -> None:
         **config_to_dict(run.config),
         "runtime": {"device": str(run.device), "precision": run.precision.name,
                     "batches_per_epoch": len(run.train_data), "val_samples": num_samples(run.val_data),
-                    "class_names": list(run.class_names), "world_size": run.world_size,
+                    "class_names": list(run.class_names), **run.inference, "world_size": run.world_size,
                     "global_batch_size": run.config.data.batch_size * run.world_size,
                     "command": " ".join(sys.argv)},
         "versions": versions(),

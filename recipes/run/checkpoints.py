@@ -125,10 +125,15 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_changing_differences(saved: Config, requested: Config) -> list[str]:
-    """``key: saved -> requested`` for every field that would make the continued run a different run."""
+    """``key: saved -> requested`` for every field that would make the continued run a different run.
+
+    ``data.num_classes`` counts only for the synthetic data set (it makes that many classes); for the
+    others a saved config records the data's own count there (:func:`recipes.config.with_class_count`).
+    """
     a, b = _flatten(config_to_dict(saved)), _flatten(config_to_dict(requested))
+    neutral = set(RUN_NEUTRAL_KEYS) | ({"data.num_classes"} if saved.data.dataset != "synthetic" else set())
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in RUN_NEUTRAL_KEYS and not k.startswith("guard.")]
+            if a.get(k) != b.get(k) and k not in neutral and not k.startswith("guard.")]
 
 
 def with_run_precision(cfg: Config, checkpoint: Mapping[str, Any]) -> Config:

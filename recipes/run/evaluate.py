@@ -17,8 +17,9 @@ from torch import nn
 from engine import Precision, create_evaluator
 from recipes.config import FILE_DATASETS, Config, ConfigError, apply_overrides
 from recipes.data import Data, DataError, imagefolder_eval_data, num_samples
-from recipes.run.checkpoints import load_checkpoint, with_run_precision
-from recipes.run.parts import make_data, make_model, resolve_runtime
+from recipes.run.checkpoints import load_checkpoint
+from recipes.run.inference import load
+from recipes.run.parts import make_data
 
 __all__ = ["FlipTTA", "evaluate", "evaluate_checkpoint", "format_evaluation", "eval_output_dir",
            "MAX_PRINTED_CLASSES"]
@@ -39,8 +40,9 @@ class FlipTTA(nn.Module):
 
 
 def evaluate(model: nn.Module, data: Iterable, num_classes: int, *, device: torch.device,
-             precision: Precision | str = "auto", tta: bool = False) -> dict[str, Any]:
-    """Run ``model`` over ``data`` (``(x, y)`` batches); return the figures.
+             precision: Precision | str = "auto", tta: bool = False,
+             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, Any]:
+    """Run ``model`` over ``data`` (``(x, y)`` batches), inputs in ``memory_format``; return the figures.
 
     Returns ``{"loss", "accuracy", "top5" (None with fewer than 5 classes), "per_class" (accuracy per
     class, None for a class without samples), "per_class_samples", "confusion_matrix" (rows: true
@@ -53,7 +55,8 @@ def evaluate(model: nn.Module, data: Iterable, num_classes: int, *, device: torc
     }
     if num_classes >= 5:
         metrics["top5"] = TopKCategoricalAccuracy(k=5, device=device)
-    evaluator = create_evaluator(FlipTTA(model) if tta else model, metrics, device=device, precision=precision)
+    evaluator = create_evaluator(FlipTTA(model) if tta else model, metrics, device=device, precision=precision,
+                                 memory_format=memory_format)
     figures = evaluator.run(data).metrics
     matrix = figures["confusion_matrix"].detach().cpu().long()
     counts = matrix.sum(dim=1)
@@ -143,33 +146,26 @@ def evaluate_checkpoint(path: str | Path, *, device: str | None = None, batch_si
         ConfigError / DataError: an unusable checkpoint, missing data, ``data_dir`` for a data set made
             in memory, or data whose classes differ from the ones the checkpoint was trained on.
     """
-    checkpoint, cfg = load_checkpoint(path)
+    _, saved_cfg = load_checkpoint(path)
     if data_dir is not None:
-        _check_data_dir(cfg, data_dir, path)
+        _check_data_dir(saved_cfg, data_dir, path)
+    trained = load(path, device=device)
     overrides: dict[str, Any] = {}
-    if device is not None:
-        overrides["train.device"] = device
     if batch_size is not None:
         overrides["data.batch_size"] = batch_size
     if data_dir is not None:
         overrides["data.data_dir"] = data_dir
-        if cfg.data.dataset in ("fashion-mnist", "mnist"):
+        if saved_cfg.data.dataset in ("fashion-mnist", "mnist"):
             overrides["data.val_fraction"] = 0.0  # DIR's test files, not a split of its training files
-    cfg = with_run_precision(apply_overrides(cfg, overrides), checkpoint)
-    dev, precision = resolve_runtime(cfg)
-    data = _data_to_evaluate(cfg, dev, other_data=data_dir is not None)
-    val_data, num_classes = data.val, data.num_classes
-    saved_names = list(checkpoint["kiln"].get("class_names") or [])
-    data_names = data.class_names
-    if saved_names and cfg.data.dataset == "imagefolder" and data_names != saved_names:
-        raise DataError(f"the data in {cfg.data.data_dir} has classes {data_names}; {path} was trained on {saved_names}")
-    model = make_model(cfg, data.in_channels, num_classes).to(dev)
-    try:
-        model.load_state_dict(checkpoint["ema_model" if "ema_model" in checkpoint else "model"])  # EMA weights first
-    except (RuntimeError, KeyError) as e:
-        raise ConfigError(f"{path}: the model weights do not fit the recipe's model ({str(e).splitlines()[0]})") from None
-    result = evaluate(model, val_data, num_classes, device=dev, precision=precision, tta=tta)
-    trainer_state = checkpoint.get("trainer") or {}
-    epoch = int(trainer_state["iteration"]) // int(trainer_state["epoch_length"]) if trainer_state else None
-    return {**result, "samples": num_samples(val_data), "epoch": epoch, "recipe": cfg.name, "device": str(dev),
-            "class_names": saved_names or data_names, "weights": "ema" if "ema_model" in checkpoint else "model"}
+    cfg = apply_overrides(trained.config, overrides)
+    data = _data_to_evaluate(cfg, trained.device, other_data=data_dir is not None)
+    if cfg.data.dataset == "imagefolder" and data.class_names != trained.class_names:
+        raise DataError(f"the data in {cfg.data.data_dir} has classes {data.class_names}; {path} was trained on "
+                        f"{trained.class_names}")
+    if data.num_classes != len(trained.class_names):
+        raise ConfigError(f"{path}: the model has {len(trained.class_names)} classes, its data set {data.num_classes}")
+    memory_format = torch.channels_last if trained.channels_last else torch.contiguous_format
+    result = evaluate(trained.model, data.val, data.num_classes, device=trained.device, precision=trained.precision,
+                      tta=tta, memory_format=memory_format)
+    return {**result, "samples": num_samples(data.val), "epoch": trained.epoch, "recipe": cfg.name,
+            "device": str(trained.device), "class_names": trained.class_names, "weights": trained.weights}

@@ -3,8 +3,10 @@
 ``tests/data/pre_guard_run`` was written by kiln at commit 914fbf2 (``make_old_run.py`` there): a tiny
 digits run stopped by SIGTERM at iteration 15 of 24 (its config has the old flat ``train.nan_*`` keys,
 two of them changed from the defaults), and the final weights and metrics of the same run left
-uninterrupted. On a CPU like the one that wrote them, the resumed run must equal that run bit for bit;
-elsewhere the CPU's kernels may round differently, so the weights must agree to float32 precision.
+uninterrupted. It was bit-identical to that run until the digits became 8-bit images (the
+commit that made checkpoints record their preprocessing: pixels moved by at most 0.5/255); the last 9
+iterations now train on those, so the weights must agree to within what that moves them (measured:
+2.3e-4 at most) and the accuracy to within one image.
 """
 from __future__ import annotations
 
@@ -21,18 +23,6 @@ from recipes.run.checkpoints import load_checkpoint
 from tests.recipes import kiln_in_process
 
 FIXTURE = Path(__file__).resolve().parents[2] / "data" / "pre_guard_run"
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
-def _same_cpu() -> bool:
-    written = json.loads((FIXTURE / "written_on.json").read_text())
-    return written["cpu"] == _cpu_model() and written["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_an_old_checkpoint_loads_with_its_guard_settings_mapped():
@@ -59,15 +49,9 @@ def test_an_old_run_directory_resumes_to_the_run_it_would_have_been(tmp_path):
     ours = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     theirs = [json.loads(line) for line in (FIXTURE / "reference_metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in ours] == [m["epoch"] for m in theirs] == [1, 2]
-    if _same_cpu():
-        for name, tensor in reference["model"].items():
-            assert torch.equal(final["model"][name], tensor), name
-        for a, b in zip(ours, theirs):
-            assert (a["train_loss"], a["val_loss"], a["val_accuracy"]) == (b["train_loss"], b["val_loss"], b["val_accuracy"])
-    else:
-        for name, tensor in reference["model"].items():
-            torch.testing.assert_close(final["model"][name], tensor, rtol=1e-4, atol=1e-5)
-        assert ours[-1]["val_accuracy"] == pytest.approx(theirs[-1]["val_accuracy"], abs=0.01)
+    for name, tensor in reference["model"].items():
+        torch.testing.assert_close(final["model"][name], tensor, rtol=1e-2, atol=1e-3)
+    assert ours[-1]["val_accuracy"] == pytest.approx(theirs[-1]["val_accuracy"], abs=1.5 / 359)
 
 
 @pytest.mark.parametrize("old, new", sorted(LEGACY_KEYS.items()))
