@@ -68,3 +68,10 @@ def test_the_readme_whole_run_example_runs_as_written(tmp_path):
     assert status == "completed" and float(accuracy) >= 0.9
     assert f"report: {Path('runs/py-digits/report.html')}" in result.stdout
     assert (tmp_path / "runs" / "py-digits" / "plots" / "loss.png").exists()
+
+
+def test_the_readmes_torch_only_snippet_is_the_file_the_export_tests_run():
+    """tests/recipes/tools/test_export.py runs docs/load_without_kiln.py with kiln hidden; the README shows its code."""
+    code = (ROOT / "docs" / "load_without_kiln.py").read_text().split('"""', 2)[2].lstrip("\n")
+    assert f"```python\n{code}```" in (ROOT / "README.md").read_text(), \
+        "README.md's snippet for loading an export without kiln and docs/load_without_kiln.py differ"
