@@ -25,12 +25,18 @@ class GracefulStop:
     stopped run never skips an epoch's validation and records. A second SIGINT raises
     ``KeyboardInterrupt`` at once. The previous signal handlers come back when the run ends
     (``restore()``, also called on COMPLETED). Signals can only be caught in the main thread;
-    elsewhere this handler does nothing. Under data parallelism the ranks agree after every iteration
-    (one all-reduce of a flag) so that all of them stop after the same one.
+    elsewhere this handler does nothing. Under data parallelism the ranks agree every ``agree_every``
+    iterations and at each epoch's end (one all-reduce of a flag; on a GPU each is a collective and a
+    sync, too dear for every step), so that all of them stop after the same iteration, at most
+    ``agree_every - 1`` iterations after the signal.
 
     Events: STARTED (installs the handlers), ITERATION_STARTED, EpochEvents.EPOCH_RECORDED (deferred
     stops), ITERATION_COMPLETED (ranks agree), COMPLETED (restores them). Calls ``engine.terminate()``.
     ``received`` is the signal number that stopped the run, or None. State: none (per process).
+
+    Args:
+        signals: the signals that stop the run.
+        agree_every: with several processes, iterations between the ranks' agreements on a stop.
 
     Example:
         >>> stop = GracefulStop()
@@ -38,8 +44,11 @@ class GracefulStop:
         True
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), agree_every: int = 10) -> None:
+        if agree_every < 1:
+            raise ValueError(f"agree_every must be >= 1, not {agree_every}")
         self.signals = signals
+        self.agree_every = agree_every
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
         self._engine: Engine | None = None
@@ -65,14 +74,15 @@ class GracefulStop:
 
     def _agree_across_ranks(self, engine: Engine) -> None:
         # Under data parallelism every rank must stop after the same iteration, or the others would
-        # wait forever in the next all-reduce: the ranks agree on "any rank got a signal" each step.
-        if idist.get_world_size() == 1:
+        # wait forever in the next all-reduce: the ranks agree on "any rank got a signal" at iterations
+        # they all know (every agree_every, and the epoch's last: a stop then waits for its records).
+        s = engine.state
+        if idist.get_world_size() == 1 or not (s.iteration % self.agree_every == 0 or is_epoch_end(s)):
             return
         flag = torch.tensor([self.received or 0], device=idist.device())
         agreed = int(idist.all_reduce(flag, op="MAX").item())
         if agreed and not (self._pending or engine.should_terminate):
             self.received = agreed
-            s = engine.state
             if is_epoch_end(s):
                 self._pending = True
             else:

@@ -74,8 +74,11 @@ def test_sigterm_to_the_launcher_stops_every_rank_and_resume_is_bit_identical(tw
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-2000:]
     assert summary(run_dir)["status"] == "interrupted"
-    stopped = final_state(run_dir)["trainer"]["iteration"]
+    state = final_state(run_dir)["trainer"]
+    stopped = state["iteration"]
     assert 17 <= stopped < 48
+    # the ranks agree on a stop every 10 iterations and at epoch ends, not after every step
+    assert stopped % 10 == 0 or stopped % state["epoch_length"] == 0, stopped
 
     wrong = kiln("resume", str(run_dir))
     assert wrong.returncode == 2 and "--nproc-per-node 2" in wrong.stderr
