@@ -49,6 +49,17 @@ def is_epoch_end(state: Any) -> bool:
     return bool(state.epoch_length) and state.iteration % state.epoch_length == 0
 
 
+def _fire(engine: Engine, event: Any) -> None:
+    """Fire one of kiln's step events, only if a handler listens.
+
+    ``Engine.fire_event`` first checks that the event is registered by comparing it with every allowed
+    event, one Python ``__eq__`` each (about 10 us a call, four calls a step); kiln's step events are
+    registered by ``create_trainer`` itself, so the step goes to ignite's dispatch directly.
+    """
+    if engine._event_handlers.get(event):
+        engine._fire_event(event)
+
+
 def iteration_seed(seed: int, iteration: int) -> int:
     """The torch seed of one iteration: a pure function of the run seed and the iteration number."""
     return (seed * 1_000_003 + iteration * 7919) % (2**63 - 1)
@@ -141,7 +152,7 @@ def create_trainer(
         state.epoch_loss_count += torch.where(finite, x.shape[0], 0)
         state.epoch_samples += x.shape[0]
         state.epoch_samples_timed += x.shape[0]
-        engine.fire_event(StepEvents.FORWARD_COMPLETED)
+        _fire(engine, StepEvents.FORWARD_COMPLETED)
 
         scaler = state.scaler
         to_backward = loss.float() / window if window > 1 else loss
@@ -151,12 +162,12 @@ def create_trainer(
         if closes_window:
             state.optimizer_step += 1
             state.skip_step = False
-            engine.fire_event(StepEvents.BACKWARD_COMPLETED)
+            _fire(engine, StepEvents.BACKWARD_COMPLETED)
             if scaler is not None:
                 scaler.unscale_(optimizer)  # true-scale grads before anyone clips or measures them
-            engine.fire_event(StepEvents.BEFORE_OPTIMIZER_STEP)
+            _fire(engine, StepEvents.BEFORE_OPTIMIZER_STEP)
             _optimizer_step(state, optimizer, scaler)
-            engine.fire_event(StepEvents.OPTIMIZER_STEP_COMPLETED)
+            _fire(engine, StepEvents.OPTIMIZER_STEP_COMPLETED)
             optimizer.zero_grad(set_to_none=True)
         return StepOutput(state.loss, y_pred.detach(), y)
 
