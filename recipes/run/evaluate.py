@@ -17,7 +17,6 @@ from torch import nn
 from engine import Precision, create_evaluator
 from recipes.config import FILE_DATASETS, Config, ConfigError, apply_overrides
 from recipes.data import Data, DataError, imagefolder_eval_data, num_samples
-from recipes.run.checkpoints import load_checkpoint
 from recipes.run.inference import load
 from recipes.run.parts import make_data
 
@@ -146,16 +145,15 @@ def evaluate_checkpoint(path: str | Path, *, device: str | None = None, batch_si
         ConfigError / DataError: an unusable checkpoint, missing data, ``data_dir`` for a data set made
             in memory, or data whose classes differ from the ones the checkpoint was trained on.
     """
-    _, saved_cfg = load_checkpoint(path)
-    if data_dir is not None:
-        _check_data_dir(saved_cfg, data_dir, path)
     trained = load(path, device=device)
+    if data_dir is not None:
+        _check_data_dir(trained.config, data_dir, path)
     overrides: dict[str, Any] = {}
     if batch_size is not None:
         overrides["data.batch_size"] = batch_size
     if data_dir is not None:
         overrides["data.data_dir"] = data_dir
-        if saved_cfg.data.dataset in ("fashion-mnist", "mnist"):
+        if trained.config.data.dataset in ("fashion-mnist", "mnist"):
             overrides["data.val_fraction"] = 0.0  # DIR's test files, not a split of its training files
     cfg = apply_overrides(trained.config, overrides)
     data = _data_to_evaluate(cfg, trained.device, other_data=data_dir is not None)

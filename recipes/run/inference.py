@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,8 +71,10 @@ class Trained:
     config: Config
     path: Path
     weights: str = "model"  #: "ema" when the checkpoint's averaged weights were loaded
-    epoch: int | None = None  #: the epoch the checkpoint was written in, when it says
+    epoch: int | None = None  #: the epoch a last.pt was written in (best-* do not say)
     channels_last: bool = False
+    record: dict[str, Any] = field(default_factory=dict)  #: the inference record it was built from (recovered if old)
+    validated_precision: str | None = None  #: what the checkpoint says it was validated in (None: from before kiln said)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's fp32 logits for a batch ``x`` of preprocessed images (N x C x H x W)."""
@@ -116,14 +118,13 @@ def load(path: str | Path, *, device: str | None = None, precision: str | None =
         raise ConfigError(f"{path}: the model weights do not fit the recorded model ({str(e).splitlines()[0]})") from None
     channels_last = bool(record.get("channels_last", False))
     model = model.to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    trainer_state = checkpoint.get("trainer") or {}
-    epoch = meta.get("epoch")
-    if epoch is None and trainer_state:
-        epoch = int(trainer_state["iteration"]) // int(trainer_state["epoch_length"])
+    trainer_state = checkpoint.get("trainer")
+    epoch = int(trainer_state["iteration"]) // int(trainer_state["epoch_length"]) if trainer_state else None
     if not class_names:
         class_names = [str(i) for i in range(int(record["model"]["num_classes"]))]
     return Trained(model, preprocess, class_names, dev, resolved, cfg, Path(path),
-                   weights="ema" if weights == "ema_model" else "model", epoch=epoch, channels_last=channels_last)
+                   weights="ema" if weights == "ema_model" else "model", epoch=epoch, channels_last=channels_last,
+                   record=record, validated_precision=meta.get("precision"))
 
 
 def _recovered_record(cfg: Config, class_names: Sequence[str], path: str | Path) -> dict[str, Any]:

@@ -34,8 +34,7 @@ from callbacks._files import write_atomic
 from recipes.config import ConfigError
 from recipes.data import DataError
 from recipes.run.build import versions
-from recipes.run.checkpoints import load_checkpoint
-from recipes.run.inference import Trained, inference_record, load
+from recipes.run.inference import Trained, load
 from recipes.run.parts import make_data
 
 __all__ = ["FORMATS", "METADATA_FILE", "ONNX_METADATA_KEY", "ONNX_MISSING", "RELATIVE_TOLERANCE", "ExportFailed",
@@ -150,7 +149,6 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: Path, *, dynamic_ba
     """
     if fmt == "onnx":
         require_onnx()
-    saved, _ = load_checkpoint(checkpoint)
     trained = load(checkpoint, device="cpu", precision="fp32")
     model = trained.model.to(memory_format=torch.contiguous_format)
     inputs, kind, note = check_inputs(trained, check_batch)
@@ -163,7 +161,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: Path, *, dynamic_ba
     parity = check_parity(model, program, inputs, batch=len(inputs) if dynamic_batch else 1, kind=kind)
     if parity.error:
         raise ExportFailed(f"{fmt} export of {checkpoint} does not match the model: {parity.error}; nothing written")
-    metadata = export_metadata(checkpoint, trained, saved["kiln"], dynamic_batch, parity)
+    metadata = export_metadata(checkpoint, trained, dynamic_batch, parity)
     text = json.dumps(metadata)
     with _quiet():
         write_atomic(out, lambda f: writer(f, text))
@@ -219,8 +217,7 @@ def check_parity(model: nn.Module, program: Program, x: torch.Tensor, *, batch: 
     return Parity(diff, tolerance, len(x), kind, error)
 
 
-def export_metadata(checkpoint: str | Path, trained: Trained, saved_meta: dict[str, Any], dynamic_batch: bool,
-                    parity: Parity) -> dict[str, Any]:
+def export_metadata(checkpoint: str | Path, trained: Trained, dynamic_batch: bool, parity: Parity) -> dict[str, Any]:
     """``kiln.json``: what a user of the exported file needs, and where it came from.
 
     ``{"format": 1, "class_names", "preprocessing" (Preprocessing.to_dict()), "input": {"channels", "size",
@@ -229,12 +226,10 @@ def export_metadata(checkpoint: str | Path, trained: Trained, saved_meta: dict[s
     "check": {"max_abs_diff", "tolerance", "samples", "inputs": "validation"|"random"}}``
     """
     preprocess = trained.preprocess
-    record = (saved_meta.get("inference") or
-              inference_record(trained.config, preprocess.channels, len(trained.class_names), preprocess))
     return {
         "format": METADATA_FORMAT, "class_names": list(trained.class_names), "preprocessing": preprocess.to_dict(),
         "input": {"channels": preprocess.channels, "size": preprocess.size, "batch": "dynamic" if dynamic_batch else 1},
-        "model": record["model"], "validated_precision": saved_meta.get("precision"), "weights": trained.weights,
+        "model": trained.record["model"], "validated_precision": trained.validated_precision, "weights": trained.weights,
         "checkpoint": str(checkpoint), "kiln_version": versions()["kiln"], "torch_version": torch.__version__,
         "check": parity.to_dict(),
     }
