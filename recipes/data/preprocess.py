@@ -14,6 +14,7 @@ The steps, on one image (a PIL image, or a float tensor already in [0, 1]):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
@@ -70,9 +71,7 @@ class Preprocessing:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Step 3 on a float image or batch in [0, 1] (``C x H x W`` or ``N x C x H x W``)."""
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return (x - mean) / std
+        return (x - _per_channel(self.mean, x.dtype, x.device)) / _per_channel(self.std, x.dtype, x.device)
 
     def from_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """A uint8 image or batch (0..255) of the model's size, scaled to [0, 1] and normalized."""
@@ -97,6 +96,15 @@ class Preprocessing:
                 else f"resized to {self.size}x{self.size}")
         numbers = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
         return f"{self.mode}, {size}, mean {numbers(self.mean)} std {numbers(self.std)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _per_channel(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a C x 1 x 1 tensor on ``device``, made once: the IDX data sets normalise every training
+    batch, and a new tensor each time would be a host-to-device copy per step on a GPU. Made outside inference
+    mode, so that a first call under it does not leave an inference tensor for training to use."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
 
 
 def to_tensor(image: Any) -> torch.Tensor:
