@@ -2,17 +2,16 @@
 and an image-folder run of torchvision's resnet18 (each trained once per session, with kiln's defaults)."""
 from __future__ import annotations
 
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
-from recipes import get_recipe
-from recipes.data import split_indices
-from recipes.data.builtin import digits_tensors
 from tests.recipes import kiln_in_process as kiln
 from tests.recipes.data.test_imagefolder import write_image_folder
+
+DOCS = Path(__file__).resolve().parents[3] / "docs"
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -32,15 +31,11 @@ def digits_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_val_images(tmp_path_factory) -> Path:
     """The digits recipe's validation images as the 8x8 8-bit PNG files they are: ``ROOT/LABEL/NNNN.png``,
-    NNNN their position in the validation split."""
+    NNNN their position in the validation split (written by the README's ``python docs/digits_as_png.py ROOT``)."""
     root = tmp_path_factory.mktemp("digits-val")
-    cfg = get_recipe("digits")
-    x, y = digits_tensors(8)
-    _, val_idx = split_indices(len(x), cfg.data.val_fraction, cfg.train.seed)
-    for n, i in enumerate(val_idx.tolist()):
-        folder = root / str(int(y[i]))
-        folder.mkdir(exist_ok=True)
-        Image.fromarray((x[i, 0] * 255).round().to(torch.uint8).numpy(), mode="L").save(folder / f"{n:04d}.png")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["digits_as_png.py", str(root)])
+        runpy.run_path(str(DOCS / "digits_as_png.py"), run_name="__main__")
     return root
 
 
