@@ -11,7 +11,8 @@ class StepEvents(EventEnum):
     steps on every k-th batch of an epoch and on the epoch's last batch; the three optimizer events
     fire only on those iterations::
 
-        ITERATION_STARTED                     state.lr = lr of param group 0 for this step
+        ITERATION_STARTED                     (a handler may still set the LR here)
+          state.lr = lr of param group 0 for this step
           with autocast(precision):
               loss = loss_fn(model(x), y)
           FORWARD_COMPLETED                   state.loss: this batch's loss, detached fp32 tensor

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
 import ignite.distributed as idist
@@ -11,7 +12,7 @@ from ignite.engine import Engine, Events
 from engine.events import STEP_EVENT_COUNTERS, EpochEvents, StepEvents
 from engine.precision import Precision, resolve_for_model
 
-__all__ = ["create_trainer", "StepOutput", "prepare_batch", "iteration_seed", "is_epoch_end"]
+__all__ = ["create_trainer", "StepOutput", "prepare_batch", "iteration_seed", "is_epoch_end", "epoch_loss_totals"]
 
 log = logging.getLogger("kiln")
 
@@ -50,14 +51,23 @@ def is_epoch_end(state: Any) -> bool:
 
 
 def _fire(engine: Engine, event: Any) -> None:
-    """Fire one of kiln's step events, only if a handler listens.
+    """Fire one of kiln's step events, only if a handler listens: ignite's own dispatch loop, minus its costs.
 
     ``Engine.fire_event`` first checks that the event is registered by comparing it with every allowed
-    event, one Python ``__eq__`` each (about 10 us a call, four calls a step); kiln's step events are
-    registered by ``create_trainer`` itself, so the step goes to ignite's dispatch directly.
+    event, one Python ``__eq__`` each (about 10 us a call, four calls a step), and ``_fire_event`` formats
+    a debug-log line whether or not debug logging is on (about 5 us). kiln's step events are registered
+    by ``create_trainer`` itself, so the step calls the handlers as ``_fire_event`` does (the engine, held
+    by a weak reference, first), and sets ``last_event_name`` as it does.
     """
-    if engine._event_handlers.get(event):
-        engine._fire_event(event)
+    handlers = engine._event_handlers.get(event)
+    if not handlers:
+        return
+    engine.last_event_name = event
+    for func, args, kwargs in handlers:
+        if args and isinstance(args[0], weakref.ref):
+            func(engine, *args[1:], **kwargs)
+        else:  # a handler registered without the engine (ignite's metrics)
+            func(*args, **kwargs)
 
 
 def iteration_seed(seed: int, iteration: int) -> int:
@@ -96,11 +106,15 @@ def create_trainer(
         optimizer_step (int): optimizer steps attempted so far (skipped ones included); checkpointed.
         accumulating (bool): gradients of an unfinished accumulation window are pending (a checkpoint
             taken now could not resume exactly).
-        epoch_loss_sum, epoch_loss_count: the epoch's sample-weighted sum of finite batch losses and
-            their sample count (device tensors, checkpointed); ``state.metrics["train_loss"]`` is their
-            ratio at EPOCH_COMPLETED. The sum is float64: adding float32 losses there is exact, so it
-            does not depend on the order of the terms (ranks, a resume). A non-finite batch loss is
-            left out (guards report it).
+        batch_losses, batch_sizes: this epoch's batch losses (0-dim fp32 device tensors, as
+            ``state.loss``) and sample counts, one per iteration since the epoch started or the run
+            resumed; appending costs no device work. ``state.metrics["train_loss"]`` is their
+            sample-weighted mean at EPOCH_COMPLETED (with what a resumed checkpoint carried over); a
+            non-finite batch loss is left out (guards report it). Guards may read them.
+        epoch_loss_sum, epoch_loss_count: what a checkpoint taken mid-epoch carried over (device
+            tensors; zero at an epoch's start). A checkpoint saves them with the batches above added:
+            the float64 sum of float32 losses is exact, so it does not depend on the order of the terms
+            (ranks, a resume).
         epoch_samples, epoch_samples_timed: samples of the epoch so far, and those trained by this
             process (for throughput after a mid-epoch resume).
 
@@ -138,6 +152,7 @@ def create_trainer(
             x = x.contiguous(memory_format=memory_format)
         if seed is not None:
             _seed_generators(iteration_seed(seed, state.iteration), device)
+        state.lr = optimizer.param_groups[0]["lr"]  # the LR this iteration's step uses
         position = (state.iteration - 1) % state.epoch_length
         window_start = position - position % accumulation_steps
         window = min(accumulation_steps, state.epoch_length - window_start)
@@ -147,9 +162,8 @@ def create_trainer(
             y_pred = model(x)
             loss = loss_fn(y_pred, y)
         state.loss = loss.detach().float()
-        finite = torch.isfinite(state.loss)  # a non-finite batch is left out of train_loss (guards report it)
-        state.epoch_loss_sum += torch.where(finite, state.loss.double() * x.shape[0], 0.0)
-        state.epoch_loss_count += torch.where(finite, x.shape[0], 0)
+        state.batch_losses.append(state.loss)  # summed at the epoch's end: no device work per step
+        state.batch_sizes.append(x.shape[0])
         state.epoch_samples += x.shape[0]
         state.epoch_samples_timed += x.shape[0]
         _fire(engine, StepEvents.FORWARD_COMPLETED)
@@ -189,6 +203,7 @@ def create_trainer(
     state.accumulating = False
     state.epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     state.epoch_loss_count = torch.zeros((), dtype=torch.long, device=device)
+    state.batch_losses, state.batch_sizes = [], []
     state.epoch_samples = 0
     state.epoch_samples_timed = 0
 
@@ -208,17 +223,14 @@ def create_trainer(
             s.epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             s.epoch_loss_count = torch.zeros((), dtype=torch.long, device=device)
             s.epoch_samples = 0
+        s.batch_losses, s.batch_sizes = [], []  # on a resume, the checkpoint's totals hold the earlier ones
         s.epoch_samples_timed = 0  # samples trained by this process this epoch: throughput
         _position_data(s.dataloader, s.epoch, s.iteration % s.epoch_length)
-
-    @trainer.on(Events.ITERATION_STARTED)
-    def _record_lr(engine: Engine) -> None:
-        engine.state.lr = optimizer.param_groups[0]["lr"]
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _train_loss(engine: Engine) -> None:
         s = engine.state
-        total, count = s.epoch_loss_sum, s.epoch_loss_count
+        total, count = epoch_loss_totals(s)
         if idist.get_world_size() > 1:  # the loss over every rank's samples, the same figure on each rank
             total, count = idist.all_reduce(total.clone()), idist.all_reduce(count.clone())
         s.metrics["train_loss"] = (total / count.clamp(min=1)).item()
@@ -236,6 +248,7 @@ class _Trainer(Engine):
 
     def state_dict(self) -> Any:
         state = super().state_dict()
+        state["epoch_loss_sum"], state["epoch_loss_count"] = epoch_loss_totals(self.state)
         if idist.get_world_size() > 1:
             for key in ("epoch_loss_sum", "epoch_loss_count"):
                 state[key] = idist.all_reduce(state[key].clone())
@@ -247,9 +260,26 @@ class _Trainer(Engine):
         super().load_state_dict(state_dict)
         self.state.epoch_loss_sum = self.state.epoch_loss_sum.to(self.device, torch.float64)
         self.state.epoch_loss_count = self.state.epoch_loss_count.to(self.device)
+        self.state.batch_losses, self.state.batch_sizes = [], []
         if idist.get_world_size() > 1 and idist.get_rank() != 0:
             self.state.epoch_loss_sum = torch.zeros_like(self.state.epoch_loss_sum)
             self.state.epoch_loss_count = torch.zeros_like(self.state.epoch_loss_count)
+
+
+def epoch_loss_totals(state: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The epoch's sample-weighted sum of finite batch losses (float64) and their sample count, on the device.
+
+    Adds ``state.batch_losses`` (weighted by ``state.batch_sizes``) to what a resumed checkpoint carried
+    over (``state.epoch_loss_sum``/``epoch_loss_count``); reads nothing on the host.
+    """
+    total, count = state.epoch_loss_sum, state.epoch_loss_count
+    if not state.batch_losses:
+        return total.clone(), count.clone()
+    losses = torch.stack(state.batch_losses).double()
+    sizes = torch.tensor(state.batch_sizes, dtype=torch.float64).to(losses.device, non_blocking=True)
+    finite = torch.isfinite(losses)
+    return (total + torch.where(finite, losses * sizes, 0.0).sum(),
+            count + torch.where(finite, sizes, 0.0).sum().long())
 
 
 def _optimizer_step(state: Any, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
