@@ -61,4 +61,6 @@ def clone(value: Any) -> Any:
         return out
     if isinstance(value, (list, tuple)):
         return type(value)(clone(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):  # immutable: nothing to copy
+        return value
     return copy.deepcopy(value)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-__all__ = ["norms", "nonfinite_names"]
+__all__ = ["norms", "nonfinite_names", "step_grad_norms"]
 
 
 def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -32,3 +33,30 @@ def nonfinite_names(named: list[tuple[str, torch.Tensor]]) -> list[str]:
     if not named:
         return []
     return [n for (n, _), v in zip(named, norms([t for _, t in named]).tolist()) if not math.isfinite(v)]
+
+
+def step_grad_norms(state: Any, parameters: list[torch.Tensor], key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each parameter's gradient norm (fp32; 0 without a gradient) and their total, at this step, measured once.
+
+    GradClip and NanGuard both need them at BEFORE_OPTIMIZER_STEP, before clipping. The first of them
+    to ask measures and leaves ``state.grad_norms = (state.optimizer_step, key, norms, total)``; the other
+    one gets the same tensors when its parameters are the same (``key``: their ids, in order), whatever the
+    order they were attached in. Without ``state.optimizer_step`` (not kiln's trainer) nothing is shared.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> p = torch.nn.Parameter(torch.zeros(2)); p.grad = torch.tensor([3.0, 4.0])
+        >>> state = SimpleNamespace(optimizer_step=1)
+        >>> first = step_grad_norms(state, [p], (id(p),)); _ = p.grad.mul_(0.1)
+        >>> step_grad_norms(state, [p], (id(p),))[0] is first[0], first[0].tolist(), first[1].item()
+        (True, [5.0], 5.0)
+    """
+    step = getattr(state, "optimizer_step", None)
+    shared = getattr(state, "grad_norms", None)
+    if step is not None and shared is not None and shared[0] == step and shared[1] == key:
+        return shared[2:]
+    values = norms([p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in parameters])
+    total = torch.linalg.vector_norm(values)  # clip_grad_norm_'s total norm
+    if step is not None:
+        state.grad_norms = (step, key, values, total)
+    return values, total

@@ -7,6 +7,7 @@ import torch
 from ignite.engine import Engine
 from ignite.engine.events import RemovableEventHandle
 
+from callbacks._tensors import step_grad_norms
 from engine.events import StepEvents
 
 __all__ = ["GradClip"]
@@ -18,9 +19,12 @@ class GradClip:
     """Gradient clipping on BEFORE_OPTIMIZER_STEP, where gradients are in true units under every precision.
 
     Writes the total gradient norm *before* clipping to ``state.grad_norm`` as a device tensor (no host
-    sync); a non-finite norm is recorded as is (the optimizer step or a guard deals with it).
+    sync); a non-finite norm is recorded as is (the optimizer step or a guard deals with it). With the
+    2-norm, the per-parameter norms are shared with NanGuard (``callbacks._tensors.step_grad_norms``), so
+    a step measures its gradients once; the clipping is ``clip_grad_norm_``'s own arithmetic.
 
-    Events: BEFORE_OPTIMIZER_STEP. Writes ``state.grad_norm``; mutates the parameters' ``.grad``.
+    Events: BEFORE_OPTIMIZER_STEP. Writes ``state.grad_norm`` (and ``state.grad_norms``, shared); mutates
+    the parameters' ``.grad``.
     State: none.
 
     Args:
@@ -57,6 +61,7 @@ class GradClip:
         self.mode = mode
         self.clip_value = clip_value
         self.norm_type = norm_type
+        self._key = tuple(id(p) for p in self.parameters)
 
     def attach(self, engine: Engine) -> list[RemovableEventHandle]:
         """Clip on every optimizer step of ``engine``; returns the handles."""
@@ -67,10 +72,13 @@ class GradClip:
         if not grads:
             engine.state.grad_norm = None
             return
-        if self.mode == "norm" and self.max_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_norm, self.norm_type, foreach=True)
-        else:
+        if self.norm_type != 2.0:
             norm = torch.nn.utils.get_total_norm(grads, self.norm_type, foreach=True)
-            if self.mode == "value":
-                torch.nn.utils.clip_grad_value_(self.parameters, self.clip_value, foreach=True)
+        else:  # what clip_grad_norm_ computes, from the per-parameter norms the step shares
+            norm = step_grad_norms(engine.state, self.parameters, self._key)[1]
+        if self.mode == "norm" and self.max_norm is not None:
+            with torch.no_grad():  # clip_grad_norm_'s arithmetic (max_norm / (norm + 1e-6), at most 1), in place
+                torch._foreach_mul_(grads, (norm + 1e-6).reciprocal_().mul_(self.max_norm).clamp_(max=1.0))
+        elif self.mode == "value":
+            torch.nn.utils.clip_grad_value_(self.parameters, self.clip_value, foreach=True)
         engine.state.grad_norm = norm.detach()

@@ -14,8 +14,8 @@ from ignite.engine.events import RemovableEventHandle
 
 from callbacks._files import append_jsonl
 from callbacks._snapshot import Snapshot
-from callbacks._step_history import StepHistory
-from callbacks._tensors import nonfinite_names, norms
+from callbacks._step_history import Step, StepHistory
+from callbacks._tensors import nonfinite_names, norms, step_grad_norms
 from callbacks.nan_diagnosis import build_diagnosis, log_line, rank_cause
 from engine.events import StepEvents
 from engine.step import is_epoch_end
@@ -33,14 +33,20 @@ class NanGuard:
     Divergence: a non-finite (NaN/Inf, or beyond ~1e19) loss, input, gradient, weight or float buffer;
     a loss above ``max_loss_ratio`` x the run's first loss; under fp16, a loss-scale collapse
     (``max_consecutive_skips`` skips in a row once a scale has worked, or a scale below
-    ``min_loss_scale``; other skips are only counted). Gradients are measured at BACKWARD_COMPLETED,
-    before anyone clips them, so the diagnosis (:mod:`callbacks.nan_diagnosis`) names the right
-    parameter whatever the attach order.
+    ``min_loss_scale``; other skips are only counted). Gradients are measured at BEFORE_OPTIMIZER_STEP
+    in true scale, before clipping (the per-parameter norms are shared with ``GradClip``, whichever runs
+    first), so the diagnosis (:mod:`callbacks.nan_diagnosis`) names the right parameter whatever the
+    attach order.
 
     When it looks: under fp32/bf16 with ``skip`` it reads one flag before each optimizer step, so the
-    bad update is never applied. Otherwise the step never waits for the device: the first bad step's
-    values stay there until the check every ``check_every`` optimizer steps and at each epoch's end,
-    which also snapshots the state when it is sound; a restore undoes the updates made since.
+    bad update is never applied. Otherwise the step never waits for the device: each step's loss,
+    input sum and gradient norms stay there (by reference: no copies) until the check every
+    ``check_every`` optimizer steps and at each epoch's end, which reads them and the weights' finiteness
+    at once, and snapshots the state when it is sound; a restore undoes the updates made since. Under
+    fp32/bf16 with a fused optimizer (kiln's AdamW) the step's verdict is also handed to the optimizer
+    as GradScaler does (``found_inf``), so a bad update never reaches the weights and the check names a
+    parameter that was already bad; other optimizers apply it, and the step keeps its weights' norms
+    instead. Under fp16, skips in a row are counted on the device and a collapse is found at the check.
 
     Policies: ``skip`` drops the update (``state.skip_step``; non-finite BatchNorm statistics come back
     from the snapshot), and rolls back instead past ``max_skips`` skips in ``skip_window`` optimizer
@@ -49,9 +55,10 @@ class NanGuard:
     ``lr_factor``; past ``max_rollbacks`` it stops. ``stop`` restores the snapshot, sets
     ``state.diverged`` to the diagnosis and terminates the run.
 
-    Events: STARTED, the four StepEvents, ITERATION_COMPLETED (the checks, after every step handler).
-    Reads ``state.loss``, ``state.batch``, ``state.lr``, ``state.step_skipped``, ``state.loss_scale``
-    (and ``state.scaler``, only to refuse a scaler that is not its own). Writes ``state.skip_step``,
+    Events: STARTED, BEFORE_OPTIMIZER_STEP, OPTIMIZER_STEP_COMPLETED (fp16), ITERATION_COMPLETED (the
+    checks, after every step handler). Reads ``state.loss``, ``state.batch_losses``, ``state.batch``,
+    ``state.lr``, ``state.step_skipped``, ``state.loss_scale`` (and ``state.scaler``, only to refuse a
+    scaler that is not its own). Writes ``state.grad_norms`` (shared), ``state.skip_step``,
     ``state.diverged``, ``state.metrics["nan_skips"|"rollbacks"|"scale_collapses"]`` and, on restore,
     the ``to_snapshot`` objects and ``state.loss_scale``. Appends "nan_skip", "rollback",
     "scale_collapse" and "diverged" records to ``events_path`` (rank 0; with several ranks the checks
@@ -140,6 +147,8 @@ class NanGuard:
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
+        self._params = [p for _, p in self.params]
+        self._key = tuple(id(p) for p in self._params)  # shares the step's gradient norms with GradClip
         self.buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
         self.model, self.optimizer, self.schedule, self.scaler = model, optimizer, schedule, scaler
         self.to_snapshot = dict(to_snapshot)
@@ -159,6 +168,9 @@ class NanGuard:
         self._recent_skips: collections.deque[int] = collections.deque()
         self._scaled = scaler is not None  # fp16: watch the scaler's skips and scale
         self._deferred = not self._scaled and policy != "skip"  # skip must decide before the update
+        # deferred: a fused optimizer takes GradScaler's found_inf, so a bad update is kept out of the
+        # weights on the device, and the check still sees (and names) the weights that were bad before it
+        self._drops = self._deferred and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
         self._reset_run()
 
     # ---- wiring -------------------------------------------------------------------------------
@@ -166,32 +178,35 @@ class NanGuard:
         """Guard ``engine`` (a trainer from ``engine.create_trainer``); returns the handles."""
         engine.state.diverged = None
         self._publish(engine)
-        return [
-            engine.add_event_handler(Events.STARTED, self._on_started),
-            engine.add_event_handler(StepEvents.FORWARD_COMPLETED, self._on_forward),
-            engine.add_event_handler(StepEvents.BACKWARD_COMPLETED, self._on_backward),
-            engine.add_event_handler(StepEvents.BEFORE_OPTIMIZER_STEP, self._on_before_step),
-            engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self._on_step_completed),
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration_completed),
-        ]
+        handlers = [(Events.STARTED, self._on_started), (StepEvents.BEFORE_OPTIMIZER_STEP, self._on_before_step)]
+        if self._scaled:
+            handlers.append((StepEvents.OPTIMIZER_STEP_COMPLETED, self._on_step_completed))
+        handlers.append((Events.ITERATION_COMPLETED, self._on_iteration_completed))
+        return [engine.add_event_handler(event, handler) for event, handler in handlers]
 
     def _reset_run(self) -> None:
-        """Forget the last run's per-step values: device accumulators, grad-norm ring, fp16 streak, snapshot."""
-        zero = torch.zeros((), device=self.device)
-        self._zero = zero
-        self._loss_sum = zero  # the window's losses added up: NaN/Inf if any of them is (device)
-        self._loss_max = zero  # the largest finite loss since the last check (device)
+        """Forget the last run's per-step values: the step history, the fp16 counters, the snapshot."""
+        self._zero = torch.zeros((), device=self.device)
+        self._world_size = idist.get_world_size()  # data parallel: the checks agree through an all-reduce
+        self._loss_max = self._zero  # the largest finite loss of the window the last check read (device)
         self._loss_ref = None if self.first_loss is None else torch.tensor(self.first_loss, device=self.device)
-        self._grad_norms: torch.Tensor | None = None  # per parameter, at the last BACKWARD_COMPLETED (device)
-        self._grad_total = zero
-        self._seen = torch.zeros((), dtype=torch.bool, device=self.device)  # deferred: a bad step not read yet
-        self._first: dict[str, torch.Tensor] | None = None  # ... and the values at the first one
-        self._history = StepHistory(self.history + self.check_every + 1, self.device)
-        self._consecutive = 0  # fp16: skipped steps in a row
-        self._streak: dict[str, Any] | None = None  # fp16: the first step of the current run of skips
+        self._history = StepHistory(self.history + self.check_every + 1)
+        self._found = torch.zeros((), device=self.device)  # deferred, fused: 1.0 drops this step's update
+        self._applied = torch.tensor(self.scale_found, device=self.device)  # fp16: an update has been made
+        self._reset_streaks(torch.zeros((), dtype=torch.long, device=self.device), 0)
+        self._skips_read, self._streak = 0, (0, 0)  # as the last check read them: skips in a row, (longest, end)
         self._stepped_at = -1
+        self._checked_at = 0  # the iteration of the last check (or of the start)
         self._snapshot: Snapshot | None = None
         self._finite_at = 0  # the last iteration at which the state was known sound
+
+    def _reset_streaks(self, run: torch.Tensor, iteration: int) -> None:
+        """fp16: start a window of skip accounting with the current run of skips (device tensors)."""
+        self._run = run  # skips in a row now
+        self._longest = run.clone()  # the longest run in the window, where it ended and whether the scale
+        self._longest_end = torch.full((), iteration, dtype=torch.long, device=self.device)  # had worked before it
+        self._longest_found = self._applied.clone()
+        self._min_scale = torch.full((), math.inf, device=self.device)  # the lowest scale after a step
 
     def _on_started(self, engine: Engine) -> None:
         """Check the scaler, reset the per-run values and snapshot the starting state if it is sound."""
@@ -200,6 +215,7 @@ class NanGuard:
             raise ValueError("NanGuard's scaler must be the one the trainer steps with: pass scaler=AMP(...).scaler "
                              "under fp16 and no scaler under fp32 or bf16")
         self._reset_run()
+        self._checked_at = s.iteration
         s.diverged = None
         if bool(self._finite_tensor()):
             self._take_snapshot(engine)
@@ -207,98 +223,93 @@ class NanGuard:
             log.warning("kiln: the model's weights are non-finite before training starts; nothing to roll back to")
         self._publish(engine)
 
-    # ---- per step: device work only, except the one read of _on_before_step ------------------
-    def _on_forward(self, engine: Engine) -> None:
-        """Add the loss to the window's sum and keep the largest finite one (device only)."""
-        loss = engine.state.loss
-        self._loss_sum = self._loss_sum + loss
-        if self.max_loss_ratio is not None:
-            self._loss_max = torch.fmax(self._loss_max, loss.nan_to_num(0.0, 0.0, 0.0))
-            if self._loss_ref is None:
-                self._loss_ref = loss.detach().clone()
-
-    def _on_backward(self, engine: Engine) -> None:
-        """Measure each parameter's gradient before anyone clips it; note the step's LR and scale (device only)."""
-        s = engine.state
-        self._grad_norms = norms([p.grad if p.grad is not None else self._zero for _, p in self.params])
-        self._grad_total = torch.linalg.vector_norm(self._grad_norms)
-        true_scale = self._grad_total / s.loss_scale if self._scaled and s.loss_scale else self._grad_total
-        self._history.record(s.iteration, s.lr, s.loss_scale, true_scale)
-        if self._deferred:
-            self._record_first(s)
-
-    def _record_first(self, s: Any) -> None:
-        """Rollback and stop, fp32/bf16: keep on the device the values of the first bad step since the last read.
-
-        One vector per step: [loss, input sum, each parameter's norm, each gradient's norm]; its sum is
-        NaN/Inf when any entry is.
-        """
-        x = s.batch[0] if isinstance(s.batch, (list, tuple)) else s.batch
-        inputs = self._zero
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device == self.device:
-            inputs = x.sum(dtype=torch.float32)
-        params = norms([p for _, p in self.params])
-        now = torch.cat([torch.stack([self._loss_sum, inputs]), params, self._grad_norms])
-        ok = torch.isfinite(now.sum())
-        new = ~(ok | self._seen)
-        if self._first is None:
-            self._first = {"iteration": torch.zeros((), dtype=torch.long, device=self.device), "values": now}
-        self._first = {"iteration": torch.where(new, s.iteration, self._first["iteration"]),
-                       "values": torch.where(new, now, self._first["values"])}
-        self._seen = self._seen | ~ok
-
+    # ---- per step: device work only, except skip's one read before the update -----------------
     def _on_before_step(self, engine: Engine) -> None:
-        """fp32/bf16 with skip: read one flag, and drop the update when the loss or a gradient is non-finite."""
-        if self._scaled or self._deferred or self._grad_norms is None:
+        """Record the step (device work only); fp32/bf16 with skip: read one flag and drop a bad update.
+
+        The gradients are the true-scale ones, before clipping: the per-parameter norms are measured once
+        per step by whichever of NanGuard and GradClip runs first (``step_grad_norms``). Deferred with a
+        fused optimizer, the step's verdict goes to it as ``found_inf`` (1 when the loss or a gradient is
+        non-finite), so a bad update never reaches the weights.
+        """
+        s = engine.state
+        self._stepped_at = s.iteration
+        grads, total = step_grad_norms(s, self._params, self._key)
+        inputs, params = self._zero, None
+        if self._deferred:
+            x = s.batch[0] if isinstance(s.batch, (list, tuple)) else s.batch
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device == self.device:
+                inputs = x.sum(dtype=torch.float32)
+            if not self._drops:  # the bad update will reach the weights: keep what they were before it
+                params = norms(self._params)
+        step = Step(s.iteration, s.lr, s.loss_scale, s.loss, inputs, grads, total, params)
+        self._history.record(step)
+        if self._drops:
+            torch.mul(total, 0.0, out=self._found).ne_(0.0)  # 0 * NaN/Inf is NaN: 1.0, else 0.0 (a bad loss
+            # with finite gradients, which a loss can make, is applied and found by the check)
+            self.optimizer.found_inf = self._found
+        if self._scaled or self._deferred or math.isfinite((s.loss + total).item()):  # skip: the one read a step
             return
-        if math.isfinite((self._loss_sum + self._grad_total).item()):  # the one host sync per optimizer step
-            return
-        engine.state.skip_step = True
-        diag = self._diagnose_step(engine)
+        s.skip_step = True
+        diag = self._diagnose_step(engine, step)
         self._act(engine, diag, cannot_skip="skipping cannot repair weights" if diag["cause"] == "parameter" else None)
 
     def _on_step_completed(self, engine: Engine) -> None:
-        """fp16: count the scaler's skips in a row and act on a collapse."""
+        """fp16: count the scaler's skips in a row and keep the window's longest run, on the device."""
         s = engine.state
-        self._stepped_at = s.iteration
-        if self._scaled and s.diverged is None:
-            if not s.step_skipped:
-                self._consecutive, self._streak, self.scale_found = 0, None, True
-            else:
-                if self._consecutive == 0:
-                    used = self._history.last_loss_scale(default=s.loss_scale)
-                    self._streak = {"iteration": s.iteration, "lr": s.lr, "loss_scale": used,
-                                    "loss": self._loss_sum, "grads": self._grad_norms}
-                self._consecutive += 1
-                low = s.loss_scale is not None and s.loss_scale < self.min_loss_scale
-                if low or (self.scale_found and self._consecutive >= self.max_consecutive_skips):
-                    self._on_collapse(engine)
-        self._loss_sum = self._zero
+        skipped = torch.as_tensor(s.step_skipped, device=self.device)
+        self._run = (self._run + 1) * skipped
+        longer = self._run > self._longest
+        self._longest = torch.where(longer, self._run, self._longest)
+        self._longest_end = torch.where(longer, s.iteration, self._longest_end)
+        self._longest_found = torch.where(longer, self._applied, self._longest_found)
+        self._applied = self._applied | ~skipped
+        self._min_scale = torch.minimum(self._min_scale, torch.as_tensor(s.loss_scale, device=self.device))
 
+    # ---- the check ----------------------------------------------------------------------------
     def _on_iteration_completed(self, engine: Engine) -> None:
         """The check (every ``check_every`` optimizer steps, epoch ends): snapshot if sound, else diagnose and act."""
         s = engine.state
+        if self._drops:
+            self.optimizer.__dict__.pop("found_inf", None)  # only the trainer's own step may use it
         due = self._stepped_at == s.iteration and s.optimizer_step % self.check_every == 0
         if not (due or is_epoch_end(s)) or s.diverged is not None:  # epoch end: before validation sees the weights
             return
-        sound = self._finite_tensor() & ~self._exploded()
-        if self._deferred:
-            sound = sound & ~self._seen
-        if idist.get_world_size() > 1:  # every rank acts alike, or none does
+        window = self._history.since(self._checked_at)
+        losses = s.batch_losses[-(s.iteration - self._checked_at):] if s.iteration > self._checked_at else []
+        if self._loss_ref is None and losses:
+            self._loss_ref = losses[0]  # the run's first loss: the reference of max_loss_ratio
+        loss_values = torch.stack(losses) if losses else None
+        self._loss_max = loss_values.nan_to_num(0.0, 0.0, 0.0).max() if losses else self._zero
+        bad_step = self._window_bad(window, loss_values) if self._deferred else None
+        sound = self._finite_tensor(bad_step) & ~self._exploded()
+        collapsed = False
+        if self._scaled:
+            run, longest, end, found, lowest = torch.stack([
+                self._run.double(), self._longest.double(), self._longest_end.double(), self._longest_found.double(),
+                self._min_scale.double()]).tolist()
+            self._skips_read, self._streak = int(run), (int(longest), int(end))
+            collapsed = longest > 0 and (lowest < self.min_loss_scale or (found and longest >= self.max_consecutive_skips))
+            self._reset_streaks(self._run, s.iteration)
+            sound = sound & torch.tensor(not collapsed, device=self.device)
+        if self._world_size > 1:  # every rank acts alike, or none does
             sound = idist.all_reduce(sound.to(torch.int32), op="MIN").bool()
-        if bool(sound):  # the host sync every check_every steps
-            self._loss_max = self._zero
-            if self._consecutive == 0:  # not in a run of fp16 skips: the scale is healthy
+        checked_from, self._checked_at = self._checked_at, s.iteration
+        if bool(sound):  # the host read every check_every steps
+            if self._skips_read == 0:  # not in a run of fp16 skips: the scale is healthy
                 self._take_snapshot(engine)
             return
-        if self._deferred and bool(self._seen):
-            self._act(engine, self._diagnose_deferred(engine), cannot_skip=f"the policy is {self.policy}")
+        if self._scaled and collapsed:
+            self._on_collapse(engine)
+            return
+        if bad_step is not None and not math.isfinite(bad_step.item()):
+            self._act(engine, self._diagnose_deferred(engine, window, losses, checked_from),
+                      cannot_skip=f"the policy is {self.policy}")
             return
         params, buffers = nonfinite_names(self.params), nonfinite_names(self.buffers)
         if params or buffers:
             cause, name = ("parameter", params[0]) if params else ("buffer", buffers[0])
-            first = self._streak["iteration"] if self._streak else s.iteration
-            diag = self._diagnosis(engine, cause, first, name=name, nonfinite_parameters=params,
+            diag = self._diagnosis(engine, cause, s.iteration, name=name, nonfinite_parameters=params,
                                    nonfinite_buffers=buffers, finite_at=self._finite_at)
             self._act(engine, diag, cannot_skip="skipping cannot repair weights")
             return
@@ -313,48 +324,78 @@ class NanGuard:
                                first_loss=ref, what=what)
         self._act(engine, diag, cannot_skip="the weights that made it are already in place")
 
+    def _window_bad(self, window: list[Step], losses: torch.Tensor | None) -> torch.Tensor:
+        """Deferred: the sum of every loss, input sum, gradient norm (and, without drops, weight norm) since the
+        last check: NaN/Inf when one of them was (device)."""
+        values = [step.total for step in window] + [step.inputs for step in window]
+        values += [step.params.sum() for step in window if step.params is not None]
+        total = torch.stack(values).sum() if values else self._zero
+        return total + losses.sum() if losses is not None else total
+
     def _on_collapse(self, engine: Engine) -> None:
         """fp16: record the collapse, name what first went non-finite in the run of skips, and act."""
         s = engine.state
         self.scale_collapses += 1
-        streak = self._streak or {"iteration": s.iteration, "lr": s.lr, "loss_scale": s.loss_scale,
-                                  "loss": self._loss_sum, "grads": self._grad_norms}
-        self._event(engine, "scale_collapse", {"iteration": s.iteration, "epoch": s.epoch, "loss_scale": s.loss_scale,
-                                               "consecutive_skipped_steps": self._consecutive,
-                                               "streak_started_at": streak["iteration"]})
+        skips, end = self._streak
+        steps = [step for step in self._history.since(-1) if step.iteration <= end]
+        start = steps[-min(skips, len(steps))] if steps else None  # the first step of the run of skips
+        iteration = start.iteration if start else s.iteration
+        scale_now = float(s.loss_scale)
+        self._event(engine, "scale_collapse", {"iteration": s.iteration, "epoch": s.epoch, "loss_scale": scale_now,
+                                               "consecutive_skipped_steps": skips, "streak_started_at": iteration})
         params = nonfinite_names(self.params)
-        grads = self._names_of(streak["grads"])
+        grads = self._names_of(start.grads if start else None)
         name = params[0] if params else (grads[-1] if grads else None)
-        first = (f"parameter {name}" if params else "loss" if not math.isfinite(streak["loss"].item())
+        loss_bad = start is not None and not math.isfinite(start.loss.item())
+        first = (f"parameter {name}" if params else "loss" if loss_bad
                  else f"gradient of {name}" if grads else "loss scale")
-        what = f"fp16 loss-scale collapse ({self._consecutive} skipped steps in a row; first non-finite: {first})"
-        diag = self._diagnosis(engine, "loss_scale", streak["iteration"], name=name, first=first, what=what,
-                               lr=streak["lr"], loss_scale=streak["loss_scale"], loss_scale_now=s.loss_scale,
-                               consecutive_skipped_steps=self._consecutive, nonfinite_parameters=params,
+        what = f"fp16 loss-scale collapse ({skips} skipped steps in a row; first non-finite: {first})"
+        lr, scale = self._history.at(iteration) or (s.lr, scale_now)
+        diag = self._diagnosis(engine, "loss_scale", iteration, name=name, first=first, what=what,
+                               lr=lr, loss_scale=scale, loss_scale_now=scale_now,
+                               consecutive_skipped_steps=skips, nonfinite_parameters=params,
                                nonfinite_gradients=grads)
-        self._act(engine, diag, cannot_skip=f"the scaler already skipped {self._consecutive} updates in a row")
+        self._act(engine, diag, cannot_skip=f"the scaler already skipped {skips} updates in a row")
 
     # ---- diagnosis ----------------------------------------------------------------------------
-    def _diagnose_step(self, engine: Engine) -> dict[str, Any]:
+    def _diagnose_step(self, engine: Engine, step: Step) -> dict[str, Any]:
         """fp32/bf16 before the optimizer step: the weights are still the ones the forward pass used."""
         s = engine.state
         params = nonfinite_names(self.params)
-        grads = self._names_of(self._grad_norms)
+        grads = self._names_of(step.grads)
         batch = s.batch if isinstance(s.batch, (list, tuple)) else [s.batch]
         input_bad = any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
                         for t in batch)
-        cause, name = rank_cause(params, input_bad, not math.isfinite(self._loss_sum.item()), grads)
+        cause, name = rank_cause(params, input_bad, not math.isfinite(step.loss.item()), grads)
         return self._diagnosis(engine, cause, s.iteration, name=name, nonfinite_parameters=params,
                                nonfinite_gradients=grads)
 
-    def _diagnose_deferred(self, engine: Engine) -> dict[str, Any]:
-        """fp32/bf16 rollback and stop, at a check: from the values kept at the first bad step (see _record_first)."""
-        values, count = self._first["values"].tolist(), len(self.params)
-        loss, inputs, param_norms, grad_norms = values[0], values[1], values[2:2 + count], values[2 + count:]
-        params = [n for (n, _), v in zip(self.params, param_norms) if not math.isfinite(v)]
-        grads = [n for (n, _), v in zip(self.params, grad_norms) if not math.isfinite(v)]
-        cause, name = rank_cause(params, not math.isfinite(inputs), not math.isfinite(loss), grads)
-        return self._diagnosis(engine, cause, int(self._first["iteration"]), name=name, nonfinite_parameters=params,
+    def _diagnose_deferred(self, engine: Engine, window: list[Step], losses: list[torch.Tensor],
+                           checked_from: int) -> dict[str, Any]:
+        """fp32/bf16 rollback and stop, at a check: find the first bad step since the last check, and its cause.
+
+        The weights bad before it are the ones bad now when the optimizer dropped the bad updates
+        (``found_inf``), else the norms the step recorded.
+        """
+        s = engine.state
+        loss_values = torch.stack(losses).tolist() if losses else []
+        first_loss_at = next((s.iteration - len(losses) + 1 + i for i, v in enumerate(loss_values)
+                              if not math.isfinite(v)), None)
+        step_values = torch.stack([torch.stack([st.total, st.inputs, st.params.sum() if st.params is not None
+                                                else self._zero]) for st in window]).tolist() if window else []
+        first_step = next((st for st, v in zip(window, step_values) if not all(map(math.isfinite, v))), None)
+        candidates = [it for it in (first_loss_at, first_step.iteration if first_step else None) if it is not None]
+        iteration = min(candidates) if candidates else checked_from + 1
+        step = next((st for st in window if st.iteration >= iteration), None)  # its grads carry the fault
+        if self._drops or step is None or step.params is None:
+            params = nonfinite_names(self.params)
+        else:
+            params = self._names_of(step.params)
+        grads = self._names_of(step.grads if step else None)
+        input_bad = step is not None and step.iteration == iteration and not math.isfinite(float(step.inputs))
+        loss_bad = first_loss_at is not None and first_loss_at == iteration
+        cause, name = rank_cause(params, input_bad, loss_bad, grads)
+        return self._diagnosis(engine, cause, iteration, name=name, nonfinite_parameters=params,
                                nonfinite_gradients=grads)
 
     def _diagnosis(self, engine: Engine, cause: str, iteration: int, **fields: Any) -> dict[str, Any]:
@@ -362,16 +403,16 @@ class NanGuard:
         s = engine.state
         lr, scale = self._history.at(iteration) or (s.lr, s.loss_scale)
         fields.setdefault("lr", lr)
-        fields.setdefault("loss_scale", scale)
+        fields.setdefault("loss_scale", float(scale) if scale is not None else None)
         epoch = (iteration - 1) // s.epoch_length + 1 if s.epoch_length else s.epoch
         return build_diagnosis(cause, iteration, epoch=epoch, detected_at=s.iteration, peak_lr=self._peak_lr(),
                                grad_norm_history=self._history.grad_norms(iteration, self.history), **fields)
 
-    def _names_of(self, grad_norms: torch.Tensor | None) -> list[str]:
-        """The parameters whose entry in ``grad_norms`` is NaN/Inf."""
-        if grad_norms is None:
+    def _names_of(self, values: torch.Tensor | None) -> list[str]:
+        """The parameters whose entry in ``values`` (one per parameter: norms) is NaN/Inf."""
+        if values is None:
             return []
-        return [n for (n, _), v in zip(self.params, grad_norms.tolist()) if not math.isfinite(v)]
+        return [n for (n, _), v in zip(self.params, values.tolist()) if not math.isfinite(v)]
 
     def _peak_lr(self) -> float:
         return max(float(g.get("max_lr", g["lr"])) for g in self.optimizer.param_groups)
@@ -420,12 +461,12 @@ class NanGuard:
         """Load the snapshot back and forget the bad steps seen since."""
         self._snapshot.restore(self.to_snapshot)
         if self.scaler is not None:  # restored with to_snapshot["scaler"], if it is there
-            engine.state.loss_scale = self.scaler.get_scale()
+            engine.state.loss_scale = torch.full((), self.scaler.get_scale(), device=self.device)
         self._finite_at = engine.state.iteration
         self._recent_skips.clear()
-        self._consecutive, self._streak = 0, None
-        self._seen, self._first = torch.zeros_like(self._seen), None
-        self._loss_sum = self._loss_max = self._zero
+        self._reset_streaks(torch.zeros_like(self._run), engine.state.iteration)
+        self._skips_read = 0
+        self._checked_at, self._loss_max = engine.state.iteration, self._zero
 
     def _restore_buffers(self) -> list[str]:
         """Skip: put back non-finite float buffers (BatchNorm statistics a bad batch went through)."""
@@ -441,9 +482,10 @@ class NanGuard:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["lr"] * factor
 
-    def _finite_tensor(self) -> torch.Tensor:
-        tensors = [p for _, p in self.params] + [b for _, b in self.buffers]
-        return torch.isfinite(torch.linalg.vector_norm(norms(tensors)))
+    def _finite_tensor(self, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Whether every weight and float buffer (and ``extra``, a 0-dim sum) is finite, as one device bool."""
+        total = norms(self._params + [b for _, b in self.buffers]).sum()
+        return torch.isfinite(total if extra is None else total + extra)
 
     def _exploded(self) -> torch.Tensor:
         if self.max_loss_ratio is None or self._loss_ref is None:
@@ -479,6 +521,7 @@ class NanGuard:
         """Counters, recent skips, the LR factor so far and the first loss (weights_only-safe)."""
         if self.first_loss is None and self._loss_ref is not None:
             self.first_loss = float(self._loss_ref)
+        self.scale_found = self.scale_found or bool(self._applied)
         return {"nan_skips": self.nan_skips, "rollbacks": self.rollbacks, "scale_collapses": self.scale_collapses,
                 "lr_scale": self.lr_scale, "recent_skips": list(self._recent_skips), "first_loss": self.first_loss,
                 "scale_found": self.scale_found}

@@ -350,21 +350,21 @@ def test_fp16_single_skipped_steps_are_only_counted(tmp_path):
 @pytest.mark.parametrize("policy", ["skip", "rollback", "stop"])
 def test_fp16_scale_collapse_triggers_the_policy(tmp_path, policy):
     run = make_run(tmp_path, policy, precision="fp16", epochs=2, max_consecutive_skips=3)
-    poison_gradient(run, "3.weight", range(3, 6), float("inf"))  # skipped at 3, 4, 5: a collapse at 5
+    poison_gradient(run, "3.weight", range(3, 6), float("inf"))  # skipped at 3, 4, 5: a collapse, read at 6
     state = start(run)
 
     collapse, action = run.events()
-    assert (collapse["event"], collapse["iteration"], collapse["consecutive_skipped_steps"]) == ("scale_collapse", 5, 3)
+    assert (collapse["event"], collapse["iteration"], collapse["consecutive_skipped_steps"]) == ("scale_collapse", 6, 3)
     assert action["iteration"] == 3 and action["cause"] == "loss_scale"  # the collapse began at 3
     assert action["first_nonfinite"] == "gradient of 3.weight" and action["loss_scale"] == 2.0**16
     assert action["restored_iteration"] == 2
     restored = run.weights_at_start[3]
     if policy == "stop":
-        assert action["event"] == "diverged" and state.diverged is not None and state.iteration == 5
+        assert action["event"] == "diverged" and state.diverged is not None and state.iteration == 6
         assert _params_equal(run.weights(), restored, run.model)
     else:
         assert action["event"] == "rollback" and state.iteration == 2 * BATCHES
-        assert _params_equal(run.weights_at_start[6], restored, run.model)
+        assert _params_equal(run.weights_at_start[7], restored, run.model)
         assert run.guard.scale_collapses == 1 and run.guard.lr_scale == 0.5
     assert run.amp.scaler.get_scale() >= 2.0**13 and _all_finite(run.weights())
 
@@ -425,8 +425,9 @@ def test_the_values_kept_on_the_device_between_reads_hold_no_autograd_graph(tmp_
     """Kept across steps, a graph would chain every step's to the next: memory grew 1.4 GB in a digits run."""
     run = make_run(tmp_path, policy, epochs=1)
     start(run)
-    kept = [run.guard._first["values"], run.guard._loss_sum, run.guard._grad_total, run.guard._history._norms]
-    assert not any(t.requires_grad for t in kept)
+    kept = [t for step in run.guard._history.since(-1) for t in step[3:] if isinstance(t, torch.Tensor)]
+    kept += run.trainer.state.batch_losses
+    assert kept and not any(t.requires_grad for t in kept)
 
 
 def test_the_snapshot_is_a_deep_copy(tmp_path):
