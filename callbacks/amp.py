@@ -21,8 +21,9 @@ class AMP:
     records ``state.step_skipped`` and ``state.loss_scale``. Ordering lives in the step; this handler
     owns the scaler's settings and state.
 
-    Events: OPTIMIZER_STEP_COMPLETED (counts skipped steps). Reads ``state.precision``,
-    ``state.step_skipped``; writes ``state.scaler``, ``state.loss_scale``, ``state.skipped_steps``.
+    Events: OPTIMIZER_STEP_COMPLETED (counts skipped steps on the device: no host read per step). Reads
+    ``state.precision``, ``state.step_skipped``; writes ``state.scaler``, ``state.loss_scale`` and
+    ``state.skipped_steps`` (0-dim tensors on the scaler's device).
     State: the scaler's scale and growth tracker and the skip count, kept across resume.
 
     Args:
@@ -38,7 +39,7 @@ class AMP:
         >>> trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
         ...                          F.cross_entropy, precision="fp16")
         >>> handles = AMP(device="cpu").attach(trainer)
-        >>> trainer.state.loss_scale
+        >>> float(trainer.state.loss_scale)
         65536.0
     """
 
@@ -58,18 +59,18 @@ class AMP:
         if precision is None or not precision.needs_scaler:
             return []
         engine.state.scaler = self.scaler
-        engine.state.loss_scale = self.scaler.get_scale()
+        engine.state.loss_scale = torch.full((), self.scaler.get_scale(), device=self.scaler._device)
         engine.state.skipped_steps = self.skipped_steps
         return [engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self)]
 
     def __call__(self, engine: Engine) -> None:
-        if engine.state.step_skipped:
-            self.skipped_steps += 1
+        # step_skipped is the scaler's device flag: adding it keeps the count on the device (no host read)
+        self.skipped_steps = self.skipped_steps + engine.state.step_skipped
         engine.state.skipped_steps = self.skipped_steps
 
     def state_dict(self) -> dict[str, Any]:
         """The scaler's state and the skip count (weights_only-safe)."""
-        return {"scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+        return {"scaler": self.scaler.state_dict(), "skipped_steps": int(self.skipped_steps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""

@@ -35,8 +35,8 @@ def epoch_record(state: Any) -> dict[str, Any]:
     samples = getattr(state, "epoch_samples_timed", state.epoch_samples)
     record["images_per_second"] = round(samples / seconds, 1) if seconds > 0 else None
     if getattr(state, "loss_scale", None) is not None:
-        record["loss_scale"] = state.loss_scale
-        record["skipped_steps"] = state.skipped_steps
+        record["loss_scale"] = to_float(state.loss_scale)
+        record["skipped_steps"] = int(to_float(state.skipped_steps) or 0)
     return record
 
 
@@ -52,8 +52,8 @@ def step_record(state: Any) -> dict[str, Any]:
     if grad_norm is not None:
         record["grad_norm"] = grad_norm if math.isfinite(grad_norm) else str(grad_norm)
     if getattr(state, "loss_scale", None) is not None:
-        record["loss_scale"] = state.loss_scale
-        record["step_skipped"] = bool(state.step_skipped)
+        record["loss_scale"] = to_float(state.loss_scale)
+        record["step_skipped"] = bool(state.step_skipped)  # a device flag under fp16: read here, every N steps
     loss = record["loss"]
     if loss is not None and not math.isfinite(loss):
         record["loss"] = str(loss)

@@ -99,10 +99,13 @@ def create_trainer(
         loss (Tensor): this batch's loss, detached fp32 (FORWARD_COMPLETED onwards).
         grad_norm (Tensor | None): pre-clip total grad norm; written by ``callbacks.GradClip``.
         skip_step (bool): a BEFORE_OPTIMIZER_STEP handler may set it to drop this update.
-        step_skipped (bool): whether the last optimizer step was skipped (inf grads or skip_step).
-        loss_scale (float | None): the scaler's scale after the last step (fp16 only).
-        skipped_steps (int): optimizer steps the fp16 scaler skipped so far; written by ``callbacks.AMP``
-            (0 without a scaler).
+        step_skipped (bool | Tensor): whether the last optimizer step was skipped (inf grads or
+            skip_step). Under a loss scaler it is a 0-dim bool tensor on the device (the scaler decides
+            there; reading it is a host sync), else a Python bool.
+        loss_scale (Tensor | None): the scaler's scale after the last step, a 0-dim tensor on the
+            device (fp16 only; ``engine.records.to_float`` reads it).
+        skipped_steps (int | Tensor): optimizer steps the fp16 scaler skipped so far; written by
+            ``callbacks.AMP`` (a device count under fp16; 0 without a scaler).
         optimizer_step (int): optimizer steps attempted so far (skipped ones included); checkpointed.
         accumulating (bool): gradients of an unfinished accumulation window are pending (a checkpoint
             taken now could not resume exactly).
@@ -289,12 +292,13 @@ def _optimizer_step(state: Any, optimizer: torch.optim.Optimizer, scaler: Any) -
             optimizer.step()
         state.step_skipped = state.skip_step
         return
-    before = scaler.get_scale()
+    # The scale stays on the device: get_scale() would read it on the host (a sync per step on a GPU).
+    before = scaler._get_scale_async().clone()  # update() changes the scale tensor in place
     if not state.skip_step:
         scaler.step(optimizer)  # skips the update by itself when the unscaled grads hold inf/NaN
-    scaler.update()
-    state.loss_scale = scaler.get_scale()
-    state.step_skipped = state.skip_step or state.loss_scale < before
+    scaler.update()  # backs the scale off exactly when the unscaled grads held inf/NaN
+    state.loss_scale = scaler._get_scale_async().clone()  # a tensor of its own: records keep it by reference
+    state.step_skipped = True if state.skip_step else state.loss_scale < before
 
 
 def _position_data(data: Any, epoch: int, start_batch: int) -> None:

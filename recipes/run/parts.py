@@ -81,7 +81,8 @@ def make_schedule(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_epo
     return OneCycle(optimizer, max_lr=s.max_lr, total_steps=OneCycle.total_steps_for(t.epochs, batches_per_epoch,
                                                                                       t.accumulation_steps),
                     pct_start=s.pct_start, div_factor=cfg.div_factor, final_div_factor=s.final_div_factor,
-                    anneal_strategy=s.anneal_strategy, cycle_momentum=s.cycle_momentum)
+                    anneal_strategy=s.anneal_strategy, cycle_momentum=s.cycle_momentum,
+                    sync_every=cfg.guard.check_every)  # fp16 skips are read where NanGuard reads
 
 
 class TrainingParts(NamedTuple):

@@ -40,10 +40,11 @@ def _check_second_step_skipped(steps, amp, state):
     for step, (before, after, skipped, scale) in steps.items():
         unchanged = all(torch.equal(a, b) for a, b in zip(before, after))
         assert unchanged is (step == 2), step
-        assert skipped is (step == 2), step
-        assert scale == (65536.0 if step == 1 else 32768.0), step  # halved by the inf step, then kept
-    assert amp.skipped_steps == 1
-    assert state.skipped_steps == 1
+        assert isinstance(skipped, torch.Tensor) and isinstance(scale, torch.Tensor)  # kept on the device
+        assert bool(skipped) is (step == 2), step
+        assert float(scale) == (65536.0 if step == 1 else 32768.0), step  # halved by the inf step, then kept
+    assert int(amp.skipped_steps) == 1
+    assert int(state.skipped_steps) == 1
 
 
 def _check_an_inf_gradient_at_step_two_is_skipped(model, batches, device):
@@ -77,7 +78,7 @@ def test_unit_attach_installs_the_scaler_only_for_fp16(make_model):
         handles = amp.attach(trainer)
         assert (trainer.state.scaler is amp.scaler) is installed
         assert bool(handles) is installed
-        assert trainer.state.loss_scale == (512.0 if installed else None)
+        assert (float(trainer.state.loss_scale) if installed else trainer.state.loss_scale) == (512.0 if installed else None)
 
 
 def test_an_inf_gradient_skips_the_step_and_halves_the_scale(make_model, batches):
@@ -114,7 +115,7 @@ def test_the_scale_grows_after_growth_interval_clean_steps(make_model, batches):
     model = make_model()
     trainer, _, _ = _fp16_trainer(model, AMP(device="cpu", init_scale=1024.0, growth_interval=2))
     scales = []
-    trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda e: scales.append(e.state.loss_scale))
+    trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda e: scales.append(float(e.state.loss_scale)))
     trainer.run(batches, max_epochs=1)
     assert scales == [1024.0, 2048.0, 2048.0, 4096.0]
 
@@ -172,7 +173,7 @@ def test_a_loaded_scale_is_the_one_training_uses(make_model, batches):
     model = make_model()
     trainer, _, _ = _fp16_trainer(model, restored)
     scales = []
-    trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda e: scales.append(e.state.loss_scale))
+    trainer.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, lambda e: scales.append(float(e.state.loss_scale)))
     trainer.run(batches[:1], max_epochs=1)
     assert scales == [256.0]
 

@@ -54,6 +54,31 @@ def test_updates_once_per_optimizer_step_and_not_on_a_skipped_one(make_model, ba
     assert ema.updates == 3  # a step the guard or the scaler dropped changes neither the weights nor the average
 
 
+def test_fp16_a_step_the_scaler_skipped_leaves_the_average_as_it_was(make_model, batches):
+    """Under fp16 the scaler's skip flag stays on the device: the update is weighed by 0, not read and skipped."""
+    from callbacks import AMP
+
+    model = make_model()
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, precision="fp16")
+    AMP(device="cpu").attach(trainer)
+    ema = EMA(model, decay=0.8, warmup=False)
+    ema.attach(trainer)
+    poisoned = [(x.clone(), y) for x, y in batches]
+    poisoned[2][0][0, 0, 0, 0] = float("inf")  # the third step overflows: the scaler skips it
+    averages, flags = [], []
+
+    @trainer.on(StepEvents.OPTIMIZER_STEP_COMPLETED)
+    def record(engine):  # attached after the EMA: sees the average after its update
+        flags.append(engine.state.step_skipped)
+        averages.append([p.detach().clone() for p in ema.ema_model.parameters()])
+
+    trainer.run(poisoned, max_epochs=1)
+    assert all(isinstance(f, torch.Tensor) for f in flags) and [bool(f) for f in flags] == [False, False, True, False]
+    assert all(torch.equal(a, b) for a, b in zip(averages[1], averages[2]))  # the skipped step changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(averages[2], averages[3]))
+    assert all(torch.isfinite(p).all() for p in ema.ema_model.parameters())
+
+
 def test_warm_up_ramps_the_decay_from_a_tenth(make_model):
     ema = EMA(make_model(), decay=0.999)
     decays = []

@@ -177,16 +177,58 @@ def test_a_scheduler_stepped_on_a_skipped_first_step_does_warn(make_model, batch
     assert len(_lr_warnings(caught)) == 1
 
 
-def test_an_fp16_inf_step_does_not_advance_the_schedule_nor_make_torch_warn(make_model, batches):
+@pytest.mark.parametrize("sync_every, schedule_steps", [(1, [0, 0, 1, 2]), (2, [0, 1, 1, 2])])
+def test_an_fp16_inf_step_is_taken_back_at_the_next_sync_and_torch_does_not_warn(make_model, batches, sync_every,
+                                                                                 schedule_steps):
+    """The scaler's skip flag stays on the device: the schedule runs ahead by the skipped step until the
+    next sync point, then moves back; with a sync every step, the sequence is the exact one."""
     poisoned = [(x.clone(), y) for x, y in batches]
     poisoned[0][0][0, 0, 0, 0] = float("inf")  # the very first step overflows
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        used, _, trainer = _run(make_model, poisoned, epochs=1, total_steps=4, precision="fp16")
+        used, _, trainer = _run(make_model, poisoned, epochs=1, total_steps=4, precision="fp16", sync_every=sync_every)
     assert _lr_warnings(caught) == []
     native = _native("adamw", total_steps=4)
-    assert _flat(used) == pytest.approx(_flat([native[0], native[0], native[1], native[2]]), rel=1e-12)
-    assert trainer.state.skipped_steps == 1
+    assert _flat(used) == pytest.approx(_flat([native[i] for i in schedule_steps]), rel=1e-12)
+    assert int(trainer.state.skipped_steps) == 1
+
+
+def _drive(one_cycle, flags, first_step=1, epoch_length=100):
+    """Call ``one_cycle`` as after optimizer steps ``first_step, ...`` whose device skip flags are ``flags``;
+    returns the LR set after each."""
+    engine = Engine(lambda e, batch: None)
+    engine.state.epoch_length = epoch_length
+    lrs = []
+    for step, flag in enumerate(flags, start=first_step):
+        engine.state.iteration = engine.state.optimizer_step = step
+        engine.state.step_skipped = torch.tensor(flag)
+        one_cycle(engine)
+        lrs.append(one_cycle.optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_a_resume_between_syncs_moves_back_at_the_same_step_as_the_uninterrupted_run():
+    flags = [True, False, False, False, True, False, False, False, False]
+
+    def fresh():
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        return OneCycle(optimizer, total_steps=20, sync_every=3, **SCHEDULE)
+
+    whole = _drive(fresh(), flags)
+    first = fresh()
+    before = _drive(first, flags[:5])  # step 5 skipped, its flag not read yet: the LR ran ahead
+    buffer = io.BytesIO()
+    torch.save({"schedule": first.state_dict(), "optimizer": first.optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = fresh()
+    resumed.optimizer.load_state_dict(saved["optimizer"])
+    resumed.load_state_dict(saved["schedule"])
+    assert before + _drive(resumed, flags[5:], first_step=6) == whole
+    native = _native("adamw", total_steps=20)
+    lr_of_step = [lr for lr, _ in native]
+    assert whole[4] == pytest.approx(lr_of_step[4])  # after step 5: ahead (steps 1 and 5 skipped; only 1 read)
+    assert whole[5] == pytest.approx(lr_of_step[4])  # after step 6, a sync: 6 steps, 2 skipped
 
 
 def test_state_dict_round_trips_and_continues_the_schedule(make_model, batches):
