@@ -129,7 +129,8 @@ class Checkpointer:
     never written; a failed write (a full disk) raises the OSError naming the file, and the previous
     file stays as it was.
 
-    Events: ITERATION_COMPLETED, EpochEvents.EPOCH_RECORDED, COMPLETED. Reads ``state.iteration``,
+    Events: ITERATION_COMPLETED, EpochEvents.EPOCH_RECORDED, COMPLETED; fires EpochEvents.CHECKPOINT_STARTED
+    before each write (buffering loggers flush there). Reads ``state.iteration``,
     ``state.epoch_length``, ``state.metrics``, ``state.diverged`` (NanGuard's). Writes files, and a
     "checkpoint" line per save to ``events_path``. State: which best files exist (``state_dict``), kept across resume.
 
@@ -221,6 +222,8 @@ class Checkpointer:
         self._last_save = time.monotonic()
 
     def _save(self, checkpoint: Checkpoint, engine: Engine, kind: str) -> None:
+        if engine.has_registered_events(EpochEvents.CHECKPOINT_STARTED):  # buffered records reach the disk first
+            engine.fire_event(EpochEvents.CHECKPOINT_STARTED)
         try:
             checkpoint(engine)
         except NonFiniteCheckpointError as e:

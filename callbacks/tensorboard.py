@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ class TensorBoard:
     test into ``log_dir/lr_find``: ``lr_find/loss``, ``lr_find/smoothed_loss``, ``lr_find/lr`` (x = the
     test's iteration) and ``lr_find/suggested_max_lr``. The writer is tensorboardX (ignite picks it when installed).
 
-    Events: ITERATION_COMPLETED(every=N), EpochEvents.VALIDATION_COMPLETED, COMPLETED (flush).
+    Events: ITERATION_COMPLETED(every=N) (flushed every ``flush_seconds``), EpochEvents.VALIDATION_COMPLETED,
+    EpochEvents.CHECKPOINT_STARTED and COMPLETED (these flush).
     Reads the step and epoch records. Writes event files only. State: none (the final metrics for
     hparams are the last ones this process logged).
 
@@ -38,6 +40,10 @@ class TensorBoard:
         log_dir: where the event files go (``RUN_DIR/tb``).
         every: iterations between training scalars.
         purge_step: when resuming, the first step this process writes (older points from there on are dropped).
+        flush_seconds: the longest time training points wait in memory before they are flushed to the
+            event file (each flush fsyncs); every validation, every checkpoint (before it is written) and
+            the run's end flush too. So a killed run (SIGKILL, power) loses only points after its last
+            checkpoint, which a resume writes again; a stopped one (SIGINT, SIGTERM) loses none.
         hparams: ``{"section.key": bool | int | float | str}``, e.g. ``recipes.report.hparams(cfg)``.
 
     Example:
@@ -47,9 +53,14 @@ class TensorBoard:
     """
 
     def __init__(self, log_dir: str | Path, every: int = 10, purge_step: int | None = None,
-                 hparams: dict[str, bool | int | float | str] | None = None) -> None:
+                 hparams: dict[str, bool | int | float | str] | None = None, flush_seconds: float = 5.0) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, not {every}")
+        if flush_seconds < 0:
+            raise ValueError(f"flush_seconds must be >= 0, not {flush_seconds}")
+        self.flush_seconds = flush_seconds
+        self._logged_at = -1
+        self._flushed_at = time.monotonic()
         # purge_step: a resumed run tells TensorBoard to drop points at or after the step it resumes
         # from, written by the stopped process after its last checkpoint.
         kwargs = {"purge_step": purge_step} if purge_step is not None else {}
@@ -67,17 +78,30 @@ class TensorBoard:
         return [
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.log_step),
             engine.add_event_handler(EpochEvents.VALIDATION_COMPLETED, self.log_epoch),
+            engine.add_event_handler(EpochEvents.CHECKPOINT_STARTED, self._before_checkpoint),
             engine.add_event_handler(Events.COMPLETED, lambda _: self._flush()),
         ]
 
+    def _before_checkpoint(self, engine: Engine) -> None:
+        """Flush every point up to this iteration's (written first if due: the checkpoint may come first)."""
+        if engine.state.iteration % self.every == 0:
+            self.log_step(engine)
+        self._flush()
+
     def log_step(self, engine: Engine) -> None:
-        """Write the current step's loss, lr, grad norm and loss scale."""
+        """Write the current step's loss, lr, grad norm and loss scale (once per iteration)."""
+        if self._logged_at == engine.state.iteration:
+            return
+        self._logged_at = engine.state.iteration
         record = step_record(engine.state)
         for key in ("loss", "lr", "grad_norm", "loss_scale", "step_skipped"):
             if record.get(key) is not None:
                 self.logger.writer.add_scalar(f"train/{key}", float(record[key]), engine.state.iteration)
-        # to the OS now, not in 2 minutes: a killed run must keep every point up to its checkpoint
-        self._flush()
+        # tensorboardX's own flush comes every 2 minutes; each flush fsyncs (hundreds of us, far more on a
+        # network disk), so not at every point either: every flush_seconds, and after each validation
+        now = time.monotonic()
+        if now - self._flushed_at >= self.flush_seconds:
+            self._flush()
 
     def log_epoch(self, engine: Engine) -> None:
         """Write the epoch's figures (train loss, val metrics, throughput, lr)."""
@@ -128,7 +152,9 @@ class TensorBoard:
         ``log_dir``."""
         try:
             with _shut_down_on_os_error(self.logger.writer, self.log_dir):
-                self.logger.writer.flush()
+                for file_writer in list((self.logger.writer.all_writers or {}).values()):
+                    _write_out(file_writer)
+            self._flushed_at = time.monotonic()
         except OSError:
             self._closed = True  # nothing more is written, not even by close()
             raise
@@ -164,6 +190,27 @@ def _shut_down_on_os_error(writer: Any, log_dir: Path) -> Iterator[None]:
         if e.filename is None:
             e.filename = str(log_dir)
         raise
+
+
+def _write_out(file_writer: Any) -> None:
+    """Write every event queued so far to one tensorboardX FileWriter's file, and flush it.
+
+    tensorboardX's own ``flush()`` flushes the file but not its queue: the events its thread has not
+    taken yet (the latest ones) stay in memory, and a run killed right after a checkpoint would lose
+    points that precede it. The thread is stopped (the queue is first-in first-out, so it writes
+    everything queued before the stop), the file flushed, and a new thread started, as tensorboardX's
+    ``reopen`` does.
+    """
+    event_file_writer = getattr(file_writer, "event_writer", None)
+    worker = getattr(event_file_writer, "_worker", None)
+    if worker is None or getattr(event_file_writer, "_closed", True) or not worker.is_alive():
+        file_writer.flush()  # another tensorboardX layout, or nothing left to drain
+        return
+    worker.stop()
+    event_file_writer._worker = type(worker)(event_file_writer._event_queue, event_file_writer._ev_writer,
+                                             event_file_writer._flush_secs)
+    event_file_writer._worker.start()
+    event_file_writer.flush()
 
 
 def _discard_events(file_writer: Any) -> None:

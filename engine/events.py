@@ -39,9 +39,10 @@ class StepEvents(EventEnum):
 
 
 class EpochEvents(EventEnum):
-    """Events fired on the trainer at the end of an epoch, from within its EPOCH_COMPLETED.
+    """Events fired on the trainer at the end of an epoch, from within its EPOCH_COMPLETED, and before
+    each checkpoint.
 
-    ``callbacks.Validation`` fires both, in this order::
+    ``callbacks.Validation`` fires the first two, in this order::
 
         EPOCH_COMPLETED                  state.metrics["train_loss"] is set (by the trainer itself)
           run the evaluator              (validated epochs only)
@@ -49,12 +50,17 @@ class EpochEvents(EventEnum):
           EPOCH_RECORDED                 every record of the epoch is written: epoch-end checkpoints
                                          go here, so a checkpoint never predates its epoch's records
 
+    ``callbacks.Checkpointer`` fires CHECKPOINT_STARTED just before it writes a checkpoint (mid-epoch
+    ones too): a logger that buffers its records flushes them here, so that a run killed after the
+    checkpoint still has every record up to it on disk.
+
     Listening to these instead of EPOCH_COMPLETED keeps loggers and checkpoints independent of the
     order in which they and the validation were attached.
     """
 
     VALIDATION_COMPLETED = "validation_completed"
     EPOCH_RECORDED = "epoch_recorded"
+    CHECKPOINT_STARTED = "checkpoint_started"
 
 
 #: Which ``engine.state`` counter each step event's ``every=``/``once=`` filter reads.
@@ -65,6 +71,7 @@ STEP_EVENT_COUNTERS = {
     StepEvents.OPTIMIZER_STEP_COMPLETED: "optimizer_step",
     EpochEvents.VALIDATION_COMPLETED: "epoch",
     EpochEvents.EPOCH_RECORDED: "epoch",
+    EpochEvents.CHECKPOINT_STARTED: "iteration",
 }
 
 

@@ -70,6 +70,26 @@ def test_fp16_writes_the_loss_scale(make_model, batches, tmp_path):
     assert _scalars(tmp_path)["train/loss_scale"] == [(i, 65536.0) for i in range(1, 5)]
 
 
+def test_every_point_up_to_a_checkpoint_is_on_disk_when_it_is_written(make_model, batches, tmp_path):
+    """Points are flushed every flush_seconds, and before each checkpoint (whatever the handlers' order),
+    so a run killed after a checkpoint keeps every point up to it; tensorboardX's own flush leaves its
+    queue behind."""
+    from callbacks import Checkpointer
+
+    model = make_model()
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy)
+    Checkpointer(tmp_path / "checkpoints", {"model": model}, every_iterations=2).attach(trainer)  # before TB
+    tb = TensorBoard(tmp_path / "tb", every=1, flush_seconds=3600)
+    tb.attach(trainer)
+    on_disk = {}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=2), lambda e: on_disk.__setitem__(
+        e.state.iteration, [step for step, _ in _scalars(tmp_path / "tb").get("train/loss", [])]))
+    trainer.run(batches[:3], max_epochs=1)
+    assert on_disk[2] == [1, 2]  # the checkpoint at 2 came before TB's handler: its point was written first
+    tb.close()
+    assert [step for step, _ in _scalars(tmp_path / "tb")["train/loss"]] == [1, 2, 3]
+
+
 def test_the_file_is_readable_before_close(make_model, batches, tmp_path):
     trainer = _trainer(make_model(), batches)
     tb = TensorBoard(tmp_path, every=1)
