@@ -32,12 +32,20 @@ def format_epoch_line(record: dict[str, Any], max_epochs: int | None) -> str:
     return "  ".join(parts)
 
 
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
 class Progress:
     """Show training as it happens: a tqdm bar with loss and LR, and an epoch line after validation.
 
     The bar's loss is read from the device at most every ``refresh_seconds`` (not every iteration),
-    so the bar costs no host sync per step. The bar only draws on a terminal; the epoch lines are
-    always printed (to ``stream``) unless ``quiet``.
+    so the bar costs no host sync per step. The bar is attached only when stderr is a terminal (elsewhere
+    tqdm draws nothing, and the bar's handler would still run every step); the epoch lines are always
+    printed (to ``stream``) unless ``quiet``.
 
     Events: ITERATION_COMPLETED (bar), EpochEvents.VALIDATION_COMPLETED (epoch line).
     Reads ``state.loss``, ``state.lr`` and the epoch record. Writes to the console only. State: none.
@@ -63,13 +71,14 @@ class Progress:
         if self.quiet:
             return []
         ensure_epoch_events(engine)
-        bar = ProgressBar(persist=False, disable=None, file=sys.stderr, dynamic_ncols=True)
-        before = {event: list(handlers) for event, handlers in engine._event_handlers.items()}
-        bar.attach(engine, output_transform=self._bar_values)
-        # ProgressBar.attach returns no handles: make them for what it registered, so detaching works
-        handles = [RemovableEventHandle(event, entry[0], engine) for event, handlers in engine._event_handlers.items()
-                   for entry in handlers if entry not in before.get(event, [])]
-        self._bar = bar
+        handles = []
+        if _is_terminal(sys.stderr):  # tqdm would draw nothing, and ignite's handler still costs ~40 us a step
+            bar = ProgressBar(persist=False, disable=None, file=sys.stderr, dynamic_ncols=True)
+            before = {event: list(handlers) for event, handlers in engine._event_handlers.items()}
+            bar.attach(engine, output_transform=self._bar_values)
+            # ProgressBar.attach returns no handles: make them for what it registered, so detaching works
+            handles = [RemovableEventHandle(event, entry[0], engine) for event, handlers in engine._event_handlers.items()
+                       for entry in handlers if entry not in before.get(event, [])]
         return [*handles, engine.add_event_handler(EpochEvents.VALIDATION_COMPLETED, self.print_epoch)]
 
     def _bar_values(self, output: Any) -> dict[str, float]:

@@ -61,3 +61,38 @@ def test_quiet_prints_nothing_and_attaches_nothing(make_model, batches, capsys):
     trainer.run(batches, max_epochs=1)
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+def test_the_bar_draws_on_a_terminal_and_is_not_attached_elsewhere(make_model, batches, monkeypatch):
+    """On a pseudo-terminal the bar draws (its loss shows); on a pipe nothing runs per iteration."""
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    from ignite.engine import Events
+
+    def iteration_handlers(trainer):
+        return len(trainer._event_handlers.get(Events.ITERATION_COMPLETED, []))
+
+    trainer = _trainer(make_model(), batches)
+    before = iteration_handlers(trainer)
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as pipe:
+        monkeypatch.setattr("sys.stderr", pipe)
+        Progress(stream=io.StringIO()).attach(trainer)
+    os.close(read_end)
+    assert iteration_handlers(trainer) == before  # only the epoch line, at VALIDATION_COMPLETED
+
+    trainer = _trainer(make_model(), batches)
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0x0: nothing fits
+    with os.fdopen(follower, "w") as terminal:
+        monkeypatch.setattr("sys.stderr", terminal)
+        Progress(stream=io.StringIO()).attach(trainer)
+        assert iteration_handlers(trainer) > before
+        trainer.run(batches, max_epochs=1)
+        terminal.flush()
+        drawn = os.read(leader, 65536).decode(errors="replace")
+    os.close(leader)
+    assert "loss=" in drawn
