@@ -77,8 +77,11 @@ class GradClip:
         else:  # what clip_grad_norm_ computes, from the per-parameter norms the step shares
             norm = step_grad_norms(engine.state, self.parameters, self._key)[1]
         if self.mode == "norm" and self.max_norm is not None:
-            with torch.no_grad():  # clip_grad_norm_'s arithmetic (max_norm / (norm + 1e-6), at most 1), in place
-                torch._foreach_mul_(grads, (norm + 1e-6).reciprocal_().mul_(self.max_norm).clamp_(max=1.0))
+            with torch.no_grad():  # clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)), as a divisor:
+                divisor = (norm + 1e-6).clamp_(min=self.max_norm)  # two small ops fewer per step
+                if self.max_norm != 1.0:
+                    divisor.div_(self.max_norm)
+                torch._foreach_div_(grads, divisor)  # a divisor of exactly 1 leaves the gradients as they are
         elif self.mode == "value":
             torch.nn.utils.clip_grad_value_(self.parameters, self.clip_value, foreach=True)
-        engine.state.grad_norm = norm.detach()
+        engine.state.grad_norm = norm  # computed without autograd: nothing to detach
