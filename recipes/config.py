@@ -167,6 +167,7 @@ class TrainConfig:
     init_scale: float = 65536.0  #: fp16: the first loss scale
     growth_interval: int = 2000  #: fp16: clean steps before the loss scale doubles
     log_every: int = 10  #: iterations between step lines (steps.jsonl, TensorBoard)
+    progress_seconds: float = 30.0  #: without a terminal (a log file, a batch job): a progress line this often inside an epoch (0 = none)
     sync_bn: bool = False  #: data parallel: synchronise BatchNorm statistics across processes
 
     def __post_init__(self) -> None:
@@ -184,6 +185,7 @@ class TrainConfig:
         _check(self.init_scale > 0, f"train.init_scale must be > 0, not {self.init_scale}")
         _check(self.growth_interval >= 1, f"train.growth_interval must be >= 1, not {self.growth_interval}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, not {self.log_every}")
+        _check(self.progress_seconds >= 0, f"train.progress_seconds must be >= 0, not {self.progress_seconds}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"train.device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
 

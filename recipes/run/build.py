@@ -303,7 +303,7 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
         every_iterations=c.every_iterations, every_minutes=c.every_minutes, keep_best=c.keep_best,
         events_path=events_path)
     handlers["graceful_stop"] = GracefulStop()
-    handlers["progress"] = Progress(quiet=quiet, stream=stream)
+    handlers["progress"] = Progress(quiet=quiet, stream=stream, line_seconds=t.progress_seconds, evaluator=evaluator)
     for name, handler in handlers.items():
         if writes or name != "summary":  # the summary object exists on every rank for its checkpointed state
             handler.attach(trainer)

@@ -64,7 +64,8 @@ def test_quiet_prints_nothing_and_attaches_nothing(make_model, batches, capsys):
 
 
 def test_the_bar_draws_on_a_terminal_and_is_not_attached_elsewhere(make_model, batches, monkeypatch):
-    """On a pseudo-terminal the bar draws (its loss shows); on a pipe nothing runs per iteration."""
+    """On a pseudo-terminal the bar draws (its loss shows); on a pipe there is no bar, only the clock of the
+    plain progress lines."""
     import fcntl
     import os
     import struct
@@ -75,14 +76,21 @@ def test_the_bar_draws_on_a_terminal_and_is_not_attached_elsewhere(make_model, b
     def iteration_handlers(trainer):
         return len(trainer._event_handlers.get(Events.ITERATION_COMPLETED, []))
 
+    def bar_handlers(trainer):  # ignite's bar: an _OutputHandler on ITERATION_COMPLETED
+        return [h for h, _, _ in trainer._event_handlers.get(Events.ITERATION_COMPLETED, [])
+                if type(getattr(h, "__wrapped__", h)).__name__ == "_OutputHandler"]
+
     trainer = _trainer(make_model(), batches)
     before = iteration_handlers(trainer)
     read_end, write_end = os.pipe()
     with os.fdopen(write_end, "w") as pipe:
         monkeypatch.setattr("sys.stderr", pipe)
+        Progress(stream=io.StringIO(), line_seconds=0).attach(trainer)
+        assert iteration_handlers(trainer) == before  # without progress lines: only the epoch line
+        trainer = _trainer(make_model(), batches)
         Progress(stream=io.StringIO()).attach(trainer)
+        assert iteration_handlers(trainer) == before + 1 and not bar_handlers(trainer)  # the lines' clock
     os.close(read_end)
-    assert iteration_handlers(trainer) == before  # only the epoch line, at VALIDATION_COMPLETED
 
     trainer = _trainer(make_model(), batches)
     leader, follower = os.openpty()
@@ -90,7 +98,7 @@ def test_the_bar_draws_on_a_terminal_and_is_not_attached_elsewhere(make_model, b
     with os.fdopen(follower, "w") as terminal:
         monkeypatch.setattr("sys.stderr", terminal)
         Progress(stream=io.StringIO()).attach(trainer)
-        assert iteration_handlers(trainer) > before
+        assert bar_handlers(trainer)
         trainer.run(batches, max_epochs=1)
         terminal.flush()
         drawn = os.read(leader, 65536).decode(errors="replace")

@@ -154,7 +154,7 @@ def _train_counting_reads(tmp_path: Path, precision: str, on_nan: str, **overrid
     seconds = time.monotonic() - started
     bar, others = [], []
     for r in counter.reads:
-        (bar if r.made_in("_bar_values") else others).append(r)  # the epoch line reads at epoch ends: others
+        (bar if r.made_in("_read_values") else others).append(r)  # the epoch line reads at epoch ends: others
     return CountedRun(others, bar, seconds, run.handlers["progress"].refresh_seconds, len(run.train_data), run.status)
 
 
