@@ -224,13 +224,17 @@ class Checkpointer:
     def _save(self, checkpoint: Checkpoint, engine: Engine, kind: str) -> None:
         if engine.has_registered_events(EpochEvents.CHECKPOINT_STARTED):  # buffered records reach the disk first
             engine.fire_event(EpochEvents.CHECKPOINT_STARTED)
+        kept = {item.filename for item in checkpoint._saved}
         try:
             checkpoint(engine)
         except NonFiniteCheckpointError as e:
             log.warning("%s", e)
             self._event(engine, {"event": "checkpoint_refused", "kind": kind, "reason": str(e)})
             return
-        self._event(engine, {"event": "checkpoint", "kind": kind, "file": checkpoint.last_checkpoint})
+        written = [item.filename for item in checkpoint._saved if item.filename not in kept]
+        if kind == "best" and not written:
+            return  # the score did not make the kept best ones: nothing was written
+        self._event(engine, {"event": "checkpoint", "kind": kind, "file": written[0] if written else checkpoint.last_checkpoint})
 
     def _event(self, engine: Engine, record: dict[str, Any]) -> None:
         if self.events_path is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -16,6 +17,10 @@ from engine.events import EpochEvents, ensure_epoch_events
 from engine.records import epoch_record, step_record
 
 __all__ = ["TensorBoard"]
+
+# tensorboardX logs "NaN or Inf found in input tensor." for every non-finite scalar: during a divergence
+# that is a stream of lines on stderr about what NanGuard already reports (the points are still written)
+logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
 
 class TensorBoard:

@@ -166,7 +166,7 @@ def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, fo
     run_dir = make_run_dir(cfg, out, force=force, writes=jobs.is_rank_zero())  # locked, before any data loads
     if not quiet and jobs.is_rank_zero():
         parallel = f" in {world_size} processes (global batch {cfg.data.batch_size * world_size})" if world_size > 1 else ""
-        click.echo(f"kiln: training {cfg.name} for {cfg.train.epochs} epochs{parallel} into {run_dir}")
+        click.echo(f"kiln: training {cfg.name} for {plural(cfg.train.epochs, 'epoch')}{parallel} into {run_dir}")
     with discarded_on_failure(run_dir):  # bad data or options found later leave no run directory behind
         jobs.run_job(functools.partial(jobs.train_job, cfg, run_dir, quiet, auto_max_lr), nproc_per_node, backend,
                      run_dir)
@@ -194,8 +194,9 @@ def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, np
         RunLock.take(run_dir_of(run_dir), create=False)
     plan = plan_resume(run_dir, epochs=epochs, new_schedule=new_schedule, world_size=jobs.world_size(nproc_per_node))
     if plan.finished:
-        click.echo(f"{run_dir} has already finished ({plan.iteration // plan.epoch_length} of {plan.saved.train.epochs} "
-                   "epochs); nothing to resume (use --epochs N --new-schedule to train further)")
+        click.echo(f"{run_dir} has already finished ({plan.iteration // plan.epoch_length} of "
+                   f"{plural(plan.saved.train.epochs, 'epoch')}); nothing to resume (use --epochs N --new-schedule to "
+                   "train further)")
         return
     if not quiet and jobs.is_rank_zero():
         click.echo(f"kiln: resuming {run_dir} at iteration {plan.iteration}")
@@ -579,3 +580,13 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, with an s unless there is one: ``plural(1, "epoch")`` is "1 epoch".
+
+    Example:
+        >>> plural(1, "epoch"), plural(3, "epoch")
+        ('1 epoch', '3 epochs')
+    """
+    return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -406,8 +406,9 @@ def imagefolder_data(cfg: Config, device: torch.device) -> Data:
 
 
 def _loader_args(cfg: Config, device: torch.device) -> dict[str, Any]:
-    """The DataLoader settings both splits share: ``data.num_workers`` workers, pinned memory for CUDA."""
-    workers = cfg.data.num_workers
+    """The DataLoader settings both splits share: ``data.num_workers`` workers (at most one per CPU this
+    process may use: more only compete for the cores, and torch warns about it), pinned memory for CUDA."""
+    workers = min(cfg.data.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
 
 

@@ -72,6 +72,11 @@ def test_best_k_keeps_the_top_scores_and_survives_a_restart(tmp_path):
     trainer2.run(data, max_epochs=5)
     names = sorted(p.name for p in checkpointer.dirname.glob("best-*.pt"))
     assert names == ["best-epoch2-val_accuracy=0.9000.pt", "best-epoch4-val_accuracy=0.9500.pt"]
+    # the events name only files written: epoch 5's 0.6 made neither of the two best
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [(e["epoch"], e["file"]) for e in events if e["event"] == "checkpoint" and e["kind"] == "best"] == [
+        (1, "best-epoch1-val_accuracy=0.5000.pt"), (2, "best-epoch2-val_accuracy=0.9000.pt"),
+        (3, "best-epoch3-val_accuracy=0.7000.pt"), (4, "best-epoch4-val_accuracy=0.9500.pt")]
 
 
 def test_a_non_finite_state_is_never_written(tmp_path):
