@@ -45,8 +45,8 @@ figure is the mean over those steps, so periodic work (logging every 10 steps, N
 A B C ... A B C ..., and the table gives the median over rounds (``us/step``, wall; ``cpu us``, CPU
 time of all threads: a gap between them is waiting, e.g. for a file flush) and the fastest round
 (``best``: the least disturbed on a shared machine). ``x tutorial`` is the median's ratio to the tutorial
-loop on the same model, ``over floor`` the median minus the floor's (``bare`` or ``bare-cnn``). The progress bar draws only on a
-terminal: here stderr is a pipe, so it is attached but draws nothing (as under CI or ``nohup``).
+loop on the same model, ``over floor`` the median minus the floor's (``bare`` or ``bare-cnn``). The progress bar is attached only on a
+terminal: here stderr is a pipe, so there is none (as under CI, ``nohup`` or a batch scheduler).
 
 Usage::
 
