@@ -6,6 +6,7 @@ flag sets which key) and :data:`LEGACY_KEYS` (keys renamed since older run direc
 from __future__ import annotations
 
 import dataclasses
+import sys
 import difflib
 import math
 import typing
@@ -393,6 +394,36 @@ def hparams(cfg: Config) -> dict[str, bool | int | float | str]:
                 flat[f"{section}.{key}"] = (value if isinstance(value, (bool, int, float, str))
                                             else ",".join(str(v) for v in value))
     return flat
+
+
+def config_docs() -> dict[str, str]:
+    """Each config key's meaning, ``{"train.epochs": "passes over the training data", ...}``: the ``#:``
+    comment beside its field in this module (one place for the docs, also what ``kiln show --explain`` prints).
+
+    Example:
+        >>> config_docs()["train.epochs"]
+        'passes over the training data'
+    """
+    import ast
+    import inspect
+
+    source = inspect.getsource(sys.modules[__name__])
+    lines = source.splitlines()
+    docs_by_class: dict[str, dict[str, str]] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    _, sep, doc = lines[item.lineno - 1].partition("#:")
+                    if sep:
+                        docs_by_class.setdefault(node.name, {})[item.target.id] = doc.strip()
+    docs = {name: doc for name, doc in docs_by_class.get("Config", {}).items()}
+    for section in dataclasses.fields(Config):
+        factory = section.default_factory
+        if factory is not dataclasses.MISSING and isinstance(factory, type):
+            for key, doc in docs_by_class.get(factory.__name__, {}).items():
+                docs[f"{section.name}.{key}"] = doc
+    return docs
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from recipes.cli.options import (
     resolve_config,
     set_option,
 )
-from recipes.config import ConfigError, config_to_dict
+from recipes.config import ConfigError, config_docs, config_to_dict
 from recipes.data import DataError
 
 __all__ = ["TRAIN_SECTIONS", "cli", "main"]
@@ -73,10 +73,32 @@ def recipes() -> None:
 @cli.command()
 @click.argument("recipe")
 @set_option
-def show(recipe: str, sets: tuple[str, ...]) -> None:
-    """Print the resolved config of RECIPE (YAML), with any --set overrides applied."""
+@click.option("--explain", is_flag=True, help="Say what each key means, as a YAML comment beside it.")
+def show(recipe: str, sets: tuple[str, ...], explain: bool) -> None:
+    """Print the resolved config of RECIPE (YAML), with any --set overrides applied.
+
+    With a line `base: RECIPE` added, the output is a recipe file: edit it and run `kiln train FILE.yaml`.
+    """
     cfg = resolve_config(recipe, sets)
-    click.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    data = config_to_dict(cfg)
+    click.echo(_explained_yaml(data, config_docs()) if explain else yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+def _explained_yaml(data: dict, docs: dict[str, str]) -> str:
+    """``data`` as YAML, one key a line, each followed by ``# its meaning`` from ``docs`` (by dotted key)."""
+    def line(key: str, value: object, indent: str, path: str) -> tuple[str, str]:
+        text = yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=True, width=10**9).strip()
+        return indent + text[1:-1], docs.get(path, "")  # flow style wraps the mapping in {}
+
+    rows: list[tuple[str, str]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            rows.append((f"{key}:", ""))
+            rows += [line(k, v, "  ", f"{key}.{k}") for k, v in value.items()]
+        else:
+            rows.append(line(key, value, "", key))
+    width = max(len(text) for text, doc in rows if doc)
+    return "\n".join(f"{text:<{width}}  # {doc}" if doc else text for text, doc in rows)
 
 
 @cli.command(cls=SectionedCommand, sections=TRAIN_SECTIONS)

@@ -43,6 +43,20 @@ def test_show_applies_overrides():
     assert cfg.train == RECIPES["digits"].train
 
 
+def test_show_explain_says_what_every_key_means_and_stays_a_recipe_file(tmp_path):
+    plain = CliRunner().invoke(cli, ["show", "digits", "--set", "epochs=3"])
+    explained = CliRunner().invoke(cli, ["show", "digits", "--set", "epochs=3", "--explain"])
+    assert explained.exit_code == 0, explained.output
+    assert yaml.safe_load(explained.output) == yaml.safe_load(plain.output)  # the comments change nothing
+    keyed = [line for line in explained.output.splitlines() if line.startswith("  ")]
+    assert keyed and all("  # " in line for line in keyed), [line for line in keyed if "  # " not in line]
+    assert any(line.startswith("  epochs: 3") and line.endswith("# passes over the training data") for line in keyed)
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("base: digits\n" + explained.output)
+    again = CliRunner().invoke(cli, ["show", str(recipe)])
+    assert yaml.safe_load(again.output) == yaml.safe_load(plain.output)
+
+
 def test_show_with_an_unknown_key_is_a_config_error():
     result = CliRunner().invoke(cli, ["show", "digits", "--set", "max_lrr=0.1"])
     assert isinstance(result.exception, ConfigError)
