@@ -93,9 +93,14 @@ def flatten_recipe(data: Mapping[str, Any], base: Config, where: str = "recipe f
             add(section, name, value)
         else:
             bare = [p for p in paths if p.split(".", 1)[1] == key]
+            if len(bare) != 1:  # a misspelt field name without its section, e.g. epohcs: the closest field
+                leaf = (key.rsplit(".", 1)[-1] if "." in key else key)
+                close = difflib.get_close_matches(leaf, [p.split(".", 1)[1] for p in paths], n=1)
+                bare = [p for p in paths if close and p.split(".", 1)[1] == close[0]]
             if len(bare) == 1:  # a field name without its section: say which section it belongs to
+                field_name = bare[0].split(".", 1)[1]
                 raise ConfigError(f"{where}: unknown key {key!r}; did you mean {bare[0]!r}? "
-                                  f"(keys go in their section: {bare[0].split('.')[0]}: {{{key}: ...}})")
+                                  f"(keys go in their section: {bare[0].split('.')[0]}: {{{field_name}: ...}})")
             raise _unknown(where, key, list(_TOP_LEVEL) + list(SECTIONS) + paths, list(_TOP_LEVEL) + list(SECTIONS),
                            "valid top-level keys")
     return flat

@@ -63,6 +63,8 @@ def test_a_base_may_be_another_recipe_file(tmp_path):
                                            "label_smoothing"]),
     ("base: digits\nschedule.max_lrr: 0.1\n", ["did you mean 'schedule.max_lr'", "valid keys of schedule: max_lr"]),
     ("base: digits\nepochs: 3\n", ["unknown key 'epochs'", "did you mean 'train.epochs'"]),
+    ("base: digits\nepohcs: 3\n", ["unknown key 'epohcs'", "did you mean 'train.epochs'", "train: {epochs: ...}"]),
+    ("base: digits\ntrian.epochs: 3\n", ["unknown key 'trian.epochs'", "did you mean 'train.epochs'"]),
     ("base: digits\ntrian: {epochs: 3}\n", ["unknown key 'trian'", "did you mean 'train'", "valid top-level keys: base"]),
     ("bsae: digits\n", ["names no base recipe", "base: NAME"]),
     ("base: nope\n", ["unknown recipe 'nope'", "digits"]),
