@@ -26,6 +26,7 @@ from recipes.cli.options import (
     MaxLR,
     SectionedCommand,
     overrides,
+    recipe_argument,
     recipe_or_run,
     resolve_config,
     set_option,
@@ -71,7 +72,7 @@ def recipes() -> None:
 
 
 @cli.command()
-@click.argument("recipe")
+@recipe_argument
 @set_option
 @click.option("--explain", is_flag=True, help="Say what each key means, as a YAML comment beside it.")
 def show(recipe: str, sets: tuple[str, ...], explain: bool) -> None:
@@ -102,7 +103,7 @@ def _explained_yaml(data: dict, docs: dict[str, str]) -> str:
 
 
 @cli.command(cls=SectionedCommand, sections=TRAIN_SECTIONS)
-@click.argument("recipe")
+@recipe_argument
 @click.option("--epochs", type=int, help="Passes over the training data.")
 @click.option("--batch-size", type=int, help="Images per batch.")
 @click.option("--lr", type=float, help="LR the one-cycle starts from (AdamW).")
@@ -379,7 +380,7 @@ def export(checkpoint: str, fmt: str | None, out: str | None, dynamic_batch: boo
 
 
 @cli.command("lr-find")
-@click.argument("recipe")
+@recipe_argument
 @click.option("--start-lr", type=float, default=1e-7, show_default=True, help="LR of the first iteration.")
 @click.option("--end-lr", type=float, default=10.0, show_default=True, help="LR the exponential ramp ends at.")
 @click.option("--num-iter", type=int, default=100, show_default=True, help="Iterations of the ramp (it stops "
@@ -412,7 +413,7 @@ def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, divide_b
 
 
 @cli.command()
-@click.argument("recipe")
+@recipe_argument
 @click.option("--epochs", type=int, help="Passes over the training data.")
 @click.option("--batch-size", type=int, help="Images per batch.")
 @click.option("--lr", type=float, help="LR the one-cycle starts from.")
@@ -439,7 +440,7 @@ def schedule(recipe: str, out: str | None, sets: tuple[str, ...], **options: obj
 
 
 @cli.command()
-@click.argument("recipe")
+@recipe_argument
 @click.option("--trials", type=int, required=True, help="Trials in the study (complete or pruned), shared by all workers.")
 @click.option("--param", "params", multiple=True, metavar="KEY=SPEC", help="Search KEY (max_lr, weight_decay, "
               "label_smoothing, batch_size, or any section.key) over log:LOW:HIGH, LOW:HIGH, int:LOW:HIGH or "

@@ -12,7 +12,8 @@ import click
 from recipes.config import OPTION_KEYS, Config, ConfigError, apply_overrides
 from recipes.recipe_files import load_recipe
 
-__all__ = ["MaxLR", "SectionedCommand", "overrides", "parse_sets", "recipe_or_run", "resolve_config", "set_option"]
+__all__ = ["MaxLR", "SectionedCommand", "complete_recipe", "overrides", "parse_sets", "recipe_argument", "recipe_or_run",
+           "resolve_config", "set_option"]
 
 
 def parse_sets(pairs: Sequence[str]) -> dict[str, str]:
@@ -66,6 +67,29 @@ def recipe_or_run(recipe: str, sets: Sequence[str], kind: str, **options: Any) -
     cfg = resolve_config(recipe, sets, **options)
     return cfg, Path("runs") / f"{cfg.name}-{kind}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
+
+def complete_recipe(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[click.shell_completion.CompletionItem]:
+    """Shell completion for RECIPE: the registered recipes, then recipe files and folders (run directories)."""
+    from recipes import RECIPES  # the registry's names only: nothing heavy is imported
+
+    items = [click.shell_completion.CompletionItem(name) for name in RECIPES if name.startswith(incomplete)]
+    directory, _, prefix = incomplete.rpartition("/")
+    try:
+        entries = sorted(Path(directory or ".").iterdir())
+    except OSError:
+        entries = []
+    for entry in entries:
+        if not entry.name.startswith(prefix) or (entry.name.startswith(".") and not prefix.startswith(".")):
+            continue
+        shown = f"{directory}/{entry.name}" if directory else entry.name
+        if entry.is_dir():
+            items.append(click.shell_completion.CompletionItem(shown + "/", type="plain"))
+        elif entry.suffix in (".yaml", ".yml"):
+            items.append(click.shell_completion.CompletionItem(shown))
+    return items
+
+
+recipe_argument = click.argument("recipe", shell_complete=complete_recipe)
 
 set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                           help="Override any config key, e.g. --set schedule.pct_start=0.3 (repeatable).")

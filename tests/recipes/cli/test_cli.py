@@ -215,3 +215,22 @@ def test_train_help_lists_every_option_once_in_sections_that_fit_a_screen():
         listed = [title for title, lines in sections.items()  # the option's own line, not a mention in a help text
                   if any(line.startswith(f"  {flag}") for line in lines)]
         assert len(listed) == 1, (flag, listed)
+
+
+def test_shell_completion_offers_recipe_names_and_recipe_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("base: digits\n")
+    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "runs").mkdir()
+
+    def complete(line: str) -> list[str]:
+        words = line.split(" ")
+        env = {"_KILN_COMPLETE": "bash_complete", "COMP_WORDS": line, "COMP_CWORD": str(len(words) - 1)}
+        result = CliRunner().invoke(cli, [], prog_name="kiln", env=env)
+        return [item.split(",", 1)[1] for item in result.output.splitlines()]
+
+    assert complete("kiln train di") == ["digits"]
+    offered = complete("kiln show ")
+    assert set(RECIPES) <= set(offered) and "mine.yaml" in offered and "runs/" in offered
+    assert "notes.txt" not in offered
+    assert complete("kiln tr") == ["train"]
