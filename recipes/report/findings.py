@@ -4,7 +4,8 @@ Nothing is computed per iteration: ``kiln report RUN_DIR`` recomputes the same f
 finished or not.
 
 A finding names a condition, the evidence for it from the records, why it matters and the next
-command to run. The checks: divergence or loss spikes; under fp16, the loss-scale trend and the
+command to run. The checks: divergence or loss spikes; a validation accuracy no better than chance;
+under fp16, the loss-scale trend and the
 skipped-step rate; clipping active on most steps; a growing train/val gap (overfitting); a max_lr far
 from the LR range test's suggestion.
 """
@@ -33,6 +34,10 @@ OVERFIT_RISE = 0.2
 OVERFIT_EPOCHS = 2
 #: ... or a last-epoch train loss below this (nats, a memorised training set) and under 1/10 of the val loss.
 MEMORISED_LOSS = 0.01
+#: A best val_accuracy at most this many times 1/classes is "at chance".
+CHANCE_MARGIN = 1.1
+#: ... and a run of fewer training iterations than this is called too short to learn.
+SHORT_RUN = 100
 #: max_lr and the range test's suggestion further apart than this factor are "far".
 LR_FAR = 4.0
 #: Events that mean trouble with non-finite values (written by callbacks.NanGuard and friends).
@@ -43,7 +48,7 @@ TROUBLE_EVENTS = ("nan_skip", "rollback", "diverged", "scale_collapse", "non_fin
 class Finding:
     """One thing kiln noticed: what, the evidence from the records, why it matters, what to run next."""
 
-    kind: str  #: divergence | loss_spikes | fp16_loss_scale | clipping | overfitting | max_lr_vs_range_test
+    kind: str  #: divergence | loss_spikes | chance | fp16_loss_scale | clipping | overfitting | max_lr_vs_range_test
     title: str
     evidence: list[str]
     advice: str
@@ -340,9 +345,42 @@ def _check_max_lr(run: RunData) -> Finding | None:
                    _command(run, {"schedule.max_lr": float(f"{suggestion:.2g}"), "optim.lr": None}))
 
 
+def _classes(run: RunData) -> int | None:
+    """How many classes the run trained on (its recorded class names, else the config's count)."""
+    names = run.config.get("runtime", {}).get("class_names")
+    if names:
+        return len(names)
+    count = run.config.get("data", {}).get("num_classes")
+    return int(count) if count else None
+
+
+def _check_chance(run: RunData) -> Finding | None:
+    """The best validation accuracy no better than a uniform guess (1 / classes, with CHANCE_MARGIN)."""
+    classes = _classes(run)
+    accuracies = [_num(m["val_accuracy"]) for m in run.metrics if m.get("val_accuracy") is not None]
+    accuracies = [a for a in accuracies if math.isfinite(a)]
+    if not classes or classes < 2 or not accuracies:
+        return None
+    chance, best = 1.0 / classes, max(accuracies)
+    if best > CHANCE_MARGIN * chance:
+        return None
+    epochs = len(accuracies)
+    evidence = [f"best val_accuracy {best:.3f} over {epochs} validated epoch{'s' if epochs != 1 else ''}, with "
+                f"{classes} classes: a uniform guess scores {chance:.3f}"]
+    changes: dict[str, Any] = {"schedule.max_lr": "auto", "optim.lr": None}
+    iterations = max((m.get("iteration") or 0 for m in run.metrics), default=0)
+    if iterations and iterations < SHORT_RUN:
+        evidence.append(f"only {iterations} training iteration{'s' if iterations != 1 else ''}: too short to learn")
+        changes["train.epochs"] = max(10, int(run.config.get("train", {}).get("epochs") or 1))
+    return Finding("chance", "validation accuracy at chance level", evidence,
+                   "Nothing the model learned carries over to the validation images. If the run was this short, "
+                   "train longer; otherwise check that the labels match the images and that the validation "
+                   "split comes from the same data, then let the LR range test pick max_lr.", _command(run, changes))
+
+
 #: The checks, in the order findings are listed.
 CHECKS: tuple[Callable[[RunData], Finding | None], ...] = (
-    _check_divergence, _check_fp16, _check_clipping, _check_overfitting, _check_max_lr,
+    _check_divergence, _check_chance, _check_fp16, _check_clipping, _check_overfitting, _check_max_lr,
 )
 
 
@@ -354,8 +392,8 @@ def find_issues(run: RunData) -> list[Finding]:
 def format_findings(findings: list[Finding]) -> str:
     """The findings as console lines, each with evidence, why, and the next command."""
     if not findings:
-        return ("kiln noticed nothing to fix (checked: divergence and loss spikes, fp16 loss scale, clipping, "
-                "overfitting, max_lr vs the range test)")
+        return ("kiln noticed nothing to fix (checked: divergence and loss spikes, accuracy vs chance, fp16 loss "
+                "scale, clipping, overfitting, max_lr vs the range test)")
     lines = [f"kiln noticed {len(findings)} thing{'s' if len(findings) > 1 else ''}:"]
     for f in findings:
         lines.append(f"  [{f.kind}] {f.title}")

@@ -146,8 +146,10 @@ def _plot_lr(run: RunData) -> Figure | None:
     steps = [s for s in run.steps if s.get("lr") is not None]
     if not steps and not run.metrics:
         return None
-    fig, ax = _figure(_title(run, "learning rate (one-cycle)"))
     planned = run.planned_schedule()
+    if max(len(planned["iteration"]) if planned else 0, len(steps)) < 2:
+        return None  # one optimizer step: no curve to draw, only an empty frame
+    fig, ax = _figure(_title(run, "learning rate (one-cycle)"))
     if planned is not None:
         ax.plot(planned["iteration"], planned["lr"], color="0.55", lw=1.2, ls="--", label="planned schedule")
     if steps:

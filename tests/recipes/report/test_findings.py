@@ -12,7 +12,7 @@ from recipes.cli.options import resolve_config
 from recipes.report import finish_run, format_findings, find_issues, load_run, write_report
 from recipes.run import train
 
-KINDS = {"divergence", "loss_spikes", "fp16_loss_scale", "clipping", "overfitting", "max_lr_vs_range_test"}
+KINDS = {"divergence", "loss_spikes", "chance", "fp16_loss_scale", "clipping", "overfitting", "max_lr_vs_range_test"}
 
 
 def _run(tmp_path_factory, recipe, *sets, **options):
@@ -49,6 +49,25 @@ def _options(command):
         else:
             pairs[flag] = value
     return pairs
+
+
+@pytest.mark.parametrize("accuracies, fires", [([0.217], True), ([0.30, 0.36], True), ([0.30, 0.40], False)])
+def test_a_validation_accuracy_at_chance_is_a_finding(tmp_path, accuracies, fires):
+    """3 classes: chance is 1/3; a best val_accuracy up to 1.1x that is no better than a guess."""
+    from recipes.report.rundata import RunData
+
+    config = {"name": "synthetic", "data": {"dataset": "synthetic", "num_classes": 3}, "train": {"epochs": 1},
+              "runtime": {"class_names": ["a", "b", "c"]}}
+    metrics = [{"epoch": e, "iteration": e, "val_accuracy": a, "train_loss": 1.0} for e, a in enumerate(accuracies, 1)]
+    run = RunData(tmp_path, config, metrics, [], [], None, None)
+    found = {f.kind: f for f in find_issues(run)}
+    assert ("chance" in found) is fires
+    if fires:
+        f = found["chance"]
+        assert f"best val_accuracy {max(accuracies):.3f}" in f.evidence[0] and "3 classes" in f.evidence[0]
+        assert "too short to learn" in f.evidence[1]
+        assert f.command.startswith("kiln train synthetic") and "--max-lr auto" in f.command
+        assert "--epochs 10" in f.command
 
 
 @pytest.mark.slow

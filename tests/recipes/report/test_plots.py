@@ -48,6 +48,16 @@ def test_every_run_gets_its_plots(fp32_run):
         assert image.std() > 0.05  # not blank
 
 
+def test_a_one_iteration_run_draws_no_empty_lr_plot_and_its_report_stands(tmp_path_factory):
+    run_dir = _train(tmp_path_factory, "one", "data.samples=60", "data.image_size=16", "data.num_classes=3",
+                     epochs=1, batch_size=64)
+    assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 1
+    names = {p.name for p in (run_dir / "plots").iterdir()}
+    assert "lr.png" not in names and {"loss.png", "accuracy.png"} <= names
+    page = (run_dir / "report.html").read_text()
+    assert "lr.png" not in page and "loss.png" in page
+
+
 def test_titles_labels_units_and_scales(fp32_run, fp16_run):
     for run_dir, names in ((fp32_run, RUN_PLOTS), (fp16_run, RUN_PLOTS | {"loss_scale.png"})):
         figures = run_figures(load_run(run_dir))
