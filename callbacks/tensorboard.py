@@ -26,8 +26,8 @@ logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 class TensorBoard:
     """Write scalars for TensorBoard under ``log_dir``; every point is at x = the trainer's iteration.
 
-    Tags: ``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/loss_scale`` and
-    ``train/step_skipped`` (fp16), every ``every`` iterations; ``epoch/train_loss``, ``val/loss``,
+    Tags: ``train/loss``, ``train/accuracy`` (of that batch, from the step's outputs), ``train/lr``,
+    ``train/grad_norm``, ``train/loss_scale`` and ``train/step_skipped`` (fp16), every ``every`` iterations; ``epoch/train_loss``, ``val/loss``,
     ``val/accuracy``, ``epoch/images_per_second``, ``epoch/lr`` (and every other scalar of the epoch
     record, e.g. ``epoch/loss_scale``, ``epoch/skipped_steps``) after each validation. With
     ``hparams``, :meth:`close` adds an hparams session (in ``log_dir/hparams``) holding the config and
@@ -50,6 +50,8 @@ class TensorBoard:
             the run's end flush too. So a killed run (SIGKILL, power) loses only points after its last
             checkpoint, which a resume writes again; a stopped one (SIGINT, SIGTERM) loses none.
         hparams: ``{"section.key": bool | int | float | str}``, e.g. ``recipes.report.hparams(cfg)``.
+        config_text: the resolved config (e.g. its YAML), shown in TensorBoard's Text tab as ``config``
+            (written when a run starts from iteration 0).
 
     Example:
         >>> import tempfile
@@ -58,7 +60,8 @@ class TensorBoard:
     """
 
     def __init__(self, log_dir: str | Path, every: int = 10, purge_step: int | None = None,
-                 hparams: dict[str, bool | int | float | str] | None = None, flush_seconds: float = 5.0) -> None:
+                 hparams: dict[str, bool | int | float | str] | None = None, flush_seconds: float = 5.0,
+                 config_text: str | None = None) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, not {every}")
         if flush_seconds < 0:
@@ -74,6 +77,7 @@ class TensorBoard:
         self.log_dir = Path(log_dir)
         self.every = every
         self.hparams = dict(hparams) if hparams else None
+        self.config_text = config_text
         self._final: dict[str, float] = {}
         self._closed = False
 
@@ -85,7 +89,13 @@ class TensorBoard:
             engine.add_event_handler(EpochEvents.VALIDATION_COMPLETED, self.log_epoch),
             engine.add_event_handler(EpochEvents.CHECKPOINT_STARTED, self._before_checkpoint),
             engine.add_event_handler(Events.COMPLETED, lambda _: self._flush()),
+            engine.add_event_handler(Events.STARTED, self._write_config),
         ]
+
+    def _write_config(self, engine: Engine) -> None:
+        if self.config_text and engine.state.iteration == 0:  # markdown: an indented block keeps the layout
+            text = "\n".join("    " + line for line in self.config_text.splitlines())
+            self.logger.writer.add_text("config", text, 0)
 
     def _before_checkpoint(self, engine: Engine) -> None:
         """Flush every point up to this iteration's (written first if due: the checkpoint may come first)."""
@@ -99,7 +109,7 @@ class TensorBoard:
             return
         self._logged_at = engine.state.iteration
         record = step_record(engine.state)
-        for key in ("loss", "lr", "grad_norm", "loss_scale", "step_skipped"):
+        for key in ("loss", "accuracy", "lr", "grad_norm", "loss_scale", "step_skipped"):
             if record.get(key) is not None:
                 self.logger.writer.add_scalar(f"train/{key}", float(record[key]), engine.state.iteration)
         # tensorboardX's own flush comes every 2 minutes; each flush fsyncs (hundreds of us, far more on a

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["epoch_record", "step_record", "to_float"]
+__all__ = ["batch_accuracy", "epoch_record", "step_record", "to_float"]
 
 
 def to_float(value: Any) -> float | None:
@@ -40,14 +40,35 @@ def epoch_record(state: Any) -> dict[str, Any]:
     return record
 
 
+def batch_accuracy(output: Any) -> float | None:
+    """Top-1 accuracy of the training step's batch (``state.output``: y_pred, y), read now; None when the
+    targets are not class indices. It costs nothing on other steps: no extra forward pass, no per-step read.
+
+    Example:
+        >>> from engine.step import StepOutput
+        >>> batch_accuracy(StepOutput(torch.tensor(0.5), torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0])))
+        0.5
+    """
+    y_pred, y = getattr(output, "y_pred", None), getattr(output, "y", None)
+    if not isinstance(y_pred, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return None
+    if y_pred.dim() != 2 or y.dim() != 1 or y.is_floating_point() or len(y) != len(y_pred) or len(y) == 0:
+        return None
+    return float((y_pred.argmax(1) == y).float().mean())
+
+
 def step_record(state: Any) -> dict[str, Any]:
-    """One line of steps.jsonl, taken every N iterations: the current loss, lr, grad norm, loss scale."""
+    """One line of steps.jsonl, taken every N iterations: the current loss, the batch's accuracy, lr, grad
+    norm, loss scale."""
     record: dict[str, Any] = {
         "iteration": state.iteration,
         "epoch": state.epoch,
         "loss": to_float(state.loss),
         "lr": state.lr,
     }
+    accuracy = batch_accuracy(getattr(state, "output", None))
+    if accuracy is not None:
+        record["accuracy"] = accuracy
     grad_norm = to_float(getattr(state, "grad_norm", None))
     if grad_norm is not None:
         record["grad_norm"] = grad_norm if math.isfinite(grad_norm) else str(grad_norm)

@@ -12,7 +12,8 @@ from typing import Any, TextIO
 
 import ignite.distributed as idist
 import torch
-from ignite.metrics import Accuracy, Loss
+import yaml
+from ignite.metrics import Accuracy, Loss, TopKCategoricalAccuracy
 
 from callbacks import (AMP, EMA, Checkpointer, EarlyStop, GracefulStop, GradClip, MetricsLog, MixUpCutMix, NanGuard,
                        Progress, RunSummary, TensorBoard, Validation)
@@ -253,7 +254,8 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
                              accumulation_steps=t.accumulation_steps, seed=step_seed, memory_format=memory_format)
     ema = EMA(model, decay=t.ema_decay) if t.ema_decay else None  # validation runs on the EMA weights
     evaluator = create_evaluator(ema.ema_model if ema is not None else model,
-                                 {"accuracy": Accuracy(device=device), "loss": Loss(torch.nn.CrossEntropyLoss(), device=device)},
+                                 {"accuracy": Accuracy(device=device), "loss": Loss(torch.nn.CrossEntropyLoss(), device=device),
+                                  **({"top5_accuracy": TopKCategoricalAccuracy(k=5, device=device)} if num_classes > 5 else {})},
                                  device=device, precision=precision, memory_format=memory_format)
     purge = resume_from_iteration + 1 if resume_from_iteration is not None else None
     handlers: dict[str, Any] = {
@@ -265,8 +267,10 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
     }
     if writes:  # one process writes the run's records
         handlers["metrics_log"] = MetricsLog(run_dir, every=t.log_every)
-        handlers["tensorboard"] = TensorBoard(run_dir / "tb", every=t.log_every, purge_step=purge,
-                                              hparams=hparams(cfg))
+        run_hparams = {**hparams(cfg), "runtime.world_size": world_size,
+                       "runtime.global_batch_size": cfg.data.batch_size * world_size}
+        handlers["tensorboard"] = TensorBoard(run_dir / "tb", every=t.log_every, purge_step=purge, hparams=run_hparams,
+                                              config_text=yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     events_path = run_dir / "events.jsonl" if writes else None
     if ema is not None:
         handlers["ema"] = ema

@@ -156,3 +156,22 @@ def test_a_full_disk_is_one_error_naming_the_folder_then_silence(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"no space left on device: {disk / 'tb'}", "closed"]
     assert result.stderr == ""
+
+
+def test_train_accuracy_of_the_logged_batch_and_the_config_as_text(make_model, batches, tmp_path):
+    trainer = _trainer(make_model(), batches)
+    tb = TensorBoard(tmp_path, every=2, config_text="train:\n  epochs: 2\n")
+    tb.attach(trainer)
+    expected = {}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: expected.__setitem__(
+        e.state.iteration, (e.state.output.y_pred.argmax(1) == e.state.output.y).float().mean().item()))
+    trainer.run(batches, max_epochs=2)
+    tb.close()
+    scalars = _scalars(tmp_path)
+    assert [step for step, _ in scalars["train/accuracy"]] == [2, 4, 6, 8]
+    for step, value in scalars["train/accuracy"]:
+        assert value == pytest.approx(expected[step])
+    accumulator = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    (text,) = accumulator.Tensors("config/text_summary")
+    assert "    epochs: 2" in text.tensor_proto.string_val[0].decode()
