@@ -13,7 +13,7 @@ from recipes.report.findings import Finding, find_issues, fmt, format_findings
 from recipes.report.plots import plot_run
 from recipes.report.rundata import RunData, load_run
 
-__all__ = ["Report", "finish_run", "write_report"]
+__all__ = ["Report", "STYLESHEET", "finish_run", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ figure{background:#fff;border:1px solid #d8dce3;border-radius:6px;margin:0 0 14p
 figure img{max-width:100%;height:auto} figcaption{color:#5b6473;font-size:13px}
 pre{background:#fff;border:1px solid #d8dce3;padding:10px;overflow-x:auto}
 """
+
+
+#: The report's stylesheet, for other kiln pages (sweep.html) to look the same.
+STYLESHEET = _CSS
 
 
 def _e(value: Any) -> str:

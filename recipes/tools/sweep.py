@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import math
+import os
 import sys
 import time
 import warnings
@@ -370,14 +371,20 @@ def run_sweep(recipe: str, base: Config, space: list[ParamSpec], *, n_trials: in
               file=out_stream, flush=True)
         return float(best) if best is not None else 0.0
 
+    waiting_for: list[int] = []
     while True:
         _fail_stale(study)
         trials = study.get_trials(deepcopy=False)
         done = sum(t.state in _COUNTED for t in trials)
-        in_flight = sum(t.state in _IN_FLIGHT for t in trials)
+        in_flight = [t.number for t in trials if t.state in _IN_FLIGHT]
         if done >= n_trials:
             break
-        if done + in_flight >= n_trials:  # the rest is running elsewhere: wait, in case a worker dies
+        if done + len(in_flight) >= n_trials:  # the rest is running elsewhere: wait, in case a worker dies
+            if in_flight != waiting_for:  # say why this worker sits idle, once per set of trials it waits for
+                waiting_for = in_flight
+                print(f"waiting for trial{'s' if len(in_flight) != 1 else ''} {', '.join(map(str, in_flight))} in "
+                      f"other workers; a worker that died is noticed when its last heartbeat is "
+                      f"{3 * heartbeat_interval} s old, and its trial is then run here", file=out_stream, flush=True)
             time.sleep(max(1, heartbeat_interval // 2))
             continue
         study.optimize(objective, n_trials=1, catch=(_Surplus,), gc_after_trial=True)
@@ -472,14 +479,18 @@ def _plots(study: optuna.Study, out: Path, space_keys: list[str]) -> list[Path]:
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     wanted: list[tuple[str, Any]] = [("optimization_history", lambda: ovm.plot_optimization_history(study)),
-                                     ("param_importances", lambda: ovm.plot_param_importances(study))]
+                                     ("param_importances", lambda: ovm.plot_param_importances(study)),
+                                     ("intermediate_values", lambda: ovm.plot_intermediate_values(study)),
+                                     ("parallel_coordinate", lambda: ovm.plot_parallel_coordinate(study))]
     for key in ("schedule.max_lr", "train.label_smoothing"):
         if key in space_keys:
             wanted.append((f"accuracy_vs_{_short(key)}", lambda key=key: ovm.plot_slice(study, params=[key])))
     written = []
     completed = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
     for name, draw in wanted:
-        if completed < (2 if name == "param_importances" else 1):
+        if completed < (2 if name in ("param_importances", "parallel_coordinate") else 1):
+            continue
+        if name == "intermediate_values" and not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna's ExperimentalWarning for its matplotlib plots
@@ -489,7 +500,10 @@ def _plots(study: optuna.Study, out: Path, space_keys: list[str]) -> list[Path]:
                 plt.close("all")
                 continue
         first = ax.flat[0] if hasattr(ax, "flat") else ax
-        if name != "param_importances":
+        if name == "intermediate_values":
+            first.set_xlabel("epoch")
+            first.set_ylabel("val_accuracy (each trial)")
+        elif name not in ("param_importances", "parallel_coordinate"):
             first.set_ylabel("best val_accuracy")
         if name.startswith("accuracy_vs_"):
             first.set_title(f"{study.study_name}: best val_accuracy vs {name[len('accuracy_vs_'):]}")
@@ -505,15 +519,32 @@ def _plots(study: optuna.Study, out: Path, space_keys: list[str]) -> list[Path]:
     return written
 
 
-def _html(study: optuna.Study, table: str, plots: list[Path], best_yaml: Path | None) -> str:
-    imgs = "\n".join(f'<h2>{html.escape(p.stem.replace("_", " "))}</h2><img src="data:image/png;base64,'
-                     f'{base64.b64encode(p.read_bytes()).decode("ascii")}" alt="{html.escape(p.stem)}">' for p in plots)
-    best = f"<pre>{html.escape(best_yaml.read_text())}</pre>" if best_yaml else "<p>no completed trial yet</p>"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>kiln sweep {html.escape(study.study_name)}"
-            f"</title><style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}img{{max-width:100%}}"
-            f"pre{{background:#f4f4f4;padding:1em;overflow:auto}}</style></head><body>"
-            f"<h1>kiln sweep: {html.escape(study.study_name)}</h1><h2>trials</h2><pre>{html.escape(table)}</pre>"
-            f"<h2>best.yaml</h2>{best}{imgs}</body></html>")
+def _html(study: optuna.Study, rows: list[dict[str, Any]], out: Path, plots: list[Path], best_yaml: Path | None) -> str:
+    """sweep.html: the trials (each linked to its run's report.html), best.yaml and the plots, styled as
+    report.html is."""
+    from recipes.report.page import STYLESHEET
+
+    e = html.escape
+    keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    head = "".join(f"<th>{e(h)}</th>" for h in ["rank", "trial", *keys, "best val_accuracy", "epochs", "state", "report"])
+    body = []
+    for r in rows:
+        run_dir = Path(r["run_dir"]) if r.get("run_dir") else None
+        report = run_dir / "report.html" if run_dir is not None else None
+        link = (f'<a href="{e(os.path.relpath(report, out))}">report</a>' if report is not None and report.exists()
+                else "")
+        cells = [r["rank"] or "-", f"{r['number']:03d}", *[_fmt(r["params"].get(k)) for k in keys],
+                 _fmt(r["best_val_accuracy"]), _fmt(r["epochs_run"]), "pruned" if r["pruned"] else r["state"]]
+        body.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells) + f"<td>{link}</td></tr>")
+    imgs = "\n".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode("ascii")}" '
+                     f'alt="{e(p.stem)}"><figcaption>{e(p.stem.replace("_", " "))}</figcaption></figure>' for p in plots)
+    best = f"<pre>{e(best_yaml.read_text())}</pre>" if best_yaml else "<p>no completed trial yet</p>"
+    train = f'<code class="cmd">kiln train {e(str(best_yaml))}</code>' if best_yaml else ""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>kiln sweep {e(study.study_name)}</title>"
+            f"<style>{STYLESHEET}</style></head><body><main><h1>kiln sweep: {e(study.study_name)}</h1>"
+            f"<div class='sub'>{len(rows)} trials, objective: best val_accuracy (maximised)</div>"
+            f"<h2>Trials</h2><table><tr>{head}</tr>{''.join(body)}</table>"
+            f"<h2>best.yaml</h2>{best}{train}<h2>Plots</h2>{imgs}</main></body></html>")
 
 
 def write_results(study: optuna.Study, recipe: str, base: Config, out: Path, *, n_trials: int | None = None,
@@ -525,7 +556,7 @@ def write_results(study: optuna.Study, recipe: str, base: Config, out: Path, *, 
     space_keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
     plots = _plots(study, out, space_keys)
     html_path = out / "sweep.html"
-    page = _html(study, table, plots, best_yaml).encode()
+    page = _html(study, rows, out, plots, best_yaml).encode()
     write_atomic(html_path, lambda f: f.write(page))
     best_row = next((r for r in rows if r["state"] == "complete"), None)
     json_path = out / "sweep.json"
@@ -537,4 +568,9 @@ def write_results(study: optuna.Study, recipe: str, base: Config, out: Path, *, 
         "trials": rows, "plots": [str(p) for p in plots],
     })
     print(table, file=stream or sys.stdout)
+    print(f"written: {html_path} (the trials, linked to their reports, and the plots), {json_path}", file=stream or sys.stdout)
+    if best_yaml is not None:
+        print(f"best: {best_yaml}; train it with: kiln train {best_yaml}", file=stream or sys.stdout)
+    if plots:
+        print(f"plots: {out / 'plots'} ({', '.join(p.name for p in plots)})", file=stream or sys.stdout)
     return SweepResult(study, out, table, best_yaml, plots, html_path, json_path)

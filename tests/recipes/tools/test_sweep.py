@@ -83,10 +83,17 @@ def test_a_tiny_sweep_writes_its_runs_and_results_and_resumes(tmp_path, capsys):
     assert [t["rank"] for t in sweep["trials"]] == [1, 2]
     assert sweep["best"]["best_val_accuracy"] == pytest.approx(result.study.best_value)
     assert {"optimization_history.png", "accuracy_vs_max_lr.png", "accuracy_vs_label_smoothing.png",
-            "param_importances.png"} <= {p.name for p in result.plots}
-    assert "data:image/png;base64," in (out / "sweep.html").read_text()
-    table = capsys.readouterr().out.splitlines()
+            "param_importances.png", "intermediate_values.png", "parallel_coordinate.png"} <= {p.name for p in result.plots}
+    page = (out / "sweep.html").read_text()
+    assert "data:image/png;base64," in page and "<table>" in page and ".card" in page  # report.html's style
+    for trial in ("000", "001"):  # each trial links to its own report
+        assert f'href="trials/{trial}/report.html"' in page
+    printed = capsys.readouterr().out.splitlines()
+    table = printed[:-3]
     assert table[-3].split()[:2] == ["rank", "trial"] and table[-2].split()[0] == "1"
+    assert printed[-3].startswith(f"written: {out / 'sweep.html'}") and str(out / "sweep.json") in printed[-3]
+    assert printed[-2] == f"best: {out / 'best.yaml'}; train it with: kiln train {out / 'best.yaml'}"
+    assert printed[-1].startswith(f"plots: {out / 'plots'} (") and "parallel_coordinate.png" in printed[-1]
 
     best = load_recipe_file(str(out / "best.yaml"))
     assert yaml.safe_load((out / "best.yaml").read_text())["base"] == "digits"
