@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 from ignite.handlers.tensorboard_logger import TensorboardLogger
@@ -29,7 +31,8 @@ class TensorBoard:
     Tags: ``train/loss``, ``train/accuracy`` (of that batch, from the step's outputs), ``train/lr``,
     ``train/grad_norm``, ``train/loss_scale`` and ``train/step_skipped`` (fp16), every ``every`` iterations; ``epoch/train_loss``, ``val/loss``,
     ``val/accuracy``, ``epoch/images_per_second``, ``epoch/lr`` (and every other scalar of the epoch
-    record, e.g. ``epoch/loss_scale``, ``epoch/skipped_steps``) after each validation. With
+    record, e.g. ``epoch/loss_scale``, ``epoch/skipped_steps``) and the image ``val/confusion_matrix``
+    (when the evaluator measures ``confusion_matrix``) after each validation. With
     ``hparams``, :meth:`close` adds an hparams session (in ``log_dir/hparams``) holding the config and
     the final metrics ``hparam/best_val_accuracy``, ``hparam/final_val_accuracy``,
     ``hparam/final_val_loss``, ``hparam/final_train_loss``. :meth:`log_lr_find` writes an LR range
@@ -119,7 +122,12 @@ class TensorBoard:
             self._flush()
 
     def log_epoch(self, engine: Engine) -> None:
-        """Write the epoch's figures (train loss, val metrics, throughput, lr)."""
+        """Write the epoch's figures (train loss, val metrics, throughput, lr), and the validation's
+        confusion matrix as an image when the evaluator measured one (``val_confusion_matrix``)."""
+        matrix = engine.state.metrics.get("val_confusion_matrix")
+        if isinstance(matrix, torch.Tensor) and matrix.dim() == 2:
+            self.logger.writer.add_image("val/confusion_matrix", confusion_image(matrix), engine.state.iteration,
+                                         dataformats="HWC")
         for key, value in epoch_record(engine.state).items():
             if value is None or key in ("epoch", "iteration", "epoch_seconds"):
                 continue
@@ -187,6 +195,21 @@ class TensorBoard:
             for key, value in self._final.items():
                 writer.add_scalar(key, value)
             writer.close()
+
+
+def confusion_image(matrix: torch.Tensor, cell: int = 12) -> np.ndarray:
+    """A confusion matrix (rows: true class, columns: predicted) as an RGB image, each row normalised to
+    its class's share, white (0) to dark blue (1), ``cell`` pixels a class: what TensorBoard's Images tab shows.
+
+    Example:
+        >>> confusion_image(torch.tensor([[3, 1], [0, 4]]), cell=2).shape
+        (4, 4, 3)
+    """
+    counts = matrix.detach().double().cpu()
+    shares = (counts / counts.sum(1, keepdim=True).clamp(min=1)).numpy()
+    white, blue = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
+    image = (white + shares[..., None] * (blue - white)).round().astype(np.uint8)
+    return image.repeat(cell, axis=0).repeat(cell, axis=1)
 
 
 @contextlib.contextmanager

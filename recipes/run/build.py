@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import ignite.distributed as idist
 import torch
 import yaml
-from ignite.metrics import Accuracy, Loss, TopKCategoricalAccuracy
+from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccuracy
 
 from callbacks import (AMP, EMA, Checkpointer, EarlyStop, GracefulStop, GradClip, MetricsLog, MixUpCutMix, NanGuard,
                        Progress, RunSummary, TensorBoard, Validation)
@@ -255,7 +255,8 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
     ema = EMA(model, decay=t.ema_decay) if t.ema_decay else None  # validation runs on the EMA weights
     evaluator = create_evaluator(ema.ema_model if ema is not None else model,
                                  {"accuracy": Accuracy(device=device), "loss": Loss(torch.nn.CrossEntropyLoss(), device=device),
-                                  **({"top5_accuracy": TopKCategoricalAccuracy(k=5, device=device)} if num_classes > 5 else {})},
+                                  **({"top5_accuracy": TopKCategoricalAccuracy(k=5, device=device)} if num_classes > 5 else {}),
+                                  "confusion_matrix": ConfusionMatrix(num_classes, device=device)},
                                  device=device, precision=precision, memory_format=memory_format)
     purge = resume_from_iteration + 1 if resume_from_iteration is not None else None
     handlers: dict[str, Any] = {

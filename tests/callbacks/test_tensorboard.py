@@ -175,3 +175,25 @@ def test_train_accuracy_of_the_logged_batch_and_the_config_as_text(make_model, b
     accumulator.Reload()
     (text,) = accumulator.Tensors("config/text_summary")
     assert "    epochs: 2" in text.tensor_proto.string_val[0].decode()
+
+
+def test_the_validation_confusion_matrix_is_an_image_each_validation(make_model, batches, tmp_path):
+    from ignite.metrics import ConfusionMatrix
+
+    model = make_model()
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy)
+    evaluator = create_evaluator(model, {"accuracy": Accuracy(), "confusion_matrix": ConfusionMatrix(3)})
+    Validation(evaluator, batches[:2]).attach(trainer)
+    tb = TensorBoard(tmp_path, every=2)
+    tb.attach(trainer)
+    matrices = []
+    trainer.add_event_handler(EpochEvents.VALIDATION_COMPLETED, lambda e: matrices.append(
+        e.state.metrics["val_confusion_matrix"].clone()))
+    trainer.run(batches, max_epochs=2)
+    tb.close()
+    accumulator = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    accumulator.Reload()
+    images = accumulator.Images("val/confusion_matrix")
+    assert [image.step for image in images] == [4, 8]
+    assert (images[0].width, images[0].height) == (3 * 12, 3 * 12)
+    assert all(int(m.sum()) == sum(len(y) for _, y in batches[:2]) for m in matrices)
