@@ -500,15 +500,18 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
 @cli.command()
 @click.argument("run_dir", type=click.Path())
 def report(run_dir: str) -> None:
-    """Re-draw RUN_DIR/plots, recompute the findings and write RUN_DIR/report.html.
+    """Re-draw RUN_DIR/plots, recompute the findings and write RUN_DIR/report.html (with what the best
+    checkpoint gets wrong, measured again if the checkpoint is newer than mistakes.json).
 
     \b
     Example:  kiln report runs/d5
     """
     from recipes.report import format_findings, write_report
     from recipes.run import RunLock
+    from recipes.run.mistakes import measure_mistakes
 
     RunLock.take(run_dir, create=False)  # no other kiln process writes the run meanwhile
+    measure_mistakes(run_dir)
     result = write_report(run_dir)
     click.echo(format_findings(result.findings))
     click.echo(f"plots: {', '.join(p.name for p in result.plots)} in {result.html_path.parent / 'plots'}")

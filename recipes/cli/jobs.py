@@ -20,6 +20,7 @@ from callbacks.nan_diagnosis import format_diagnosis
 from recipes.cli.launch import LAUNCHER_SIGNALS, exit_now_if_distributed, launch, under_torchrun
 from recipes.config import Config
 from recipes.report import finish_run
+from recipes.run.mistakes import measure_mistakes
 from recipes.report.plots import plot_lr_find
 from recipes.run import Assembly, resume, train
 from recipes.run.lock import lend_to_children
@@ -62,12 +63,20 @@ class _ReportStopped(BaseException):
     turns ordinary exceptions into a warning)."""
 
 
+def _finish(run: Assembly) -> None:
+    """What the best checkpoint gets wrong (one validation pass), then the plots, report.html and findings."""
+    if run.writes:
+        measure_mistakes(run.run_dir, title=run.config.name)
+    finish_run(run.run_dir)
+
+
 def report_unless_stopped(run: Assembly) -> int | None:
-    """Draw the run's plots, report.html and findings (``finish_run``), unless SIGTERM or SIGINT stops it:
+    """Measure what the model gets wrong and draw the run's plots, report.html and findings (``finish_run``),
+    unless SIGTERM or SIGINT stops it:
     then the report is skipped with one line saying ``kiln report RUN_DIR`` draws it later. Returns the
     signal that came meanwhile, or None."""
     if threading.current_thread() is not threading.main_thread():
-        finish_run(run.run_dir)  # signals reach only the main thread
+        _finish(run)  # signals reach only the main thread
         return None
     stop: dict = {"drawing": True, "signal": None, "skipped": False}
 
@@ -79,7 +88,7 @@ def report_unless_stopped(run: Assembly) -> int | None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        finish_run(run.run_dir)
+        _finish(run)
         stop["drawing"] = False
     except _ReportStopped:
         stop["skipped"] = True

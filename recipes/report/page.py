@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,32 @@ def _plots_html(plots: list[Path]) -> str:
     return f'<section id="plots"><h2>Plots</h2>{figures}</section>'
 
 
+def _mistakes_html(run: RunData) -> str:
+    """"What it gets wrong": the best checkpoint's highest-loss validation images, the most frequent
+    confusions and the confusion matrix, from mistakes.json and its plots (``recipes.run.mistakes`` writes
+    them after a run)."""
+    path = run.run_dir / "mistakes.json"
+    if not path.exists():
+        return ""
+    record = json.loads(path.read_text())
+    names, matrix = record["class_names"], record["confusion_matrix"]
+    pairs = sorted(((matrix[t][p], names[t], names[p]) for t in range(len(names)) for p in range(len(names))
+                    if t != p and matrix[t][p]), reverse=True)[:8]
+    rows = "".join(f"<tr><td>{_e(t)}</td><td>{_e(p)}</td><td>{n}</td></tr>" for n, t, p in pairs)
+    table = (f"<table><tr><th>true class</th><th>predicted as</th><th>images</th></tr>{rows}</table>" if pairs
+             else "<p>No validation image is misclassified.</p>")
+    accuracy = record.get("accuracy")
+    figures = "".join(f"<figure>{_img(run.run_dir / 'plots' / name, name)}<figcaption>{_e(caption)}</figcaption></figure>"
+                      for name, caption in (("mistakes.png", "the highest-loss validation images: true -> predicted, "
+                                             "the predicted class's probability and the image's loss; red: wrong"),
+                                            ("confusion.png", "rows: the true class; shade: the share of its images"))
+                      if (run.run_dir / "plots" / name).exists())
+    return (f'<section id="mistakes"><h2>What it gets wrong</h2><p>{_e(record["checkpoint"])} on the '
+            f'{record["samples"]} validation images'
+            + (f": accuracy {100 * accuracy:.2f}%" if accuracy is not None else "") + ". The most frequent confusions:</p>"
+            + table + figures + "</section>")
+
+
 def _lr_find_html(run: RunData) -> str:
     found = run.lr_find
     if not found:
@@ -188,7 +215,8 @@ def _page(run: RunData, findings: list[Finding], plots: list[Path]) -> str:
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>"
         f"<h1>{_e(title)}</h1><div class=\"sub\">run directory <code>{_e(run.run_dir)}</code></div>"
-        + _summary_html(run) + _findings_html(findings) + _plots_html(plots) + _lr_find_html(run)
+        + _summary_html(run) + _findings_html(findings) + _mistakes_html(run) + _plots_html(plots)
+        + _lr_find_html(run)
         + _events_html(run) + _checkpoint_html(run) + _config_html(run)
         + "</main></body></html>\n"
     )

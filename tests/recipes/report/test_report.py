@@ -107,8 +107,11 @@ def test_report_recomputes_from_the_records_and_reads_events_tolerantly(run_dir,
     result = CliRunner().invoke(cli, ["report", str(copy)])
     assert result.exit_code == 0, result.output
     assert format_findings(find_issues(load_run(copy))) in result.output
-    assert {p.name for p in (copy / "plots").iterdir()} == {p.name for p in (run_dir / "plots").iterdir()}
+    # the same plots, and what the best checkpoint gets wrong (measured by `kiln report` when missing)
+    assert {p.name for p in (copy / "plots").iterdir()} == {p.name for p in (run_dir / "plots").iterdir()} | {
+        "mistakes.png", "confusion.png"}
     text = (copy / "report.html").read_text()
+    assert "What it gets wrong" in text and (copy / "mistakes.json").exists()
     assert "<td>interrupted</td>" in text and "signal=SIGTERM" in text
     assert "something_new" in text and "&lt;b&gt;escaped&lt;/b&gt;" in text and "<b>escaped</b>" not in text
 
@@ -125,7 +128,8 @@ def test_kiln_report_skips_a_torn_last_line_of_metrics_and_steps(run_dir, tmp_pa
     assert done.returncode == 0 and not done.stderr, done.stderr
     whole, torn = load_run(run_dir), load_run(copy)
     assert torn.metrics == whole.metrics[:-1] and torn.steps == whole.steps[:-1]
-    assert {p.name for p in (copy / "plots").iterdir()} == {p.name for p in (run_dir / "plots").iterdir()}
+    assert {p.name for p in (copy / "plots").iterdir()} == {p.name for p in (run_dir / "plots").iterdir()} | {
+        "mistakes.png", "confusion.png"}
     assert f"report: {copy / 'report.html'}" in done.stdout
 
 
@@ -167,7 +171,9 @@ def test_tensorboard_has_every_scalar_and_the_hparams(run_dir):
     logged = {k: v for k, v in start.session_start_info.hparams.items()}
     cfg = resolve_config("synthetic", ("train.log_every=2",))
     expected = hparams(cfg)
-    assert set(logged) == set(expected)
+    assert set(logged) == set(expected) | {"runtime.world_size", "runtime.global_batch_size"}
+    assert logged["runtime.world_size"].number_value == 1
+    assert logged["runtime.global_batch_size"].number_value == cfg.data.batch_size
     assert logged["schedule.max_lr"].number_value == pytest.approx(expected["schedule.max_lr"])
     assert logged["train.epochs"].number_value == cfg.train.epochs
 

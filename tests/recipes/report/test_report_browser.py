@@ -22,6 +22,7 @@ import pytest
 
 from recipes.cli.options import resolve_config
 from recipes.report import finish_run
+from recipes.run.mistakes import measure_mistakes
 from recipes.run import train
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts" / "report_browser"
@@ -124,6 +125,7 @@ CHECK_PAGE = """JSON.stringify({
   title: document.title,
   summary: (document.querySelector('#summary') || {innerText: ''}).innerText,
   findings: (document.querySelector('#findings') || {innerText: ''}).innerText,
+  mistakes: (document.querySelector('#mistakes') || {innerText: ''}).innerText,
   summaryVisible: !!document.querySelector('#summary') && document.querySelector('#summary').getBoundingClientRect().height > 0
 })"""
 
@@ -133,6 +135,7 @@ def run_dir(tmp_path_factory):
     cfg = resolve_config("synthetic", ("train.log_every=2",))
     run_dir = tmp_path_factory.mktemp("browser") / "run"
     train(cfg, run_dir, quiet=True, stream=io.StringIO())
+    measure_mistakes(run_dir, io.StringIO())  # what the best checkpoint gets wrong, as the CLI does after a run
     finish_run(run_dir, io.StringIO())  # plots/ and report.html, as the CLI writes them after a run
     return run_dir
 
@@ -170,6 +173,7 @@ def test_report_opens_in_chromium_with_every_image_loaded(run_dir, tmp_path):
     screenshot.write_bytes(base64.b64decode(shot["data"]))
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    assert {"mistakes.png", "confusion.png"} <= set(plots)  # the misclassified images and the confusion matrix
     assert sorted(image["alt"] for image in state["images"]) == plots
     assert all(image["ok"] for image in state["images"]), state["images"]  # every image decoded
     assert all(image["w"] > 500 and image["shown"] > 300 for image in state["images"])
@@ -178,5 +182,8 @@ def test_report_opens_in_chromium_with_every_image_loaded(run_dir, tmp_path):
     assert f"{100 * summary['best_val_accuracy']:.2f}%" in state["summary"]
     assert "BEST VAL ACCURACY" in state["summary"].upper()
     assert state["title"].startswith("kiln report: synthetic")
+    mistakes = json.loads((run_dir / "mistakes.json").read_text())
+    assert "What it gets wrong" in state["mistakes"] and mistakes["checkpoint"] in state["mistakes"]
+    assert len(mistakes["top_losses"]) == 16 and sum(map(sum, mistakes["confusion_matrix"])) == mistakes["samples"]
     fetched = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
     assert fetched and all(url.startswith(("file://", "data:")) for url in fetched), fetched  # no network

@@ -1,0 +1,153 @@
+"""What a trained model gets wrong: its highest-loss validation images and its confusion matrix.
+
+A practitioner's first question after the accuracy (fastai's ``plot_top_losses``). One validation pass of
+the run's best checkpoint (last.pt when no best one was kept) writes ``RUN_DIR/mistakes.json`` (the
+confusion matrix and the top-loss images' true class, prediction, probability and loss),
+``RUN_DIR/plots/mistakes.png`` (those images, titled) and ``RUN_DIR/plots/confusion.png``; report.html
+shows them under "What it gets wrong". The pass runs again only when the checkpoint is newer than
+mistakes.json.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.nn.functional as F
+
+from callbacks._files import write_atomic, write_json_atomic
+
+__all__ = ["MISTAKES_FILE", "TOP_LOSSES", "analyse_checkpoint", "chosen_checkpoint", "measure_mistakes", "write_mistakes"]
+
+MISTAKES_FILE = "mistakes.json"
+#: How many of the highest-loss validation images are kept and drawn.
+TOP_LOSSES = 16
+
+
+def chosen_checkpoint(run_dir: Path) -> Path | None:
+    """The run's best checkpoint (the newest best-*.pt), else last.pt, else None."""
+    folder = run_dir / "checkpoints"
+    best = sorted(folder.glob("best-*.pt"), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    last = folder / "last.pt"
+    return last if last.exists() else None
+
+
+def analyse_checkpoint(path: Path, k: int = TOP_LOSSES) -> tuple[dict[str, Any], torch.Tensor]:
+    """One pass of the checkpoint's model over its validation data: the record for mistakes.json and the
+    ``k`` highest-loss images (CPU, as the model saw them)."""
+    from recipes.run.evaluate import _data_to_evaluate
+    from recipes.run.inference import load
+
+    trained = load(path)
+    data = _data_to_evaluate(trained.config, trained.device, other_data=False)
+    memory_format = torch.channels_last if trained.channels_last else torch.contiguous_format
+    classes = len(trained.class_names)
+    confusion = torch.zeros(classes, classes, dtype=torch.long)
+    kept: tuple[torch.Tensor, ...] | None = None  # loss, image, true, predicted, probability of the top k so far
+    correct = samples = 0
+    model = trained.model.eval()
+    with torch.inference_mode(), trained.precision.autocast():
+        for x, y in data.val:
+            x, y = x.to(trained.device), y.to(trained.device)
+            logits = model(x.contiguous(memory_format=memory_format) if x.dim() == 4 else x).float()
+            loss = F.cross_entropy(logits, y, reduction="none")
+            prob, pred = logits.softmax(1).max(1)
+            confusion += torch.bincount(y * classes + pred, minlength=classes * classes).view(classes, classes).cpu()
+            correct += int((pred == y).sum())
+            samples += len(y)
+            batch = (loss.cpu(), x.float().cpu(), y.cpu(), pred.cpu(), prob.cpu())
+            merged = batch if kept is None else tuple(torch.cat([a, b]) for a, b in zip(kept, batch))
+            order = merged[0].topk(min(k, len(merged[0]))).indices
+            kept = tuple(t[order] for t in merged)
+    top_loss, top_images, top_true, top_pred, top_prob = kept if kept is not None else (torch.empty(0),) * 5
+    names = list(trained.class_names)
+    record = {
+        "checkpoint": path.name, "recipe": trained.config.name, "samples": samples, "accuracy": correct / samples if samples else None,
+        "class_names": names, "confusion_matrix": confusion.tolist(),
+        "top_losses": [{"true": names[int(t)], "predicted": names[int(p)], "probability": float(q), "loss": float(v)}
+                       for t, p, q, v in zip(top_true, top_pred, top_prob, top_loss)],
+    }
+    return record, top_images
+
+
+def _displayable(images: torch.Tensor) -> torch.Tensor:
+    """Each image scaled to [0, 1] (channel by channel) from whatever normalisation the data used, HWC."""
+    flat = images.flatten(2)
+    low, high = flat.min(2, keepdim=True).values, flat.max(2, keepdim=True).values
+    scaled = ((flat - low) / (high - low).clamp(min=1e-8)).view_as(images)
+    return scaled.permute(0, 2, 3, 1)
+
+
+def _plot_mistakes(record: dict[str, Any], images: torch.Tensor, path: Path, title: str) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shown = _displayable(images)
+    n = len(shown)
+    columns = min(8, max(n, 1))
+    rows = max(1, math.ceil(n / columns))
+    fig = Figure(figsize=(1.55 * columns, 1.85 * rows + 0.5), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=11)
+    for i in range(rows * columns):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.axis("off")
+        if i >= n:
+            continue
+        item = record["top_losses"][i]
+        image = shown[i].numpy()
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+        wrong = item["true"] != item["predicted"]
+        ax.set_title(f"{item['true']} -> {item['predicted']}\np={item['probability']:.2f} loss={item['loss']:.2f}",
+                     fontsize=7.5, color="#c62828" if wrong else "#1d2330")
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    return path
+
+
+def write_mistakes(run_dir: str | Path, title: str = "") -> Path | None:
+    """mistakes.json, plots/mistakes.png and plots/confusion.png from the run's chosen checkpoint; the
+    path of mistakes.json, or None when there is no checkpoint. Skipped when mistakes.json is newer than the
+    checkpoint and both plots are there."""
+    from recipes.report.plots import plot_confusion_matrix
+
+    run_dir = Path(run_dir)
+    checkpoint = chosen_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    path = run_dir / MISTAKES_FILE
+    plots = run_dir / "plots"
+    drawn = (plots / "mistakes.png").exists() and (plots / "confusion.png").exists()
+    if drawn and path.exists() and path.stat().st_mtime >= checkpoint.stat().st_mtime:
+        return path
+    record, images = analyse_checkpoint(checkpoint)
+    plots.mkdir(parents=True, exist_ok=True)
+    name = title or record.get("recipe") or run_dir.name
+    _plot_mistakes(record, images, plots / "mistakes.png",
+                   f"{name}: the {len(images)} highest-loss validation images ({checkpoint.name}); true -> predicted")
+    plot_confusion_matrix(record["confusion_matrix"], record["class_names"], plots / "confusion.png",
+                          title=f"{name}: confusion matrix ({checkpoint.name}, validation)")
+    write_json_atomic(path, record)
+    return path
+
+
+
+def measure_mistakes(run_dir: str | Path, stream: TextIO | None = None, title: str = "") -> Path | None:
+    """:func:`write_mistakes` after a run, on rank 0 only; a failure is one line on ``stream``, never an
+    exception (the run is done; this is a bonus for its report)."""
+    import ignite.distributed as idist
+
+    if idist.get_rank() != 0:
+        return None
+    try:
+        return write_mistakes(run_dir, title=title)
+    except Exception as e:  # noqa: BLE001 - e.g. the data moved since the run, or a full disk
+        from callbacks._files import os_error_line
+
+        reason = os_error_line(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        print(f"kiln: could not measure what the model gets wrong: {reason}", file=stream or sys.stdout)
+        return None
