@@ -3,12 +3,13 @@
 A practitioner's first question after the accuracy (fastai's ``plot_top_losses``). One validation pass of
 the run's best checkpoint (last.pt when no best one was kept) writes ``RUN_DIR/mistakes.json`` (the
 confusion matrix and the top-loss images' true class, prediction, probability and loss),
-``RUN_DIR/plots/mistakes.png`` (those images, titled) and ``RUN_DIR/plots/confusion.png``; report.html
-shows them under "What it gets wrong". The pass runs again only when the checkpoint is newer than
+``RUN_DIR/plots/mistakes.png`` (those images, titled, also the image ``val/mistakes`` in the run's
+TensorBoard) and ``RUN_DIR/plots/confusion.png``; report.html shows them under "What it gets wrong". The pass runs again only when the checkpoint is newer than
 mistakes.json.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -131,8 +132,29 @@ def write_mistakes(run_dir: str | Path, title: str = "") -> Path | None:
                    f"{name}: the {len(images)} highest-loss validation images ({checkpoint.name}); true -> predicted")
     plot_confusion_matrix(record["confusion_matrix"], record["class_names"], plots / "confusion.png",
                           title=f"{name}: confusion matrix ({checkpoint.name}, validation)")
+    if (run_dir / "tb").is_dir():
+        _to_tensorboard(run_dir / "tb", plots / "mistakes.png", _last_iteration(run_dir))
     write_json_atomic(path, record)
     return path
+
+
+def _last_iteration(run_dir: Path) -> int:
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text()).get("iterations") or 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _to_tensorboard(log_dir: Path, png: Path, step: int) -> None:
+    """The mistakes picture as the image ``val/mistakes`` in the run's TensorBoard, at its last iteration (an
+    event file of its own: the training writer is closed by now)."""
+    import numpy as np
+    from matplotlib.image import imread
+    from tensorboardX import SummaryWriter
+
+    image = (imread(png)[..., :3] * 255).round().astype(np.uint8)
+    with SummaryWriter(logdir=str(log_dir), filename_suffix=".mistakes") as writer:
+        writer.add_image("val/mistakes", image, step, dataformats="HWC")
 
 
 

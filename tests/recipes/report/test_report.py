@@ -112,6 +112,12 @@ def test_report_recomputes_from_the_records_and_reads_events_tolerantly(run_dir,
         "mistakes.png", "confusion.png"}
     text = (copy / "report.html").read_text()
     assert "What it gets wrong" in text and (copy / "mistakes.json").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(copy / "tb"), size_guidance={"images": 0})
+    tb.Reload()
+    (image,) = tb.Images("val/mistakes")  # the same picture in TensorBoard, at the run's last iteration
+    assert image.step == json.loads((copy / "summary.json").read_text())["iterations"] and image.width > 500
     assert "<td>interrupted</td>" in text and "signal=SIGTERM" in text
     assert "something_new" in text and "&lt;b&gt;escaped&lt;/b&gt;" in text and "<b>escaped</b>" not in text
 
