@@ -508,7 +508,7 @@ def report(run_dir: str) -> None:
     """
     from recipes.report import format_findings, write_report
     from recipes.run import RunLock
-    from recipes.run.mistakes import measure_mistakes
+    from recipes.report.mistakes import measure_mistakes
 
     RunLock.take(run_dir, create=False)  # no other kiln process writes the run meanwhile
     measure_mistakes(run_dir)

@@ -20,7 +20,7 @@ from callbacks.nan_diagnosis import format_diagnosis
 from recipes.cli.launch import LAUNCHER_SIGNALS, exit_now_if_distributed, launch, under_torchrun
 from recipes.config import Config
 from recipes.report import finish_run
-from recipes.run.mistakes import measure_mistakes
+from recipes.report.mistakes import measure_mistakes
 from recipes.report.plots import plot_lr_find
 from recipes.run import Assembly, resume, train
 from recipes.run.lock import lend_to_children

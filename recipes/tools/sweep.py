@@ -41,6 +41,7 @@ from recipes.config import (
 from recipes.recipe_files import is_recipe_file, load_recipe
 from recipes.run import make_run_dir, train
 from recipes.run.lock import released_after
+from recipes.tools.html_style import STYLESHEET
 from recipes.tools.lr_find import choose_max_lr
 
 __all__ = [
@@ -522,8 +523,6 @@ def _plots(study: optuna.Study, out: Path, space_keys: list[str]) -> list[Path]:
 def _html(study: optuna.Study, rows: list[dict[str, Any]], out: Path, plots: list[Path], best_yaml: Path | None) -> str:
     """sweep.html: the trials (each linked to its run's report.html), best.yaml and the plots, styled as
     report.html is."""
-    from recipes.report.page import STYLESHEET
-
     e = html.escape
     keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
     head = "".join(f"<th>{e(h)}</th>" for h in ["rank", "trial", *keys, "best val_accuracy", "epochs", "state", "report"])

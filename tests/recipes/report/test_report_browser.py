@@ -22,7 +22,7 @@ import pytest
 
 from recipes.cli.options import resolve_config
 from recipes.report import finish_run
-from recipes.run.mistakes import measure_mistakes
+from recipes.report.mistakes import measure_mistakes
 from recipes.run import train
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts" / "report_browser"

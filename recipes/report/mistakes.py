@@ -10,6 +10,7 @@ mistakes.json.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -44,7 +45,13 @@ def analyse_checkpoint(path: Path, k: int = TOP_LOSSES) -> tuple[dict[str, Any],
     from recipes.run.inference import load
 
     trained = load(path)
-    data = _data_to_evaluate(trained.config, trained.device, other_data=False)
+    quiet = logging.getLogger("kiln")  # the data's warnings (e.g. skipped bad images) were given by the run itself
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        data = _data_to_evaluate(trained.config, trained.device, other_data=False)
+    finally:
+        quiet.setLevel(level)
     memory_format = torch.channels_last if trained.channels_last else torch.contiguous_format
     classes = len(trained.class_names)
     confusion = torch.zeros(classes, classes, dtype=torch.long)
