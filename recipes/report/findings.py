@@ -5,9 +5,9 @@ finished or not.
 
 A finding names a condition, the evidence for it from the records, why it matters and the next
 command to run. The checks: divergence or loss spikes; a validation accuracy no better than chance;
-under fp16, the loss-scale trend and the
-skipped-step rate; clipping active on most steps; a growing train/val gap (overfitting); a max_lr far
-from the LR range test's suggestion.
+horizontal flips on images whose mirrors show other classes (from the flip probe in mistakes.json, the
+one end-of-run measurement); under fp16, the loss-scale trend and the skipped-step rate; clipping active
+on most steps; a growing train/val gap (overfitting); a max_lr far from the LR range test's suggestion.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from recipes import RECIPES
 from recipes.config import OPTION_KEYS, config_to_dict
+from recipes.report.flip_probe import flips_hurt
 from recipes.report.rundata import RunData
 from recipes.report.rundata import to_number as _num
 
@@ -102,9 +103,7 @@ def _command(run: RunData, changes: dict[str, Any], verb: str = "train") -> str:
 
 def _chance_loss(run: RunData) -> float:
     """Cross-entropy of a uniform guess, ln(classes): the natural scale of a classifier's loss."""
-    data = run.config.get("data", {})
-    classes = 10 if data.get("dataset", "digits") == "digits" else int(data.get("num_classes") or 10)
-    return math.log(max(classes, 2))
+    return math.log(max(_classes(run) or 10, 2))
 
 
 def _check_divergence(run: RunData) -> Finding | None:
@@ -378,9 +377,26 @@ def _check_chance(run: RunData) -> Finding | None:
                    "split comes from the same data, then let the LR range test pick max_lr.", _command(run, changes))
 
 
+def _check_flip(run: RunData) -> Finding | None:
+    """Trained with horizontal flips on data whose mirrored images show other classes (digits, letters): the
+    flip probe of mistakes.json (``recipes.report.flip_probe``) says so."""
+    probe = (run.mistakes or {}).get("flip_probe")
+    if "flip" not in str(run.config.get("data", {}).get("augment", "")) or not flips_hurt(probe):
+        return None
+    evidence = [f"data.augment={run.config['data']['augment']}: half the training images are mirrored",
+                f"a nearest-neighbour probe without flips classifies {probe['samples']} validation images at "
+                f"{probe['accuracy']:.3f}, their mirror images at {probe['flipped_accuracy']:.3f} (a uniform guess "
+                f"{probe['chance']:.3f}): a mirrored image looks like another class"]
+    return Finding("flip", "horizontal flips change what these images show", evidence,
+                   "Flipping teaches the model that an image and its mirror are the same class; here they are not "
+                   "(as with digits and letters), so the model must learn two shapes for each class and confuses "
+                   "the ones whose mirror looks like another. Train without flips.",
+                   _command(run, {"data.augment": "crop"}))
+
+
 #: The checks, in the order findings are listed.
 CHECKS: tuple[Callable[[RunData], Finding | None], ...] = (
-    _check_divergence, _check_chance, _check_fp16, _check_clipping, _check_overfitting, _check_max_lr,
+    _check_divergence, _check_chance, _check_flip, _check_fp16, _check_clipping, _check_overfitting, _check_max_lr,
 )
 
 
@@ -392,8 +408,8 @@ def find_issues(run: RunData) -> list[Finding]:
 def format_findings(findings: list[Finding]) -> str:
     """The findings as console lines, each with evidence, why, and the next command."""
     if not findings:
-        return ("kiln noticed nothing to fix (checked: divergence and loss spikes, accuracy vs chance, fp16 loss "
-                "scale, clipping, overfitting, max_lr vs the range test)")
+        return ("kiln noticed nothing to fix (checked: divergence and loss spikes, accuracy vs chance, flips on "
+                "mirror-sensitive images, fp16 loss scale, clipping, overfitting, max_lr vs the range test)")
     lines = [f"kiln noticed {len(findings)} thing{'s' if len(findings) > 1 else ''}:"]
     for f in findings:
         lines.append(f"  [{f.kind}] {f.title}")

@@ -4,8 +4,10 @@ A practitioner's first question after the accuracy (fastai's ``plot_top_losses``
 the run's best checkpoint (last.pt when no best one was kept) writes ``RUN_DIR/mistakes.json`` (the
 confusion matrix and the top-loss images' true class, prediction, probability and loss),
 ``RUN_DIR/plots/mistakes.png`` (those images, titled, also the image ``val/mistakes`` in the run's
-TensorBoard) and ``RUN_DIR/plots/confusion.png``; report.html shows them under "What it gets wrong". The pass runs again only when the checkpoint is newer than
-mistakes.json.
+TensorBoard) and ``RUN_DIR/plots/confusion.png``; report.html shows them under "What it gets wrong". The pass
+runs again only when the checkpoint is newer than mistakes.json. A run trained with horizontal flips also
+gets ``flip_probe`` in mistakes.json (``recipes.report.flip_probe``: do mirrored images show the same class?),
+which the flip finding reads.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from callbacks._files import write_atomic, write_json_atomic
+from recipes.config import apply_overrides
+from recipes.report.flip_probe import flip_probe
 
 __all__ = ["MISTAKES_FILE", "TOP_LOSSES", "analyse_checkpoint", "chosen_checkpoint", "measure_mistakes", "write_mistakes"]
 
@@ -41,15 +45,18 @@ def chosen_checkpoint(run_dir: Path) -> Path | None:
 def analyse_checkpoint(path: Path, k: int = TOP_LOSSES) -> tuple[dict[str, Any], torch.Tensor]:
     """One pass of the checkpoint's model over its validation data: the record for mistakes.json and the
     ``k`` highest-loss images (CPU, as the model saw them)."""
-    from recipes.run.evaluate import _data_to_evaluate
+    from recipes.run.evaluate import evaluation_data
     from recipes.run.inference import load
 
     trained = load(path)
+    flipped = "flip" in trained.config.data.augment
+    # without augmentation: the validation data is the same, the training images are the flip probe's reference
+    cfg = apply_overrides(trained.config, {"data.augment": "none"}) if flipped else trained.config
     quiet = logging.getLogger("kiln")  # the data's warnings (e.g. skipped bad images) were given by the run itself
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        data = _data_to_evaluate(trained.config, trained.device, other_data=False)
+        data = evaluation_data(cfg, trained.device)
     finally:
         quiet.setLevel(level)
     memory_format = torch.channels_last if trained.channels_last else torch.contiguous_format
@@ -79,6 +86,9 @@ def analyse_checkpoint(path: Path, k: int = TOP_LOSSES) -> tuple[dict[str, Any],
         "top_losses": [{"true": names[int(t)], "predicted": names[int(p)], "probability": float(q), "loss": float(v)}
                        for t, p, q, v in zip(top_true, top_pred, top_prob, top_loss)],
     }
+    if flipped:  # trained with horizontal flips: do mirrored images show the same class? (the flip finding)
+        data.train.set_position(1, 0)
+        record["flip_probe"] = flip_probe(data.train, data.val, classes)
     return record, top_images
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ def _summary_html(run: RunData) -> str:
 def _findings_html(findings: list[Finding]) -> str:
     if not findings:
         return ('<section id="findings"><h2>Findings</h2><div class="ok">Nothing to fix: no divergence or loss spikes, '
-                'no fp16 loss-scale trouble, clipping not dominant, no growing train/val gap, max_lr consistent with '
+                'accuracy above chance, no flips on mirror-sensitive images, no fp16 loss-scale trouble, clipping not dominant, no growing train/val gap, max_lr consistent with '
                 'any range test.</div></section>')
     parts = []
     for f in findings:
@@ -94,10 +93,9 @@ def _mistakes_html(run: RunData) -> str:
     """"What it gets wrong": the best checkpoint's highest-loss validation images, the most frequent
     confusions and the confusion matrix, from mistakes.json and its plots (``recipes.report.mistakes`` writes
     them after a run)."""
-    path = run.run_dir / "mistakes.json"
-    if not path.exists():
+    record = run.mistakes
+    if not record:
         return ""
-    record = json.loads(path.read_text())
     names, matrix = record["class_names"], record["confusion_matrix"]
     pairs = sorted(((matrix[t][p], names[t], names[p]) for t in range(len(names)) for p in range(len(names))
                     if t != p and matrix[t][p]), reverse=True)[:8]

@@ -74,6 +74,7 @@ class RunData:
     summary: dict[str, Any] | None
     lr_find: dict[str, Any] | None  #: the range test tied to this run (lr_find.json or the lr_find event)
     checkpoints: list[Path] = field(default_factory=list)
+    mistakes: dict[str, Any] | None = None  #: mistakes.json: what the best checkpoint gets wrong, the flip probe
 
     @property
     def recipe(self) -> str:
@@ -141,4 +142,5 @@ def load_run(run_dir: str | Path) -> RunData:
     if lr_find is None:
         lr_find = config.get("lr_find") or next((e for e in reversed(events) if e.get("event") == "lr_find"), None)
     checkpoints = sorted((run_dir / "checkpoints").glob("*.pt")) if (run_dir / "checkpoints").is_dir() else []
-    return RunData(run_dir, config, metrics, steps, events, _read_json(run_dir / "summary.json"), lr_find, checkpoints)
+    return RunData(run_dir, config, metrics, steps, events, _read_json(run_dir / "summary.json"), lr_find, checkpoints,
+                   _read_json(run_dir / "mistakes.json"))

@@ -20,7 +20,7 @@ from recipes.data import Data, DataError, imagefolder_eval_data, num_samples
 from recipes.run.inference import load
 from recipes.run.parts import make_data
 
-__all__ = ["FlipTTA", "evaluate", "evaluate_checkpoint", "format_evaluation", "eval_output_dir",
+__all__ = ["FlipTTA", "evaluate", "evaluate_checkpoint", "evaluation_data", "format_evaluation", "eval_output_dir",
            "MAX_PRINTED_CLASSES"]
 
 #: More classes than this: the confusion matrix is left out of the text (it is in the PNG).
@@ -121,8 +121,9 @@ def _check_data_dir(cfg: Config, data_dir: str, path: str | Path) -> None:
         raise DataError(f"--data-dir {data_dir}: no such directory")
 
 
-def _data_to_evaluate(cfg: Config, device: torch.device, other_data: bool) -> Data:
-    """The checkpoint's data set; for another image folder (``other_data``), its val/ folder or all its images."""
+def evaluation_data(cfg: Config, device: torch.device, other_data: bool = False) -> Data:
+    """The data a checkpoint is evaluated on: its data set (images decode in the main process, except an
+    image folder's); for another image folder (``other_data``), its val/ folder or all its images."""
     workers = cfg.data.num_workers if cfg.data.dataset == "imagefolder" else 0  # folders of images decode in workers
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers))
     if other_data and cfg.data.dataset == "imagefolder":
@@ -156,7 +157,7 @@ def evaluate_checkpoint(path: str | Path, *, device: str | None = None, batch_si
         if trained.config.data.dataset in ("fashion-mnist", "mnist"):
             overrides["data.val_fraction"] = 0.0  # DIR's test files, not a split of its training files
     cfg = apply_overrides(trained.config, overrides)
-    data = _data_to_evaluate(cfg, trained.device, other_data=data_dir is not None)
+    data = evaluation_data(cfg, trained.device, other_data=data_dir is not None)
     if cfg.data.dataset == "imagefolder" and data.class_names != trained.class_names:
         raise DataError(f"the data in {cfg.data.data_dir} has classes {data.class_names}; {path} was trained on "
                         f"{trained.class_names}")

@@ -19,6 +19,7 @@ from recipes.config import apply_overrides
 from recipes.data import DataError, load
 from recipes.data.idx import (FASHION_MNIST_DIR, IMAGES_MAGIC, LABELS_MAGIC, IDX_FILES, find_idx_files, read_idx,
                               read_images_and_labels)
+from recipes.report import find_issues, load_run
 from tests.recipes import kiln_in_process
 from tests.recipes.run.test_resume import assert_same_run, kiln, start, wait_for_iteration
 
@@ -162,6 +163,9 @@ def test_one_short_epoch_on_the_real_files_reaches_85_percent(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["final_val_accuracy"] >= 0.85
+    # trained with crop+flip, as the recipe does: a mirrored garment is still that garment, so no flip finding
+    probe = json.loads((run_dir / "mistakes.json").read_text())["flip_probe"]
+    assert probe["flipped_accuracy"] > 0.5 and "flip" not in {f.kind for f in find_issues(load_run(run_dir))}
 
 
 #: A short epoch budget on the real files: a narrow model and large batches (118 iterations an epoch).

@@ -16,6 +16,7 @@ from recipes.run.checkpoints import load_checkpoint
 from recipes.config import ConfigError, apply_overrides
 from recipes.data import DataError
 from recipes.data.disk import imagefolder_data
+from recipes.report import find_issues, load_run
 from tests.recipes import kiln_in_process as kiln
 
 CLASSES = ["circle", "square", "triangle"]
@@ -186,3 +187,6 @@ def test_digits_as_png_files_train_resnet18_to_90_percent(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_val_accuracy"] >= 0.90, summary
     assert seconds < 600, seconds
+    # the imagefolder default is crop+flip, and a mirrored digit is another shape: the findings say so
+    findings = {f.kind: f for f in find_issues(load_run(tmp_path / "run"))}
+    assert "flip" in findings and findings["flip"].command.endswith("--set data.augment=crop")

@@ -10,9 +10,10 @@ import pytest
 from recipes.cli import main
 from recipes.cli.options import resolve_config
 from recipes.report import finish_run, format_findings, find_issues, load_run, write_report
+from recipes.report.mistakes import measure_mistakes
 from recipes.run import train
 
-KINDS = {"divergence", "loss_spikes", "chance", "fp16_loss_scale", "clipping", "overfitting", "max_lr_vs_range_test"}
+KINDS = {"divergence", "loss_spikes", "chance", "flip", "fp16_loss_scale", "clipping", "overfitting", "max_lr_vs_range_test"}
 
 
 def _run(tmp_path_factory, recipe, *sets, **options):
@@ -68,6 +69,21 @@ def test_a_validation_accuracy_at_chance_is_a_finding(tmp_path, accuracies, fire
         assert "too short to learn" in f.evidence[1]
         assert f.command.startswith("kiln train synthetic") and "--max-lr auto" in f.command
         assert "--epochs 10" in f.command
+
+
+@pytest.mark.parametrize("augment, fires", [("crop+flip", True), ("crop", False)])
+def test_flips_on_digits_are_a_finding_that_says_train_without_them(tmp_path_factory, augment, fires):
+    """The end-of-run pass probes whether mirrored images keep their class only for a run trained with flips."""
+    run_dir, _ = _run(tmp_path_factory, "digits", f"data.augment={augment}", "train.epochs=1")
+    measure_mistakes(run_dir)
+    probe = json.loads((run_dir / "mistakes.json").read_text()).get("flip_probe")
+    found = _by_kind(run_dir)
+    assert ("flip" in found) is fires and (probe is not None) is fires
+    if fires:
+        f = found["flip"]
+        assert f"{probe['accuracy']:.3f}" in f.evidence[1] and f"{probe['flipped_accuracy']:.3f}" in f.evidence[1]
+        assert _options(f.command) == {"--epochs": "1", "data.augment": "crop"}, f.command
+        assert "[flip] horizontal flips change what these images show" in format_findings(list(found.values()))
 
 
 @pytest.mark.slow
