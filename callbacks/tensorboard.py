@@ -20,6 +20,9 @@ from engine.records import epoch_record, step_record
 
 __all__ = ["TensorBoard"]
 
+#: The step record's keys written as ``train/KEY``.
+_STEP_KEYS = ("loss", "accuracy", "lr", "grad_norm", "loss_scale", "step_skipped")
+
 # tensorboardX logs "NaN or Inf found in input tensor." for every non-finite scalar: during a divergence
 # that is a stream of lines on stderr about what NanGuard already reports (the points are still written)
 logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
@@ -112,9 +115,8 @@ class TensorBoard:
             return
         self._logged_at = engine.state.iteration
         record = step_record(engine.state)
-        for key in ("loss", "accuracy", "lr", "grad_norm", "loss_scale", "step_skipped"):
-            if record.get(key) is not None:
-                self.logger.writer.add_scalar(f"train/{key}", float(record[key]), engine.state.iteration)
+        self._add_scalars({f"train/{key}": record[key] for key in _STEP_KEYS if record.get(key) is not None},
+                          engine.state.iteration)
         # tensorboardX's own flush comes every 2 minutes; each flush fsyncs (hundreds of us, far more on a
         # network disk), so not at every point either: every flush_seconds, and after each validation
         now = time.monotonic()
@@ -128,17 +130,28 @@ class TensorBoard:
         if isinstance(matrix, torch.Tensor) and matrix.dim() == 2:
             self.logger.writer.add_image("val/confusion_matrix", confusion_image(matrix), engine.state.iteration,
                                          dataformats="HWC")
+        scalars = {}
         for key, value in epoch_record(engine.state).items():
             if value is None or key in ("epoch", "iteration", "epoch_seconds"):
                 continue
-            tag = "val/" + key[4:] if key.startswith("val_") else "epoch/" + key
-            self.logger.writer.add_scalar(tag, float(value), engine.state.iteration)
+            scalars["val/" + key[4:] if key.startswith("val_") else "epoch/" + key] = value
             if key in ("val_accuracy", "val_loss", "train_loss"):
                 self._final[f"hparam/final_{key}"] = float(value)
                 if key == "val_accuracy":
                     best = self._final.get("hparam/best_val_accuracy", float("-inf"))
                     self._final["hparam/best_val_accuracy"] = max(best, float(value))
+        self._add_scalars(scalars, engine.state.iteration)
         self._flush()
+
+    def _add_scalars(self, scalars: dict[str, Any], step: int) -> None:
+        """Write ``scalars`` (tag -> number) at ``step`` as one event. tensorboardX's ``add_scalar`` makes an
+        event per scalar and queues each to its writer thread (~130 us each on a CPU, the queue's lock taken
+        every time); one summary of several values is one event, and TensorBoard reads each value as its tag."""
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()])
+        if summary.value:
+            self.logger.writer.file_writer.add_summary(summary, step)
 
     def log_lr_find(self, lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float) -> None:
         """Write an LR range test's curve (raw and smoothed loss and the LR per test iteration, and the

@@ -40,6 +40,18 @@ def epoch_record(state: Any) -> dict[str, Any]:
     return record
 
 
+def _batch_correct(output: Any) -> torch.Tensor | None:
+    """The share of the training batch's predictions that are right (``state.output``: y_pred, y), as a
+    0-dim device tensor (not read); None when the targets are not class indices."""
+    y_pred, y = getattr(output, "y_pred", None), getattr(output, "y", None)
+    if not isinstance(y_pred, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return None
+    if y_pred.dim() != 2 or y.dim() != 1 or y.is_floating_point() or len(y) != len(y_pred) or len(y) == 0:
+        return None
+    with torch.no_grad():
+        return (y_pred.argmax(1) == y).float().mean()
+
+
 def batch_accuracy(output: Any) -> float | None:
     """Top-1 accuracy of the training step's batch (``state.output``: y_pred, y), read now; None when the
     targets are not class indices. It costs nothing on other steps: no extra forward pass, no per-step read.
@@ -49,33 +61,51 @@ def batch_accuracy(output: Any) -> float | None:
         >>> batch_accuracy(StepOutput(torch.tensor(0.5), torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0])))
         0.5
     """
-    y_pred, y = getattr(output, "y_pred", None), getattr(output, "y", None)
-    if not isinstance(y_pred, torch.Tensor) or not isinstance(y, torch.Tensor):
-        return None
-    if y_pred.dim() != 2 or y.dim() != 1 or y.is_floating_point() or len(y) != len(y_pred) or len(y) == 0:
-        return None
-    return float((y_pred.argmax(1) == y).float().mean())
+    correct = _batch_correct(output)
+    return None if correct is None else float(correct)
+
+
+def _read(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every one-element tensor read as a Python number, the tensors in one host read."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    if tensors:
+        devices = {t.device for t in tensors.values()}
+        if len(devices) == 1:  # one transfer (one sync on a GPU) for all of them
+            read = torch.stack([t.detach().reshape(()).double() for t in tensors.values()]).tolist()
+        else:
+            read = [t.item() for t in tensors.values()]
+        values = {**values, **dict(zip(tensors, read))}
+    return {k: to_float(v) if not isinstance(v, (bool, type(None))) else v for k, v in values.items()}
 
 
 def step_record(state: Any) -> dict[str, Any]:
     """One line of steps.jsonl, taken every N iterations: the current loss, the batch's accuracy, lr, grad
-    norm, loss scale."""
-    record: dict[str, Any] = {
-        "iteration": state.iteration,
-        "epoch": state.epoch,
-        "loss": to_float(state.loss),
-        "lr": state.lr,
-    }
-    accuracy = batch_accuracy(getattr(state, "output", None))
-    if accuracy is not None:
-        record["accuracy"] = accuracy
-    grad_norm = to_float(getattr(state, "grad_norm", None))
+    norm, loss scale. Its device values are read in one transfer, and once per step: the record is kept
+    as ``state.step_record`` (iteration, the step's output, record), so every logger of a step gets the
+    same one (the output tells a step from the one a rollback repeats at the same iteration)."""
+    output = getattr(state, "output", None)
+    kept = getattr(state, "step_record", None)
+    if kept is not None and kept[0] == state.iteration and kept[1] is output:
+        return dict(kept[2])
+    scaled = getattr(state, "loss_scale", None) is not None
+    values = _read({
+        "loss": state.loss,
+        "accuracy": _batch_correct(output),
+        "grad_norm": getattr(state, "grad_norm", None),
+        "loss_scale": state.loss_scale if scaled else None,
+        "step_skipped": state.step_skipped if scaled else None,  # a device flag under fp16: read here, every N steps
+    })
+    record: dict[str, Any] = {"iteration": state.iteration, "epoch": state.epoch, "loss": values["loss"], "lr": state.lr}
+    if values["accuracy"] is not None:
+        record["accuracy"] = values["accuracy"]
+    grad_norm = values["grad_norm"]
     if grad_norm is not None:
         record["grad_norm"] = grad_norm if math.isfinite(grad_norm) else str(grad_norm)
-    if getattr(state, "loss_scale", None) is not None:
-        record["loss_scale"] = to_float(state.loss_scale)
-        record["step_skipped"] = bool(state.step_skipped)  # a device flag under fp16: read here, every N steps
+    if scaled:
+        record["loss_scale"] = values["loss_scale"]
+        record["step_skipped"] = bool(values["step_skipped"])
     loss = record["loss"]
     if loss is not None and not math.isfinite(loss):
         record["loss"] = str(loss)
-    return record
+    state.step_record = (state.iteration, output, record)
+    return dict(record)

@@ -120,6 +120,7 @@ def create_trainer(
             (ranks, a resume).
         epoch_samples, epoch_samples_timed: samples of the epoch so far, and those trained by this
             process (for throughput after a mid-epoch resume).
+        step_record: the last ``engine.records.step_record`` taken (read once per step for every logger).
 
     Args:
         model: the network, already on ``device``.

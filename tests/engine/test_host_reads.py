@@ -212,3 +212,13 @@ def test_skip_reads_one_flag_per_step_under_fp32_and_bf16_only(tmp_path, precisi
     assert sorted(per_iteration) == quiet_iterations and set(per_iteration.values()) == {1}, _describe(stray)
     assert all(r.kiln_frames[0].startswith("callbacks/nan_guard.py:") and r.made_in("_on_before_step")
                for r in stray), _describe(stray)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_logging_iteration_reads_its_step_line_once_for_every_logger(tmp_path, precision):
+    """steps.jsonl and TensorBoard log the same line: its loss, batch accuracy, grad norm (and fp16's loss scale
+    and skip flag) come to the host in one read, once per logging iteration."""
+    run = _train_counting_reads(tmp_path, precision, "rollback")
+    by_iteration = collections.Counter(r.iteration for r in run.reads if r.made_in("step_record"))
+    logged = [i for i in range(LOG_EVERY, EPOCHS * run.epoch_length + 1, LOG_EVERY)]
+    assert sorted(by_iteration) == logged and set(by_iteration.values()) == {1}, _describe(run.reads)
