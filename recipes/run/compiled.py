@@ -11,6 +11,12 @@ __all__ = ["CompiledForward"]
 log = logging.getLogger("kiln")
 
 
+def _not_cuda_home_notice(record: logging.LogRecord) -> bool:
+    """Drop torch's "No CUDA runtime is found, using CUDA_HOME=..." (a CUDA build of torch, with CUDA_HOME
+    set, on a machine without a GPU): inductor logs it when it compiles C++ for the CPU, which needs no CUDA."""
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
 class CompiledForward(torch.nn.Module):
     """Run ``module`` through ``torch.compile(module, backend=backend)``; on failure, run it eagerly.
 
@@ -36,6 +42,10 @@ class CompiledForward(torch.nn.Module):
         super().__init__()
         self.module = module
         self.backend = backend
+        if not torch.cuda.is_available():
+            torch_logger = logging.getLogger("torch.utils.cpp_extension")
+            if _not_cuda_home_notice not in torch_logger.filters:
+                torch_logger.addFilter(_not_cuda_home_notice)
         try:
             compiled: Any = torch.compile(module, backend=backend)
         except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly

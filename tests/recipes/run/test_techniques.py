@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,6 +245,26 @@ def test_inductor_compiles_on_this_cpu_and_matches_eager(make_model, batches):
     compiled = _losses(model, forward, batches)
     assert forward.compiled, "inductor fell back to eager on this machine"
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the notice is about a machine without a GPU")
+def test_inductor_on_a_machine_without_a_gpu_prints_nothing_about_cuda(tmp_path):
+    """A CUDA build of torch with CUDA_HOME set logs "No CUDA runtime is found" when inductor builds C++ for
+    the CPU, which needs no CUDA: kiln keeps that line off the user's screen (a fresh process: torch logs it
+    once, when it first looks for CUDA)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from recipes.run.compiled import CompiledForward; "
+            "f = CompiledForward(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Softplus())); "
+            "f(torch.ones(3, 2)); assert f.compiled")  # elementwise ops: inductor generates and builds C++
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}  # a cold build
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parents[3])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CUDA" not in done.stderr, done.stderr
 
 
 # --- end to end through the CLI (slow) -------------------------------------------------------------------------
