@@ -210,6 +210,10 @@ class TrialSeededTPE(BaseSampler):
         self._inner.after_trial(study, trial, state, values)
 
 
+#: Seconds a PostgreSQL storage may take to answer before ``kiln sweep`` gives up on it.
+CONNECT_TIMEOUT = 10
+
+
 def _safe_url(url: str) -> str:
     """``url`` without its password."""
     try:
@@ -218,6 +222,23 @@ def _safe_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL SQLAlchemy can parse: say it as given
         return url
+
+
+def _storage_error(error: Exception) -> str:
+    """Why a storage could not be opened, in one line; a missing database driver names what to install."""
+    missing = error if isinstance(error, ModuleNotFoundError) else None
+    cause: BaseException | None = error
+    while missing is None and cause is not None:  # Optuna re-raises the driver's ImportError as its own
+        cause = cause.__cause__ or cause.__context__
+        missing = cause if isinstance(cause, ModuleNotFoundError) else None
+    if missing is not None and missing.name:
+        driver = missing.name.split(".")[0]
+        if driver.startswith("psycopg"):
+            return (f"its driver {driver} is not installed; install kiln's PostgreSQL extra "
+                    "(pip install 'kiln[postgres]', psycopg 3) and use postgresql://... or postgresql+psycopg://...")
+        return f"its driver {driver} is not installed (pip install {driver})"
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return reason[:200]
 
 
 def _creation_race(error: Exception) -> bool:
@@ -236,6 +257,8 @@ def open_study(name: str, storage_url: str, *, seed: int, pruner: str, n_trials:
     kwargs: dict[str, Any] = {}
     if storage_url.startswith("sqlite"):  # several workers on one file: wait for the lock, don't fail on it
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    elif storage_url.startswith("postgresql"):  # a server that does not answer: give up in seconds, not minutes
+        kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT}, "pool_pre_ping": True}
     for attempt in range(4):
         try:
             with warnings.catch_warnings():
@@ -247,8 +270,7 @@ def open_study(name: str, storage_url: str, *, seed: int, pruner: str, n_trials:
             if attempt < 3 and _creation_race(e):  # workers started together both create the schema: retry
                 time.sleep(0.5 + attempt)
                 continue
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"cannot open the study storage {_safe_url(storage_url)}: {reason[:200]}") from None
+            raise ConfigError(f"cannot open the study storage {_safe_url(storage_url)}: {_storage_error(e)}") from None
     pruners = {"median": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
                "none": optuna.pruners.NopPruner()}
     if pruner not in pruners:
