@@ -24,6 +24,7 @@ from recipes.report.mistakes import measure_mistakes
 from recipes.report.plots import plot_lr_find
 from recipes.run import Assembly, resume, train
 from recipes.run.lock import lend_to_children
+from recipes.run.lost_rank import lost_a_peer, lost_peer_reason
 from recipes.tools.lr_find import choose_max_lr, record_in_run
 
 __all__ = ["train_job", "resume_job", "run_job", "final_lines", "report_unless_stopped", "world_size", "is_rank_zero",
@@ -117,10 +118,26 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _lost_a_peer(error: BaseException, run_dir: Path) -> None:
+    """Under torchrun, another process of the run is gone (its node died, or it was killed): say so in one
+    line on every surviving rank, and exit 1 at once (tearing down a broken process group can hang)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    kept = f"its last checkpoint, {last}, is intact" if last.exists() else "it has no checkpoint yet"
+    click.echo(f"kiln: error: rank {os.environ.get('RANK', '?')} lost contact with another process of the run "
+               f"({lost_peer_reason(error)}): a process or its node stopped. The run stops; {kept}. When every node "
+               f"is back, continue with the same launch of: kiln resume {run_dir}", err=True)
+    exit_now_if_distributed(1)
+
+
 def run_job(job: functools.partial, nproc_per_node: int, backend: str | None, run_dir: Path) -> None:
     """Run ``job`` here, under torchrun, or in spawned processes; exit with the run's status."""
     if nproc_per_node <= 1:
-        code = launch(job, backend=backend)
+        try:
+            code = launch(job, backend=backend)
+        except Exception as e:
+            if not (under_torchrun() and lost_a_peer(e)):
+                raise
+            _lost_a_peer(e, run_dir)
         exit_now_if_distributed(code or 0)
         if code:
             sys.exit(code)

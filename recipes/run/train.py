@@ -15,6 +15,7 @@ from callbacks._files import append_jsonl, os_error_line
 from callbacks.nan_diagnosis import summarize_diagnosis
 from recipes.config import Config
 from recipes.run.build import Assembly, build, write_config
+from recipes.run.lost_rank import lost_a_peer, lost_peer_reason
 
 __all__ = ["execute", "train"]
 
@@ -83,6 +84,8 @@ def _failure_reason(error: BaseException) -> str:
     RUN/checkpoints/last.pt``), anything else as its type and message."""
     if isinstance(error, OSError):
         return os_error_line(error)
+    if idist.get_world_size() > 1 and lost_a_peer(error):
+        return f"lost contact with another process of the run: {lost_peer_reason(error)}"
     return f"{type(error).__name__}: {error}"
 
 

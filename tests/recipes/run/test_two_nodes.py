@@ -1,0 +1,151 @@
+"""Two nodes: two torchrun launchers (``--nnodes 2 --nproc-per-node 1``, c10d rendezvous on the loopback
+address, gloo) train one run into one run directory that both see, as on a filesystem shared by nodes.
+
+Each launcher runs in a session of its own, so "a node dies" is its launcher and its training process
+killed together. The run is the one ``test_distributed.py`` makes with two processes on one node (the same
+global batch of 64), so the two must match bit for bit: with one thread per process, as there (torchrun
+sets OMP_NUM_THREADS=1 only for several processes per node; two "nodes" on this machine share its cores,
+and a different thread count sums in another order).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes.cli.launch import free_port
+from recipes.run.checkpoints import load_checkpoint
+from tests.recipes.run.test_distributed import REPO, SMALL, summary, two_process_run  # noqa: F401 - a fixture
+from tests.recipes.run.test_resume import assert_same_run, final_state, metric_lines
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which(TORCHRUN) is None, reason="no torchrun")]
+
+TRAIN = ["train", "digits", "--epochs", "4", "--batch-size", "32", *SMALL]
+
+
+def two_nodes(*kiln_args: str) -> list[subprocess.Popen]:
+    """Two node launchers of ``kiln KILN_ARGS`` meeting at a c10d rendezvous on 127.0.0.1."""
+    port = free_port()
+    launchers = []
+    for _ in range(2):
+        launchers.append(subprocess.Popen(
+            [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+             f"127.0.0.1:{port}", "--rdzv-id", f"kiln-{port}", "-m", "recipes.cli", *kiln_args],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        time.sleep(0.3)  # the first one hosts the rendezvous
+    return launchers
+
+
+def kill_node(launcher: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = [], [launcher.pid]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launcher.communicate()
+
+
+def finish(launchers: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+    """Wait for the launchers; (exit status, stdout, stderr) of each. Kills what is left on a timeout."""
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in launchers]
+    finally:
+        for p in launchers:
+            if p.poll() is None:
+                kill_node(p)
+    return [(p.returncode, out, err) for p, (out, err) in zip(launchers, outputs)]
+
+
+def wait_for_steps(run_dir: Path, steps: int, launchers: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + 180
+    path = run_dir / "steps.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count("\n") >= steps:
+            return
+        assert all(p.poll() is None for p in launchers), [p.communicate() for p in launchers]
+        time.sleep(0.02)
+    raise AssertionError(f"no {steps} steps in {path} in 180 s")
+
+
+@pytest.fixture(scope="module")
+def two_node_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("two-nodes") / "run"
+    for code, out, err in finish(two_nodes(*TRAIN, "--out", str(run_dir))):
+        assert code == 0, err[-2000:]
+    return run_dir
+
+
+def test_two_nodes_train_the_two_process_run_into_one_directory(two_node_run, two_process_run):  # noqa: F811
+    s = summary(two_node_run)
+    assert s["status"] == "completed"
+    assert s["rank_parameter_checksums"][0] == s["rank_parameter_checksums"][1], "the ranks' parameters differ"
+    config = json.loads((two_node_run / "config.json").read_text())
+    assert config["runtime"]["world_size"] == 2 and config["runtime"]["global_batch_size"] == 64
+    # one node or two, the same global batch gives the same run, bit for bit
+    assert metric_lines(two_node_run) == metric_lines(two_process_run)
+    got, want = final_state(two_node_run)["model"], final_state(two_process_run)["model"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # both nodes were handed the directory; only global rank 0 wrote to it (one TensorBoard writer, one process's files)
+    writers = [p for p in (two_node_run / "tb").glob("events.out.tfevents.*") if not p.name.endswith(".mistakes")]
+    assert len(writers) == 1, writers  # the training writer's file (the end-of-run mistakes pass adds its own)
+    assert sorted(p.name for p in two_node_run.parent.iterdir()) == ["run"]
+
+
+def test_sigterm_to_both_launchers_stops_every_rank_and_two_nodes_resume_it_bit_identically(two_node_run, tmp_path):
+    run_dir = tmp_path / "run"
+    launchers = two_nodes(*TRAIN, "--out", str(run_dir))
+    wait_for_steps(run_dir, 17, launchers)
+    for p in launchers:
+        p.send_signal(signal.SIGTERM)
+    finish(launchers, timeout=180)  # torchrun itself reports the signal it got; the run's status is kiln's
+    assert summary(run_dir)["status"] == "interrupted"
+    state = final_state(run_dir)["trainer"]
+    assert 17 <= state["iteration"] < 92 and (state["iteration"] % 10 == 0 or state["iteration"] % state["epoch_length"] == 0)
+    for code, out, err in finish(two_nodes("resume", str(run_dir), "--quiet")):
+        assert code == 0, err[-2000:]
+    assert_same_run(run_dir, two_node_run)
+
+
+def test_a_node_that_dies_stops_the_other_with_one_line_and_the_run_resumes_from_its_checkpoint(two_node_run, tmp_path):
+    run_dir = tmp_path / "run"
+    launchers = two_nodes(*TRAIN, "--out", str(run_dir))
+    wait_for_steps(run_dir, 17, launchers)
+    dead, survivor = launchers[1], launchers[0]
+    kill_node(dead)  # the node: its launcher and its training process
+    started = time.monotonic()
+    code, _, err = finish([survivor], timeout=120)[0]
+    assert time.monotonic() - started < 60, "the surviving node did not give up in bounded time"
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.startswith("kiln:")]
+    assert len(lines) == 1 and "lost contact with another process of the run" in lines[0], err[-3000:]
+    assert f"kiln resume {run_dir}" in lines[0] and "Traceback" not in err.split("kiln: error:")[0]
+    last, _ = load_checkpoint(run_dir / "checkpoints" / "last.pt", resumable=True)  # what was saved stays loadable
+    assert 0 < last["trainer"]["iteration"] <= 30
+    if summary(run_dir)["status"] != "running":  # rank 0 survived and recorded it (else it died mid-run)
+        assert summary(run_dir)["status"] == "failed" and "lost contact" in summary(run_dir)["error"]
+    for code, out, err in finish(two_nodes("resume", str(run_dir), "--quiet")):
+        assert code == 0, err[-2000:]
+    assert_same_run(run_dir, two_node_run)
