@@ -506,8 +506,8 @@ class NanGuard:
         if self.events_path is not None:
             append_jsonl(self.events_path, record)
         line = log_line(record, nan_skips=self.nan_skips, lr_scale=self.lr_scale)
-        if line is not None:
-            log.warning("kiln: %s", line)
+        if line is not None:  # extra: a caller that reports the event itself can filter the line by kind
+            log.warning("kiln: %s", line, extra={"kiln_event": event})
 
     def _publish(self, engine: Engine) -> None:
         metrics = engine.state.metrics

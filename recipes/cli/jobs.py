@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 import sys
@@ -34,9 +35,22 @@ __all__ = ["train_job", "resume_job", "run_job", "final_lines", "report_unless_s
 EXIT_DIVERGED = 3
 
 
+def _not_the_stop_line(record: logging.LogRecord) -> bool:
+    """Drop NanGuard's line for a diverged run: :func:`final_lines` prints the whole diagnosis, which
+    begins with that line (the rollback and skip lines stay)."""
+    return getattr(record, "kiln_event", None) != "diverged"
+
+
+def _diagnosis_once() -> None:
+    logger = logging.getLogger("kiln")
+    if _not_the_stop_line not in logger.filters:
+        logger.addFilter(_not_the_stop_line)
+
+
 def train_job(cfg: Config, run_dir: Path, quiet: bool, auto_max_lr: bool) -> int:
     """Train ``cfg`` into ``run_dir`` (after the LR range test with ``auto_max_lr``), write the report;
     returns the exit status."""
+    _diagnosis_once()
     found = None
     if auto_max_lr:  # the run trains at the range test's suggestion, from the same initial weights
         cfg, found = choose_max_lr(cfg, quiet=quiet)
@@ -54,6 +68,7 @@ def train_job(cfg: Config, run_dir: Path, quiet: bool, auto_max_lr: bool) -> int
 def resume_job(source: str, options: dict) -> int:
     """Resume the run at ``source`` with ``options`` (see ``recipes.run.resume``), write the report;
     returns the exit status."""
+    _diagnosis_once()
     run = resume(source, **options)
     stopped_by = report_unless_stopped(run) if run.ran else None  # plots/, report.html, findings: the whole run
     return _exit_status(run, stopped_by)

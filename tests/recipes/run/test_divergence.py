@@ -132,6 +132,15 @@ def test_rollback_with_an_absurd_max_lr_recovers_or_stops_and_never_writes_nan(t
 
 
 @pytest.mark.slow
+def test_a_run_stopped_as_diverged_is_described_once(tmp_path):
+    """The guard's one line and the CLI's diagnosis at the end begin alike: the CLI prints the diagnosis alone."""
+    result = kiln("train", "digits", "--max-lr", "50", "--on-nan", "stop", "--epochs", "1", "--quiet",
+                  "--out", str(tmp_path / "run"), *[f"--set={k}={v}" for k, v in SMALL.items()])
+    assert result.returncode == EXIT_DIVERGED, result.stderr
+    assert result.stderr.count("training diverged:") == 1 and "  hint: " in result.stderr, result.stderr
+
+
+@pytest.mark.slow
 def test_fp16_run_with_the_guard_completes_normally(tmp_path):
     """Single fp16 overflow skips are normal: a healthy fp16 run ends with no guard event."""
     run_dir = tmp_path / "run"
