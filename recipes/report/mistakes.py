@@ -87,8 +87,11 @@ def analyse_checkpoint(path: Path, k: int = TOP_LOSSES) -> tuple[dict[str, Any],
                        for t, p, q, v in zip(top_true, top_pred, top_prob, top_loss)],
     }
     if flipped:  # trained with horizontal flips: do mirrored images show the same class? (the flip finding)
-        data.train.set_position(1, 0)
-        record["flip_probe"] = flip_probe(data.train, data.val, classes)
+        try:
+            record["flip_probe"] = flip_probe(data.train, data.val, classes)
+        except Exception as e:  # noqa: BLE001 - a bonus measurement: it must not cost the mistakes themselves
+            record["flip_probe"] = None
+            record["flip_probe_error"] = f"{type(e).__name__}: {e}"[:200]
     return record, top_images
 
 
@@ -127,6 +130,16 @@ def _plot_mistakes(record: dict[str, Any], images: torch.Tensor, path: Path, tit
     return path
 
 
+def _lacks_flip_probe(path: Path) -> bool:
+    """Whether mistakes.json is of a run trained with flips but was written before the flip probe existed."""
+    try:
+        record = json.loads(path.read_text())
+        config = json.loads((path.parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "flip" in str(config.get("data", {}).get("augment", "")) and "flip_probe" not in record
+
+
 def write_mistakes(run_dir: str | Path, title: str = "") -> Path | None:
     """mistakes.json, plots/mistakes.png and plots/confusion.png from the run's chosen checkpoint; the
     path of mistakes.json, or None when there is no checkpoint. Skipped when mistakes.json is newer than the
@@ -140,7 +153,7 @@ def write_mistakes(run_dir: str | Path, title: str = "") -> Path | None:
     path = run_dir / MISTAKES_FILE
     plots = run_dir / "plots"
     drawn = (plots / "mistakes.png").exists() and (plots / "confusion.png").exists()
-    if drawn and path.exists() and path.stat().st_mtime >= checkpoint.stat().st_mtime:
+    if drawn and path.exists() and path.stat().st_mtime >= checkpoint.stat().st_mtime and not _lacks_flip_probe(path):
         return path
     record, images = analyse_checkpoint(checkpoint)
     plots.mkdir(parents=True, exist_ok=True)

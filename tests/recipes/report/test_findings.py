@@ -84,6 +84,11 @@ def test_flips_on_digits_are_a_finding_that_says_train_without_them(tmp_path_fac
         assert f"{probe['accuracy']:.3f}" in f.evidence[1] and f"{probe['flipped_accuracy']:.3f}" in f.evidence[1]
         assert _options(f.command) == {"--epochs": "1", "data.augment": "crop"}, f.command
         assert "[flip] horizontal flips change what these images show" in format_findings(list(found.values()))
+        # a mistakes.json from before the probe existed is measured again, though the checkpoint is older
+        path = run_dir / "mistakes.json"
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "flip_probe"}))
+        measure_mistakes(run_dir)
+        assert json.loads(path.read_text())["flip_probe"] == probe
 
 
 @pytest.mark.slow
