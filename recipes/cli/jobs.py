@@ -134,13 +134,18 @@ def is_rank_zero() -> bool:
 
 
 def _lost_a_peer(error: BaseException, run_dir: Path) -> None:
-    """Under torchrun, another process of the run is gone (its node died, or it was killed): say so in one
-    line on every surviving rank, and exit 1 at once (tearing down a broken process group can hang)."""
+    """Under torchrun, another process of the run is gone (killed, or its node went down): say so in one
+    line on every surviving rank and exit 1 at once (as every torchrun rank ends: no interpreter teardown
+    with gloo's threads)."""
     last = run_dir / "checkpoints" / "last.pt"
-    kept = f"its last checkpoint, {last}, is intact" if last.exists() else "it has no checkpoint yet"
+    if last.exists():
+        then = (f"its last checkpoint, {last}, is intact. When every node is back, continue with the same "
+                f"launch of: kiln resume {run_dir}")
+    else:
+        then = f"it had no checkpoint yet: when every node is back, start it again (another --out, or remove {run_dir})"
     click.echo(f"kiln: error: rank {os.environ.get('RANK', '?')} lost contact with another process of the run "
-               f"({lost_peer_reason(error)}): a process or its node stopped. The run stops; {kept}. When every node "
-               f"is back, continue with the same launch of: kiln resume {run_dir}", err=True)
+               f"({type(error).__name__}: {lost_peer_reason(error)}): a process or its node stopped. The run "
+               f"stops; {then}", err=True)
     exit_now_if_distributed(1)
 
 
