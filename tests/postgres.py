@@ -25,7 +25,10 @@ PASSWORD = "kiln-test-password"
 
 def _bin_dir() -> Path | None:
     """The newest installed PostgreSQL's bin folder (Debian's layout first, then the PATH)."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[4]))
+    def version(path: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in Path(path).parts[4].split(".") if part.isdigit())
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=version)
     if found:
         return Path(found[-1]).parent
     on_path = shutil.which("pg_ctl")
@@ -47,30 +50,35 @@ class PostgresServer:
         self.port = _free_port()
         self.root = Path(tempfile.mkdtemp(prefix="kiln-postgres-"))
         self.data = self.root / "data"
-        self._as_postgres: list[str] = []
-        if os.geteuid() == 0:  # initdb and postgres refuse root
-            self._as_postgres = ["runuser", "-u", "postgres", "--"]
-            self.root.chmod(0o755)
-            shutil.chown(self.root, "postgres", "postgres")
-        self.started = False
+        self._as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # they refuse root
 
     def _run(self, *args: str, timeout: float = 120) -> None:
         done = subprocess.run([*self._as_postgres, *args], capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"{Path(args[0]).name} failed: {(done.stderr or done.stdout).strip()[-800:]}")
 
-    def start(self) -> PostgresServer:
-        """initdb (scram-sha-256 over TCP, trust on the socket) and start, waiting until it accepts connections."""
+    def start(self, attempts: int = 3) -> PostgresServer:
+        """initdb (scram-sha-256 over TCP, trust on the socket) and start, waiting until it accepts
+        connections; on another free port if the chosen one was taken meanwhile."""
         pwfile = self.root / "pwfile"
         pwfile.write_text(PASSWORD + "\n")
         if self._as_postgres:
+            self.root.chmod(0o755)
+            shutil.chown(self.root, "postgres", "postgres")  # LookupError without a postgres user
             shutil.chown(pwfile, "postgres", "postgres")
         self._run(str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", f"--pwfile={pwfile}",
                   "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--no-sync")
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-        self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-w",
-                  "-t", "60", "-o", options, "start")
-        self.started = True
+        for attempt in range(attempts):
+            options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+            try:
+                self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"),
+                          "-w", "-t", "60", "-o", options, "start")
+                return self
+            except RuntimeError:
+                self._stop_server()
+                if attempt == attempts - 1:
+                    raise
+                self.port = _free_port()
         return self
 
     def url(self, database: str, password: str = PASSWORD, user: str = "postgres") -> str:
@@ -87,11 +95,18 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def _stop_server(self) -> None:
+        """Stop a postmaster that runs (or may: a start that timed out) in the data directory."""
+        if (self.data / "postmaster.pid").exists():
+            try:
+                self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+            except RuntimeError:
+                pass
+
     def stop(self) -> None:
         """Stop the server (fast shutdown) and remove its directory."""
         try:
-            if self.started:
-                self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+            self._stop_server()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 

@@ -224,11 +224,26 @@ def _safe_url(url: str) -> str:
         return url
 
 
+def _libpq_url_without_timeout(url: str) -> bool:
+    """A PostgreSQL URL for psycopg (3, SQLAlchemy 2.1's default) or psycopg2, which take libpq's
+    ``connect_timeout``, that does not set one itself."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: opening it will say so
+        return False
+    return (parsed.drivername in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+            and "connect_timeout" not in parsed.query)
+
+
 def _storage_error(error: Exception) -> str:
     """Why a storage could not be opened, in one line; a missing database driver names what to install."""
     missing = error if isinstance(error, ModuleNotFoundError) else None
     cause: BaseException | None = error
-    while missing is None and cause is not None:  # Optuna re-raises the driver's ImportError as its own
+    seen: set[int] = set()
+    while missing is None and cause is not None and id(cause) not in seen:  # Optuna re-raises the driver's
+        seen.add(id(cause))  # ImportError as its own
         cause = cause.__cause__ or cause.__context__
         missing = cause if isinstance(cause, ModuleNotFoundError) else None
     if missing is not None and missing.name:
@@ -257,7 +272,7 @@ def open_study(name: str, storage_url: str, *, seed: int, pruner: str, n_trials:
     kwargs: dict[str, Any] = {}
     if storage_url.startswith("sqlite"):  # several workers on one file: wait for the lock, don't fail on it
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    elif storage_url.startswith("postgresql"):  # a server that does not answer: give up in seconds, not minutes
+    elif _libpq_url_without_timeout(storage_url):  # a server that does not answer: give up in seconds, not minutes
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT}, "pool_pre_ping": True}
     for attempt in range(4):
         try:
