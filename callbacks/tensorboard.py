@@ -150,7 +150,7 @@ class TensorBoard:
         from tensorboardX.proto.summary_pb2 import Summary
 
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()])
-        if summary.value:
+        if summary.value and not self._closed:  # after close() (or a failed flush) nothing more is written
             self.logger.writer.file_writer.add_summary(summary, step)
 
     def log_lr_find(self, lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float) -> None:

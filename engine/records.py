@@ -82,7 +82,8 @@ def step_record(state: Any) -> dict[str, Any]:
     """One line of steps.jsonl, taken every N iterations: the current loss, the batch's accuracy, lr, grad
     norm, loss scale. Its device values are read in one transfer, and once per step: the record is kept
     as ``state.step_record`` (iteration, the step's output, record), so every logger of a step gets the
-    same one (the output tells a step from the one a rollback repeats at the same iteration)."""
+    same one (the output object identifies the step, whatever a handler does to the iteration count; it is
+    kept until the next logging step)."""
     output = getattr(state, "output", None)
     kept = getattr(state, "step_record", None)
     if kept is not None and kept[0] == state.iteration and kept[1] is output:

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,17 +34,30 @@ TRAIN = ["train", "digits", "--epochs", "4", "--batch-size", "32", *SMALL]
 
 
 def two_nodes(*kiln_args: str) -> list[subprocess.Popen]:
-    """Two node launchers of ``kiln KILN_ARGS`` meeting at a c10d rendezvous on 127.0.0.1."""
+    """Two node launchers of ``kiln KILN_ARGS`` meeting at a c10d rendezvous on 127.0.0.1. Their output goes
+    to files (read by :func:`finish`): a pipe nobody reads while the other launcher is waited for can fill up
+    and stop a training process mid-write."""
     port = free_port()
     launchers = []
     for _ in range(2):
-        launchers.append(subprocess.Popen(
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        launcher = subprocess.Popen(
             [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
              f"127.0.0.1:{port}", "--rdzv-id", f"kiln-{port}", "-m", "recipes.cli", *kiln_args],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"}))
+            cwd=REPO, stdout=out, stderr=err, text=True, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+        launcher.logs = (out, err)
+        launchers.append(launcher)
         time.sleep(0.3)  # the first one hosts the rendezvous
     return launchers
+
+
+def _output(launcher: subprocess.Popen) -> tuple[str, str]:
+    texts = []
+    for f in launcher.logs:
+        f.seek(0)
+        texts.append(f.read())
+    return texts[0], texts[1]
 
 
 def kill_node(launcher: subprocess.Popen) -> None:
@@ -65,18 +79,20 @@ def kill_node(launcher: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    launcher.communicate()
+    launcher.wait()
 
 
 def finish(launchers: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
     """Wait for the launchers; (exit status, stdout, stderr) of each. Kills what is left on a timeout."""
+    deadline = time.monotonic() + timeout
     try:
-        outputs = [p.communicate(timeout=timeout) for p in launchers]
+        for p in launchers:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for p in launchers:
             if p.poll() is None:
                 kill_node(p)
-    return [(p.returncode, out, err) for p, (out, err) in zip(launchers, outputs)]
+    return [(p.returncode, *_output(p)) for p in launchers]
 
 
 def wait_for_steps(run_dir: Path, steps: int, launchers: list[subprocess.Popen]) -> None:
@@ -85,7 +101,7 @@ def wait_for_steps(run_dir: Path, steps: int, launchers: list[subprocess.Popen])
     while time.monotonic() < deadline:
         if path.exists() and path.read_text().count("\n") >= steps:
             return
-        assert all(p.poll() is None for p in launchers), [p.communicate() for p in launchers]
+        assert all(p.poll() is None for p in launchers), [_output(p) for p in launchers]
         time.sleep(0.02)
     raise AssertionError(f"no {steps} steps in {path} in 180 s")
 
@@ -127,6 +143,25 @@ def test_sigterm_to_both_launchers_stops_every_rank_and_two_nodes_resume_it_bit_
     for code, out, err in finish(two_nodes("resume", str(run_dir), "--quiet")):
         assert code == 0, err[-2000:]
     assert_same_run(run_dir, two_node_run)
+
+
+def test_sigterm_to_one_launcher_stops_both_nodes_after_the_same_iteration(tmp_path):
+    """torchrun passes the signal to its node's process; the ranks agree on stopping at the next agreement
+    point (every 10 iterations), so the other node stops there too, and the checkpoint is the run's. (The
+    other node's torchrun agent may then wait in its exit barrier for the agent that was signalled, up to
+    torchrun's 5 minutes: its training process has ended by then, and the test does not wait for it.)"""
+    run_dir = tmp_path / "run"
+    launchers = two_nodes(*TRAIN, "--out", str(run_dir))
+    wait_for_steps(run_dir, 17, launchers)
+    launchers[1].send_signal(signal.SIGTERM)
+    finish(launchers[1:], timeout=120)
+    deadline = time.monotonic() + 120
+    while summary(run_dir)["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    kill_node(launchers[0])
+    assert summary(run_dir)["status"] == "interrupted"
+    state = final_state(run_dir)["trainer"]
+    assert 17 <= state["iteration"] < 92 and (state["iteration"] % 10 == 0 or state["iteration"] % state["epoch_length"] == 0)
 
 
 def test_a_node_that_dies_stops_the_other_with_one_line_and_the_run_resumes_from_its_checkpoint(two_node_run, tmp_path):
