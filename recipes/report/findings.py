@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from recipes import RECIPES
 from recipes.config import OPTION_KEYS, config_to_dict
-from recipes.report.flip_probe import flips_hurt
+from recipes.report.flip_probe import flips_hurt, trained_with_flips
 from recipes.report.rundata import RunData
 from recipes.report.rundata import to_number as _num
 
@@ -381,7 +381,7 @@ def _check_flip(run: RunData) -> Finding | None:
     """Trained with horizontal flips on data whose mirrored images show other classes (digits, letters): the
     flip probe of mistakes.json (``recipes.report.flip_probe``) says so."""
     probe = (run.mistakes or {}).get("flip_probe")
-    if "flip" not in str(run.config.get("data", {}).get("augment", "")) or not flips_hurt(probe):
+    if not trained_with_flips(run.config.get("data", {}).get("augment")) or not flips_hurt(probe):
         return None
     evidence = [f"data.augment={run.config['data']['augment']}: half the training images are mirrored",
                 f"a nearest-neighbour probe without flips classifies {probe['samples']} validation images at "

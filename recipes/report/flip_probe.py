@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BANK", "QUERIES", "POOL", "KEPT", "MIN_GAIN", "flip_probe", "flips_hurt"]
+__all__ = ["BANK", "QUERIES", "POOL", "KEPT", "MIN_GAIN", "flip_probe", "flips_hurt", "trained_with_flips"]
 
 #: Training images the probe compares with (the first ones of an epoch: a random sample).
 BANK = 2000
@@ -30,6 +30,16 @@ POOL = 32
 KEPT = 0.5
 #: Below this gain over chance (accuracy - 1/classes) the probe knows too little to judge.
 MIN_GAIN = 0.2
+
+
+def trained_with_flips(augment: Any) -> bool:
+    """Whether ``data.augment`` (a config's value) mirrors training images: the runs the probe is for.
+
+    Example:
+        >>> trained_with_flips("crop+flip"), trained_with_flips("crop"), trained_with_flips(None)
+        (True, False, False)
+    """
+    return "flip" in str(augment or "")
 
 
 def _pooled(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from callbacks._files import write_atomic, write_json_atomic
 from recipes.config import apply_overrides
-from recipes.report.flip_probe import flip_probe
+from recipes.report.flip_probe import flip_probe, trained_with_flips
+from recipes.run.records import read_config_json
 
 __all__ = ["MISTAKES_FILE", "TOP_LOSSES", "analyse_checkpoint", "chosen_checkpoint", "measure_mistakes", "write_mistakes"]
 
@@ -49,7 +50,7 @@ def analyse_checkpoint(path: Path, k: int = TOP_LOSSES) -> tuple[dict[str, Any],
     from recipes.run.inference import load
 
     trained = load(path)
-    flipped = "flip" in trained.config.data.augment
+    flipped = trained_with_flips(trained.config.data.augment)
     # without augmentation: the validation data is the same, the training images are the flip probe's reference
     cfg = apply_overrides(trained.config, {"data.augment": "none"}) if flipped else trained.config
     quiet = logging.getLogger("kiln")  # the data's warnings (e.g. skipped bad images) were given by the run itself
@@ -134,10 +135,10 @@ def _lacks_flip_probe(path: Path) -> bool:
     """Whether mistakes.json is of a run trained with flips but was written before the flip probe existed."""
     try:
         record = json.loads(path.read_text())
-        config = json.loads((path.parent / "config.json").read_text())
-    except (OSError, ValueError):
+        config = read_config_json(path.parent) or {}
+    except (OSError, ValueError):  # ConfigError is a ValueError
         return False
-    return "flip" in str(config.get("data", {}).get("augment", "")) and "flip_probe" not in record
+    return trained_with_flips(config.get("data", {}).get("augment")) and "flip_probe" not in record
 
 
 def write_mistakes(run_dir: str | Path, title: str = "") -> Path | None:

@@ -27,8 +27,6 @@ class Report:
     plots: list[Path]
 
 
-
-
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
