@@ -25,7 +25,7 @@ import torch
 from recipes.cli.launch import free_port
 from recipes.run.checkpoints import load_checkpoint
 from tests.recipes.run.test_distributed import REPO, SMALL, summary, two_process_run  # noqa: F401 - a fixture
-from tests.recipes.run.test_resume import assert_same_run, final_state, metric_lines
+from tests.recipes.run.test_resume import assert_same_run, final_state, metric_lines, wait_for_iteration
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which(TORCHRUN) is None, reason="no torchrun")]
@@ -96,14 +96,9 @@ def finish(launchers: list[subprocess.Popen], timeout: float = 300) -> list[tupl
 
 
 def wait_for_steps(run_dir: Path, steps: int, launchers: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + 180
-    path = run_dir / "steps.jsonl"
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().count("\n") >= steps:
-            return
-        assert all(p.poll() is None for p in launchers), [_output(p) for p in launchers]
-        time.sleep(0.02)
-    raise AssertionError(f"no {steps} steps in {path} in 180 s")
+    """Block until the run has logged ``steps`` iterations (``test_resume.wait_for_iteration``), both nodes still up."""
+    wait_for_iteration(run_dir, steps, launchers[0], timeout=180)
+    assert all(p.poll() is None for p in launchers), [_output(p) for p in launchers]
 
 
 @pytest.fixture(scope="module")
