@@ -23,7 +23,7 @@ any number of lines, for output that depends on the CPU (which findings kiln rep
 to show whole. The progress lines a run prints inside an epoch longer than ``train.progress_seconds``
 (``epoch 4/12  iteration 400/469 (85%) ...``) are left out on both sides: whether they come at all
 depends on the machine's speed. A command must exit with status 0, unless the next command of the block is
-``echo $?``, whose shown output then says which status it had.
+``echo $?``, whose shown output then says which status it had (that line is compared exactly).
 """
 from __future__ import annotations
 
@@ -170,9 +170,12 @@ def normalise(text: str, workdir: str | None = None) -> list[str]:
     """The lines of ``text`` with numbers, precision names and spacing made comparable across CPUs."""
     if workdir:
         text = text.replace(workdir + os.sep, "").replace(workdir, ".")
-    out = []
+    out: list[str] = []
     for line in text.splitlines():
         line = line.rstrip()
+        if out and out[-1] == "$ echo $?":  # an exit status is compared as it is
+            out.append(line.strip())
+            continue
         if _PROGRESS.match(line):
             continue
         if _ELISION.match(line.strip()):
@@ -214,12 +217,13 @@ def _environment() -> dict[str, str]:
 
 
 def _console_script(block: Block, status_file: Path) -> str:
-    parts = ["set +e"]
+    parts = ["set +e", "__status=0"]
     for command in block.commands():
         shown = "$ " + command
-        parts.append(f"printf '%s\\n' {_quote(shown)}")
+        # echo the command as a terminal shows it, then give it the previous command's $? back
+        parts.append(f"printf '%s\\n' {_quote(shown)}; (exit $__status)")
         parts.append(command)
-        parts.append(f"__status=$?; echo $__status >> {_quote(str(status_file))}; (exit $__status)")
+        parts.append(f"__status=$?; echo $__status >> {_quote(str(status_file))}")
     return "\n".join(parts) + "\n"
 
 
