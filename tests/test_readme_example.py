@@ -1,4 +1,8 @@
-"""The README's Python example runs as written, and is the same text as docs/example_step_events.py."""
+"""The Python examples of the README and the guides run as written, and are the files the other tests run.
+
+The step-event example is in README.md (and is docs/example_step_events.py); the whole run from Python is in
+docs/handlers.md; the torch-only loader is in docs/use-the-model.md (and is docs/load_without_kiln.py).
+"""
 from __future__ import annotations
 
 import math
@@ -55,11 +59,15 @@ def test_the_readme_example_runs_as_written(digits):
         assert int(shown.group(1)) == steps
 
 
-WHOLE_RUN = "### A whole run from Python"
+HANDLER_GUIDE = ROOT / "docs" / "handlers.md"
+WHOLE_RUN = "## A whole run from Python"
+MODEL_GUIDE = ROOT / "docs" / "use-the-model.md"
 
 
-def test_the_readme_whole_run_example_runs_as_written(tmp_path):
-    section = _section().split(WHOLE_RUN, 1)[1]
+def test_the_handler_guides_whole_run_example_runs_as_written(tmp_path):
+    guide = HANDLER_GUIDE.read_text()
+    assert WHOLE_RUN in guide, f"docs/handlers.md has no heading {WHOLE_RUN!r}: the whole-run example belongs under it"
+    section = guide.split(WHOLE_RUN, 1)[1]
     code = re.search(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL).group(1)
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, **SINGLE_THREAD_ENV, "PYTHONPATH": str(ROOT)})
@@ -70,8 +78,8 @@ def test_the_readme_whole_run_example_runs_as_written(tmp_path):
     assert (tmp_path / "runs" / "py-digits" / "plots" / "loss.png").exists()
 
 
-def test_the_readmes_torch_only_snippet_is_the_file_the_export_tests_run():
-    """tests/recipes/tools/test_export.py runs docs/load_without_kiln.py with kiln hidden; the README shows its code."""
+def test_the_guides_torch_only_snippet_is_the_file_the_export_tests_run():
+    """tests/recipes/tools/test_export.py runs docs/load_without_kiln.py with kiln hidden; the guide shows its code."""
     code = (ROOT / "docs" / "load_without_kiln.py").read_text().split('"""', 2)[2].lstrip("\n")
-    assert f"```python\n{code}```" in (ROOT / "README.md").read_text(), \
-        "README.md's snippet for loading an export without kiln and docs/load_without_kiln.py differ"
+    assert f"```python\n{code}```" in MODEL_GUIDE.read_text(), \
+        "docs/use-the-model.md's snippet for loading an export without kiln and docs/load_without_kiln.py differ"
