@@ -6,8 +6,9 @@ Without FILE, every page: README.md and docs/*.md. Quick blocks always run (the 
 too, tests/test_docs_examples.py); --long adds the blocks marked ``<!-- example: long -->``
 (Fashion-MNIST, a sweep, several processes: minutes). For each block it prints whether it matched,
 and for one that did not, why and a unified diff of the normalised lines (docs/examples.py says what
-is compared). --update writes what a drifted block printed into its page (blocks without ``...``
-only): to regenerate the shown outputs after a change, then read the diff before committing.
+is compared). --update writes what each block printed into its page (blocks without ``...``
+only; the others are for a person to edit): to regenerate the shown outputs from real runs after a
+change, then read `git diff` before committing.
 Exit status: 0 every block that ran matched, 1 some drifted.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", type=Path, help="Markdown pages (default: README.md and docs/*.md)")
     parser.add_argument("--long", action="store_true", help="also run the blocks marked long")
-    parser.add_argument("--update", action="store_true", help="write drifted outputs into their pages")
+    parser.add_argument("--update", action="store_true", help="write what each block printed into its page (blocks without ...)")
     parser.add_argument("--show-output", action="store_true", help="print what each block printed")
     args = parser.parse_args(argv)
     pages = [p.resolve() for p in args.files] or markdown_files()

@@ -310,14 +310,14 @@ def run_page(path: Path, long: bool = False, workdir: Path | None = None, on_res
 
 
 def rewrite(results: list[Result]) -> int:
-    """Put what each drifted block printed into its page, where the page shows no ``...``; returns how many.
+    """Put what each block printed into its page, where the page shows no ``...``; returns how many changed.
 
-    Run by ``check_examples.py --update`` to regenerate the shown outputs from real runs; blocks with an
-    elision are left for a person to edit.
+    Run by ``check_examples.py --update`` to regenerate the shown outputs from real runs (figures
+    included); blocks with an elision are left for a person to edit.
     """
     by_page: dict[Path, list[Result]] = {}
     for r in results:
-        if r.status == "drift" and r.transcript:
+        if r.status != "skipped" and r.transcript:
             by_page.setdefault(r.block.path, []).append(r)
     count = 0
     for path, page_results in by_page.items():
@@ -325,7 +325,7 @@ def rewrite(results: list[Result]) -> int:
         for r in sorted(page_results, key=lambda r: r.block.line, reverse=True):
             shown = r.block.output if r.block.kind == "python" else r.block.text
             fence = r.block.output_fence if r.block.kind == "python" else r.block.fence
-            if shown is None or fence is None or "..." in normalise(shown):
+            if shown is None or fence is None or "..." in normalise(shown) or shown == r.transcript:
                 continue
             lines[fence[0]:fence[1]] = r.transcript.rstrip("\n").splitlines()
             count += 1
