@@ -2,7 +2,8 @@
 
 Usage: python docs/digits_as_png.py OUT   (NNNN is the image's position in the validation split)
 
-The README's `kiln predict` example classifies these; their predictions reproduce `kiln eval`'s accuracy.
+The `kiln predict` examples of docs/use-the-model.md and docs/watch.md classify these; their predictions reproduce
+`kiln eval`'s accuracy.
 """
 import sys
 from pathlib import Path
