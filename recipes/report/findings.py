@@ -274,7 +274,9 @@ def _check_clipping(run: RunData) -> Finding | None:
 
 def _check_overfitting(run: RunData) -> Finding | None:
     """A growing train/val gap: the val loss rising well above its best while the train loss keeps
-    falling, or a memorised training set (train loss near zero, a small fraction of the val loss)."""
+    falling and the val accuracy gains nothing on that epoch's, or a memorised training set (train loss near
+    zero, a small fraction of the val loss). A val loss that rises while the accuracy still climbs is a few
+    errors made more confidently, not a worse model: stopping at the lowest val loss would cost accuracy."""
     rows = [(m["epoch"], _num(m["train_loss"]), _num(m["val_loss"])) for m in run.metrics
             if m.get("train_loss") is not None and m.get("val_loss") is not None]
     rows = [r for r in rows if math.isfinite(r[1]) and math.isfinite(r[2])]
@@ -283,8 +285,10 @@ def _check_overfitting(run: RunData) -> Finding | None:
     best = min(range(len(rows)), key=lambda i: rows[i][2])
     epoch_best, train_best, val_best = rows[best]
     epoch_last, train_last, val_last = rows[-1]
+    accuracy = {m["epoch"]: _num(m["val_accuracy"]) for m in run.metrics if m.get("val_accuracy") is not None}
+    still_gaining = accuracy.get(epoch_last, -math.inf) > accuracy.get(epoch_best, math.inf)
     rising = (epoch_last - epoch_best >= OVERFIT_EPOCHS and val_last >= (1 + OVERFIT_RISE) * val_best
-              and train_last < train_best)
+              and train_last < train_best and not still_gaining)
     memorised = train_last < MEMORISED_LOSS and train_last < 0.1 * val_last
     if not (rising or memorised):
         return None

@@ -71,6 +71,24 @@ def test_a_validation_accuracy_at_chance_is_a_finding(tmp_path, accuracies, fire
         assert "--epochs 10" in f.command
 
 
+@pytest.mark.parametrize("final_accuracy, fires", [(0.985, True), (0.986, True), (0.994, False)])
+def test_a_rising_val_loss_is_overfitting_only_when_the_accuracy_gains_nothing(tmp_path, final_accuracy, fires):
+    """The digits recipe's own shape in bf16: val loss lowest at epoch 4, 29% above it at epoch 10, the train loss
+    still falling. With the accuracy still climbing, stopping at epoch 4 (the finding's advice) would cost it."""
+    from recipes.report.rundata import RunData
+
+    config = {"name": "digits", "data": {"dataset": "digits", "num_classes": 10, "augment": "crop"},
+              "train": {"epochs": 10, "label_smoothing": 0.1}, "optim": {"weight_decay": 0.05}}
+    val_loss = [0.43, 0.38, 0.25, 0.117, 0.177, 0.194, 0.162, 0.156, 0.158, 0.151]
+    accuracy = [0.91, 0.85, 0.94, 0.986, 0.989, 0.994, 0.997, 0.994, 0.994, final_accuracy]
+    metrics = [{"epoch": e, "iteration": 23 * e, "train_loss": 1.06 - 0.054 * e, "val_loss": v, "val_accuracy": a}
+               for e, (v, a) in enumerate(zip(val_loss, accuracy), 1)]
+    found = {f.kind: f for f in find_issues(RunData(tmp_path, config, metrics, [], [], None, None))}
+    assert ("overfitting" in found) is fires
+    if fires:
+        assert found["overfitting"].evidence[0].startswith("val loss rose 29% from its best 0.117 (epoch 4)")
+
+
 @pytest.mark.parametrize("augment, fires", [("crop+flip", True), ("crop", False)])
 def test_flips_on_digits_are_a_finding_that_says_train_without_them(tmp_path_factory, augment, fires):
     """The end-of-run pass probes whether mirrored images keep their class only for a run trained with flips."""
