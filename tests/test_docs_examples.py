@@ -25,19 +25,32 @@ def _quick_blocks(page: Path):
     return [b for b in parse(page) if b.kind != "file" and b.skip is None and not b.long]
 
 
-def _page_param(page: Path):
-    blocks = _quick_blocks(page)
-    trains = any(b.kind == "python" or any(TRAINS.search(c) for c in b.commands()) for b in blocks)
-    return pytest.param(page, id=page.relative_to(ROOT).as_posix(), marks=[pytest.mark.slow] if trains else [])
+def _trains(page: Path) -> bool:
+    return any(b.kind == "python" or any(TRAINS.search(c) for c in b.commands()) for b in _quick_blocks(page))
 
 
-@pytest.mark.parametrize("page", [_page_param(p) for p in PAGES if _quick_blocks(p)])
-def test_the_pages_quick_examples_print_what_the_page_shows(page: Path):
-    results = run_page(page)
-    drifted = [r for r in results if r.status == "drift"]
-    message = "\n\n".join(f"{r.block.where}: {r.why}\n{r.diff}" for r in drifted)
-    assert not drifted, f"the output shown in {page.name} drifted from what kiln prints now " \
-                        f"(python docs/check_examples.py {page.relative_to(ROOT)} shows the same):\n{message}"
+class _PageExamples:
+    """The quick examples of one page, run in order in one working directory."""
+
+    page: Path
+
+    def test_its_quick_examples_print_what_the_page_shows(self):
+        results = run_page(self.page)
+        drifted = [r for r in results if r.status == "drift"]
+        message = "\n\n".join(f"{r.block.where}: {r.why}\n{r.diff}" for r in drifted)
+        name = self.page.relative_to(ROOT)
+        assert not drifted, f"the output shown in {name} drifted from what kiln prints now " \
+                            f"(python docs/check_examples.py {name} shows the same):\n{message}"
+
+
+# One class per page: pytest-xdist's --dist loadscope sends each class to a worker of its own, so the pages
+# run side by side instead of one after another on one worker.
+for _page in PAGES:
+    if _quick_blocks(_page):
+        _name = "TestExamplesOf" + "".join(w.capitalize() for w in re.split(r"[^A-Za-z0-9]+", _page.stem) if w)
+        _name += "Guide" if _page.parent.name == "docs" else ""
+        _cls = type(_name, (_PageExamples,), {"page": _page, "__doc__": f"The quick examples of {_page.name}."})
+        globals()[_name] = pytest.mark.slow(_cls) if _trains(_page) else _cls
 
 
 def test_every_example_that_is_not_run_says_why():
