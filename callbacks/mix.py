@@ -85,6 +85,6 @@ class MixUpCutMix:
         x, y, *rest = batch
         seed = iteration_seed(self.seed, iteration) ^ _SALT ^ ((idist.get_rank() * _GOLDEN) & (2**62 - 1))
         with torch.random.fork_rng(devices=[]):  # every draw is on the CPU, whatever the batch's device
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # not torch.manual_seed: no lazy CUDA seeding queued
             x, y = self.transform(x, y)
         return (x, y, *rest)
