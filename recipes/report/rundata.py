@@ -14,36 +14,22 @@ from typing import Any
 from callbacks._files import os_error_line
 from recipes.config import ConfigError, config_from_dict
 from recipes.run.records import read_config_json
+from recipes.run.rundir import read_jsonl
 from recipes.tools.schedule import schedule_series
 
 __all__ = ["RunData", "load_run", "to_number"]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a .jsonl file; a torn last line (a crash mid-append) and other lines that do not
-    parse are skipped.
+    """:func:`recipes.run.rundir.read_jsonl`, its OS errors as one line.
 
     Raises:
         ConfigError: the file exists but cannot be read (the OS's reason and the path).
     """
     try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return []
+        return read_jsonl(path)
     except OSError as e:
         raise ConfigError(os_error_line(e, path)) from None
-    records = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
