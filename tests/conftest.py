@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,11 @@ from recipes.data import TensorBatches
 NUM_CLASSES = 3
 IMAGE_SHAPE = (3, 16, 16)
 
-#: The models here are tiny, and the suite may share its cores with other work: one intra-op thread
-#: avoids OpenMP oversubscription, which made steps 10-50x slower on a busy 2-core machine.
-#: Subprocesses get the same setting through this environment variable.
+#: The models here are tiny, the suite runs a worker per core (pytest-xdist), and it may share its cores with
+#: other work: one intra-op thread avoids OpenMP oversubscription, which made steps 10-50x slower on a busy
+#: 2-core machine. Every process a test starts inherits the same setting through these environment variables.
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+os.environ.update(SINGLE_THREAD_ENV)
 torch.set_num_threads(1)
 
 #: tests/data holds files other code wrote (a script there ran on an older kiln): data, not tests.
@@ -109,7 +111,12 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need a CUDA device: skip them where there is none."""
+    """The modules with the most end-to-end (``slow``) tests first, so that pytest-xdist hands the long ones out
+    early and the short ones even out the end; and tests marked ``gpu`` skipped where there is no CUDA device."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + ("slow" in item.keywords)
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -126,3 +133,16 @@ def postgres_server():
     server = start_or_skip()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def fast_digits_run(tmp_path_factory) -> Path:
+    """``kiln train digits`` with ``tests.runs.FAST`` (2 epochs at 16x16, a record every iteration), run to the end
+    once per session for every worker: the uninterrupted run that stopped-and-resumed ones must equal. Read-only."""
+    from tests.runs import FAST, kiln, shared_run
+
+    def train(run_dir: Path) -> None:
+        done = kiln("train", "digits", *FAST, "--out", run_dir)
+        assert done.returncode == 0, done.stderr
+
+    return shared_run(tmp_path_factory, "fast-digits", train)

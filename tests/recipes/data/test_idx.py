@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from recipes.data.idx import (FASHION_MNIST_DIR, IMAGES_MAGIC, LABELS_MAGIC, IDX
                               read_images_and_labels)
 from recipes.report import find_issues, load_run
 from tests.recipes import kiln_in_process
-from tests.recipes.run.test_resume import assert_same_run, kiln, start, wait_for_iteration
+from tests.runs import assert_same_run, kiln, start, wait_for_iteration
 
 REAL = Path(FASHION_MNIST_DIR)
 

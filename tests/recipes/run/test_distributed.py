@@ -7,39 +7,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.recipes.run.test_resume import assert_same_run, final_state, metric_lines
+from tests.recipes.run.conftest import SMALL, summary
+from tests.runs import ENV, REPO, assert_same_run, final_state, kiln, metric_lines, start, wait_for_iteration
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[3]
-KILN = [sys.executable, "-m", "recipes.cli"]
-SMALL = ["--set", "data.image_size=16", "--set", "train.log_every=1", "--set", "checkpoint.every_iterations=3",
-         "--quiet"]
-
-
-def kiln(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*KILN, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory) -> Path:
-    """digits, 4 epochs, 2 processes of 32 images: a global batch of 64, like the 1-process recipe."""
-    root = tmp_path_factory.mktemp("dp")
-    run_dir = root / "run"
-    done = kiln("train", "digits", "--epochs", "4", "--batch-size", "32", "--nproc-per-node", "2", *SMALL,
-                "--out", str(run_dir))
-    assert done.returncode == 0, done.stderr[-2000:]
-    return run_dir
 
 
 def test_two_processes_train_in_step_and_write_one_run_directory(two_process_run, tmp_path):
@@ -60,16 +35,9 @@ def test_two_processes_train_in_step_and_write_one_run_directory(two_process_run
 
 def test_sigterm_to_the_launcher_stops_every_rank_and_resume_is_bit_identical(two_process_run, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([*KILN, "train", "digits", "--epochs", "4", "--batch-size", "32", "--nproc-per-node", "2",
-                             *SMALL, "--out", str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    steps = run_dir / "steps.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if steps.exists() and steps.read_text().count("\n") >= 17:
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
+    proc = start("train", "digits", "--epochs", "4", "--batch-size", "32", "--nproc-per-node", "2", *SMALL,
+                 "--out", run_dir)
+    wait_for_iteration(run_dir, 17, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-2000:]
@@ -93,7 +61,7 @@ def test_the_same_recipe_runs_under_torchrun(two_process_run, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     done = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "recipes.cli", "train", "digits",
                            "--epochs", "4", "--batch-size", "32", *SMALL, "--out", str(run_dir)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     # torchrun sets one thread per process, kiln's spawn shares the cores: same batches, same run
     assert summary(run_dir)["rank_parameter_checksums"] == summary(two_process_run)["rank_parameter_checksums"]

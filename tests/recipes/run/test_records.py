@@ -7,13 +7,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.recipes.run.test_resume import FAST, KILN, REPO, TIMING_KEYS  # the same small digits run
+from tests import runs
+from tests.runs import FAST, TIMING_KEYS, shared_run, start, wait_for_iteration
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,7 @@ RECORDS = ("metrics.jsonl", "steps.jsonl", "events.jsonl")
 
 def kiln(*args: str, umask: int | None = None) -> subprocess.CompletedProcess:
     preexec = None if umask is None else (lambda: os.umask(umask))
-    return subprocess.run([*KILN, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          preexec_fn=preexec, check=False)
+    return runs.kiln(*args, timeout=600, preexec_fn=preexec)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -46,36 +45,23 @@ def metric_lines(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records(run_dir / "metrics.jsonl")]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+@pytest.fixture
+def reference(fast_digits_run) -> Path:
     """The uninterrupted run a stopped-and-resumed one must equal."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    done = kiln("train", "digits", *FAST, "--out", run_dir)
-    assert done.returncode == 0, done.stderr
-    return run_dir
+    return fast_digits_run
 
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory) -> Path:
     """The same run stopped by SIGTERM in its second epoch (copy it before changing it)."""
-    run_dir = tmp_path_factory.mktemp("stopped") / "run"
-    proc = subprocess.Popen([*KILN, "train", "digits", *FAST, "--out", str(run_dir)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while _last_iteration(run_dir / "steps.jsonl") < 30:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "stopped by SIGTERM" in out, err
-    return run_dir
+    def stop(run_dir: Path) -> None:
+        proc = start("train", "digits", *FAST, "--out", run_dir)
+        wait_for_iteration(run_dir, 30, proc, timeout=300)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "stopped by SIGTERM" in out, err
 
-
-def _last_iteration(steps: Path) -> int:
-    try:
-        return json.loads(steps.read_text().splitlines()[-1])["iteration"]
-    except (OSError, IndexError, ValueError):  # not there yet, or caught mid-append
-        return 0
+    return shared_run(tmp_path_factory, "fast-digits-stopped", stop)
 
 
 def _copy(run_dir: Path, tmp_path: Path) -> Path:

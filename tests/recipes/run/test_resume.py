@@ -4,91 +4,20 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.runs import FAST, assert_same_run, final_state, kiln, metric_lines, start, wait_for_iteration
+
 pytestmark = pytest.mark.slow
 
-KILN = [sys.executable, "-m", "recipes.cli"]
-REPO = Path(__file__).resolve().parents[3]
-# Small and quick, but the real digits recipe: 2 epochs of 23 iterations at 16x16.
-FAST = ["--epochs", "2", "--set", "data.image_size=16", "--set", "train.log_every=1",
-        "--set", "checkpoint.every_iterations=4", "--quiet"]
-TIMING_KEYS = {"epoch_seconds", "images_per_second"}
 
-
-def kiln(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*KILN, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([*KILN, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_iteration(run_dir: Path, iteration: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Block until steps.jsonl (one line per iteration here) reaches ``iteration``."""
-    steps = run_dir / "steps.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before iteration {iteration}: {proc.communicate()}")
-        if steps.exists():
-            lines = steps.read_text().splitlines()
-            if lines and json.loads(lines[-1])["iteration"] >= iteration:
-                return
-        time.sleep(0.01)
-    raise AssertionError(f"iteration {iteration} not reached in {timeout} s")
-
-
-def final_state(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-
-
-def metric_lines(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    got, want = final_state(run_dir), final_state(reference)
-    for key in ("model", "optimizer", "amp", "schedule"):
-        flat_got, flat_want = _flatten(got[key]), _flatten(want[key])
-        assert flat_got.keys() == flat_want.keys(), key
-        for name in flat_want:
-            a, b = flat_got[name], flat_want[name]
-            assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), f"{key}.{name} differs"
-    assert got["trainer"]["iteration"] == want["trainer"]["iteration"]
-    assert metric_lines(run_dir) == metric_lines(reference)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed"
-    assert summary["best_val_accuracy"] == json.loads((reference / "summary.json").read_text())["best_val_accuracy"]
-
-
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(tree, (list, tuple)):
-        out = {}
-        for i, v in enumerate(tree):
-            out.update(_flatten(v, f"{prefix}{i}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+@pytest.fixture
+def reference(fast_digits_run) -> Path:
     """The uninterrupted run every stopped-and-resumed run must equal."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    done = kiln("train", "digits", *FAST, "--out", str(run_dir))
-    assert done.returncode == 0, done.stderr
-    return run_dir
+    return fast_digits_run
 
 
 @pytest.mark.parametrize("stop_at", [3, 22, 30])

@@ -275,7 +275,7 @@ SYNTHETIC_TINY = ["--set", "data.samples=160", "--set", "data.image_size=8", "--
 
 @pytest.mark.slow
 def test_every_option_runs_through_kiln_train_and_lands_in_config_json(tmp_path):
-    from tests.recipes.run.test_resume import final_state, kiln
+    from tests.runs import final_state, kiln
 
     run_dir = tmp_path / "run"
     done = kiln("train", "synthetic", *SYNTHETIC_TINY, "--epochs", "3", "--ema", "0.99", "--mixup", "0.2",
@@ -315,7 +315,7 @@ TECHNIQUES = ["--epochs", "4", "--set", "data.image_size=16", "--set", "train.lo
 @pytest.fixture(scope="module")
 def techniques_reference(tmp_path_factory):
     """The uninterrupted run with EMA, mixup/cutmix and early stopping."""
-    from tests.recipes.run.test_resume import kiln
+    from tests.runs import kiln
 
     reference = tmp_path_factory.mktemp("techniques") / "reference"
     done = kiln("train", "digits", *TECHNIQUES, "--out", str(reference))
@@ -327,7 +327,7 @@ def techniques_reference(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [12, 30])
 def test_sigterm_then_resume_with_ema_mixing_and_early_stop_is_bit_identical(tmp_path, techniques_reference, stop_at):
-    from tests.recipes.run.test_resume import assert_same_run, final_state, kiln, start, wait_for_iteration
+    from tests.runs import assert_same_run, final_state, kiln, start, wait_for_iteration
 
     reference = techniques_reference
     run_dir = tmp_path / "run"

@@ -24,8 +24,8 @@ import torch
 
 from recipes.cli.launch import free_port
 from recipes.run.checkpoints import load_checkpoint
-from tests.recipes.run.test_distributed import REPO, SMALL, summary, two_process_run  # noqa: F401 - a fixture
-from tests.recipes.run.test_resume import assert_same_run, final_state, metric_lines, wait_for_iteration
+from tests.recipes.run.conftest import SMALL, summary
+from tests.runs import ENV, REPO, assert_same_run, final_state, metric_lines, wait_for_iteration
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which(TORCHRUN) is None, reason="no torchrun")]
@@ -45,7 +45,7 @@ def two_nodes(*kiln_args: str) -> list[subprocess.Popen]:
             [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
              f"127.0.0.1:{port}", "--rdzv-id", f"kiln-{port}", "-m", "recipes.cli", *kiln_args],
             cwd=REPO, stdout=out, stderr=err, text=True, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"})
+            env=ENV)
         launcher.logs = (out, err)
         launchers.append(launcher)
         time.sleep(0.3)  # the first one hosts the rendezvous
@@ -96,7 +96,7 @@ def finish(launchers: list[subprocess.Popen], timeout: float = 300) -> list[tupl
 
 
 def wait_for_steps(run_dir: Path, steps: int, launchers: list[subprocess.Popen]) -> None:
-    """Block until the run has logged ``steps`` iterations (``test_resume.wait_for_iteration``), both nodes still up."""
+    """Block until the run has logged ``steps`` iterations (``tests.runs.wait_for_iteration``), both nodes still up."""
     wait_for_iteration(run_dir, steps, launchers[0], timeout=180)
     assert all(p.poll() is None for p in launchers), [_output(p) for p in launchers]
 
@@ -109,7 +109,7 @@ def two_node_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_two_nodes_train_the_two_process_run_into_one_directory(two_node_run, two_process_run):  # noqa: F811
+def test_two_nodes_train_the_two_process_run_into_one_directory(two_node_run, two_process_run):
     s = summary(two_node_run)
     assert s["status"] == "completed"
     assert s["rank_parameter_checksums"][0] == s["rank_parameter_checksums"][1], "the ranks' parameters differ"
