@@ -103,8 +103,8 @@ def test_a_run_that_fails_before_it_begins_leaves_no_directory(tmp_path):
 # -- two writers at once ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_two_trains_into_one_directory_at_once_twenty_times(tmp_path):
-    for batch in range(10):  # two repetitions at a time, each in its own directory
+def test_two_trains_into_one_directory_at_once_six_times(tmp_path):
+    for batch in range(3):  # two repetitions at a time, each in its own directory
         runs = {tmp_path / f"d{batch}-{i}": {seed: None for seed in (1, 2)} for i in range(2)}
         for run_dir, procs in runs.items():  # the two writers of a directory start together and race for it
             for seed in procs:
