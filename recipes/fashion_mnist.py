@@ -3,7 +3,7 @@
 The model is kiln's small CNN with four blocks, 16 channels in the first: on a CPU the 28x28 block
 costs most (its activations are memory-bound), the later ones add capacity cheaply. Measured on a
 2-core Intel Xeon with AMX, where precision auto is bf16: 93.15% test accuracy after 12 epochs of about
-15 s (fp32 on the same CPU: 93.27% at about 25 s an epoch); see the README for the figures.
+15 s (fp32 on the same CPU: 93.27% at about 25 s an epoch); see docs/speed.md for the figures.
 
 Tried with kiln's own tools: ``kiln lr-find fashion-mnist`` suggests max_lr 0.21 (the lowest smoothed
 loss of a 100-step ramp, divided by 3): far too high for a 12-epoch cycle. ``kiln sweep fashion-mnist

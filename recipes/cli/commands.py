@@ -162,7 +162,7 @@ def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, fo
     Stop it with Ctrl-C or SIGTERM: it saves, and `kiln resume RUN_DIR` continues it.
     Exit status: 0 done, 2 bad input, 3 diverged (NaN/Inf or an exploding loss --on-nan could not fix),
     1 an OS error during the run (one line: a full or read-only disk, and the file), 130 Ctrl-C.
-    Several processes: --nproc-per-node N here, or under torchrun (see the README).
+    Several processes: --nproc-per-node N here, or under torchrun (see docs/distributed.md).
     """
     from recipes.cli import jobs
     from recipes.run import RunLock, make_run_dir, plan_resume, run_dir_of
@@ -349,7 +349,7 @@ def export(checkpoint: str, fmt: str | None, out: str | None, dynamic_batch: boo
 
     \b
     The file carries kiln.json (class names, preprocessing, input size; an ONNX metadata property
-    `kiln`); the README shows how to use it with torch (or onnxruntime) alone. Before writing, the
+    `kiln`); docs/use-the-model.md shows how to use it with torch (or onnxruntime) alone. Before writing, the
     exported model, loaded back, must give the same top-1 as eager on N validation images and logits
     within 1e-4 * max(1, max |logit|).
     Example:  kiln export runs/d5/checkpoints/best-epoch5-val_accuracy=0.9944.pt --format onnx --dynamic-batch

@@ -2,7 +2,7 @@
 
 Each data set makes its evaluation inputs with its own :class:`Preprocessing` (digits, CIFAR-10 and
 the IDX sets normalise with it; an image folder's evaluation transform *is* it), so ``kiln predict``,
-``recipes.run.load`` and the README's torch-only snippet feed a model exactly what validation fed it.
+``recipes.run.load`` and the torch-only snippet (docs/load_without_kiln.py) feed a model exactly what validation fed it.
 
 The steps, on one image (a PIL image, or a float tensor already in [0, 1]):
 

@@ -20,7 +20,7 @@ from tests.recipes.data.test_imagefolder import write_image_folder
 
 
 def torchvision_steps(p: Preprocessing, image: Image.Image) -> torch.Tensor:
-    """The steps as the README documents them, in torchvision's own functions."""
+    """The steps as docs/use-the-model.md documents them, in torchvision's own functions."""
     x = TF.to_tensor(image.convert(p.mode))
     if p.resize is None:
         x = TF.resize(x, [p.size, p.size], antialias=True)

@@ -31,7 +31,7 @@ def digits_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_val_images(tmp_path_factory) -> Path:
     """The digits recipe's validation images as the 8x8 8-bit PNG files they are: ``ROOT/LABEL/NNNN.png``,
-    NNNN their position in the validation split (written by the README's ``python docs/digits_as_png.py ROOT``)."""
+    NNNN their position in the validation split (written by ``python docs/digits_as_png.py ROOT``, as the guides do)."""
     root = tmp_path_factory.mktemp("digits-val")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", ["digits_as_png.py", str(root)])

@@ -1,5 +1,5 @@
 """``kiln export``: TorchScript, torch.export and ONNX files of real runs, checked, with their metadata, and the
-README's snippets that load them with kiln's packages hidden."""
+snippets in docs/ (docs/use-the-model.md shows them) that load them with kiln's packages hidden."""
 from __future__ import annotations
 
 import contextlib
