@@ -30,9 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 #: One intra-op thread in every kiln process a test starts (see tests/conftest.py): the suite runs on all cores
 #: at once, and the same setting in a reference run and in the run compared with it keeps them comparable.
 ENV = {**os.environ, **SINGLE_THREAD_ENV}
-#: Small and quick, but the real digits recipe: 2 epochs of 23 iterations at 16x16, a record every iteration.
+#: Small and quick, but the real digits recipe: 2 epochs of 23 iterations at 16x16, a record every iteration; no
+#: end-of-run report (a third of such a process: the tests of the report draw it).
 FAST = ["--epochs", "2", "--set", "data.image_size=16", "--set", "train.log_every=1",
-        "--set", "checkpoint.every_iterations=4", "--quiet"]
+        "--set", "checkpoint.every_iterations=4", "--quiet", "--no-report"]
 TIMING_KEYS = {"epoch_seconds", "images_per_second"}
 
 

@@ -45,7 +45,7 @@ TRAIN_SECTIONS = {
     "Schedule (one-cycle)": ("lr", "max_lr"),
     "Precision and speed": ("precision", "device", "channels_last", "compile"),
     "Divergence guard": ("on_nan",),
-    "Run directory and checkpoints": ("out", "resume_from", "force", "seed", "quiet"),
+    "Run directory and checkpoints": ("out", "resume_from", "force", "seed", "quiet", "report"),
     "Several processes": ("nproc_per_node", "backend"),
     "Any config key, and help": ("sets", "help"),
 }
@@ -143,6 +143,9 @@ def _explained_yaml(data: dict, docs: dict[str, str]) -> str:
               "train.compile_backend=NAME); falls back to eager with a warning if compiling fails.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/RECIPE-TIMESTAMP).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no epoch lines; only the final lines.")
+@click.option("--no-report", "report", flag_value=False, default=True, help="Skip the end-of-run report (the "
+              "mistakes pass, plots/, report.html, the findings), as a batch job that compares runs later may; "
+              "`kiln report RUN_DIR` draws it at any time.")
 @click.option("--resume", "resume_from", type=click.Path(dir_okay=False),
               help="Continue the run of this last.pt (in its run directory) with this config.")
 @click.option("--force", is_flag=True, help="With --resume: continue even if the config changes the run. With "
@@ -153,8 +156,8 @@ def _explained_yaml(data: dict, docs: dict[str, str]) -> str:
 @click.option("--backend", type=click.Choice(["gloo", "nccl"]), help="torch.distributed backend (default: nccl "
               "with CUDA, else gloo).")
 @set_option
-def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, force: bool, nproc_per_node: int,
-          backend: str | None, sets: tuple[str, ...], **options: object) -> None:
+def train(recipe: str, out: str | None, quiet: bool, report: bool, resume_from: str | None, force: bool,
+          nproc_per_node: int, backend: str | None, sets: tuple[str, ...], **options: object) -> None:
     """Train RECIPE and write a run directory.
 
     \b
@@ -183,7 +186,8 @@ def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, fo
         if jobs.is_rank_zero():  # one process continues a run: the lock first, before anything is read
             RunLock.take(run_dir_of(resume_from), create=False)
         plan_resume(resume_from, requested=cfg, force=force, world_size=world_size)
-        job = functools.partial(jobs.resume_job, resume_from, dict(requested=cfg, force=force, quiet=quiet))
+        job = functools.partial(jobs.resume_job, resume_from, dict(requested=cfg, force=force, quiet=quiet),
+                                report=report)
         jobs.run_job(job, nproc_per_node, backend, Path(resume_from).parent.parent)
         return
     run_dir = make_run_dir(cfg, out, force=force, writes=jobs.is_rank_zero())  # locked, before any data loads
@@ -191,8 +195,8 @@ def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, fo
         parallel = f" in {world_size} processes (global batch {cfg.data.batch_size * world_size})" if world_size > 1 else ""
         click.echo(f"kiln: training {cfg.name} for {plural(cfg.train.epochs, 'epoch')}{parallel} into {run_dir}")
     with discarded_on_failure(run_dir):  # bad data or options found later leave no run directory behind
-        jobs.run_job(functools.partial(jobs.train_job, cfg, run_dir, quiet, auto_max_lr), nproc_per_node, backend,
-                     run_dir)
+        jobs.run_job(functools.partial(jobs.train_job, cfg, run_dir, quiet, auto_max_lr, report), nproc_per_node,
+                     backend, run_dir)
 
 
 @cli.command()
@@ -200,10 +204,13 @@ def train(recipe: str, out: str | None, quiet: bool, resume_from: str | None, fo
 @click.option("--epochs", type=int, help="Run to this many epochs in all (needs --new-schedule if it changes).")
 @click.option("--new-schedule", is_flag=True, help="With --epochs: a second one-cycle over the added epochs.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no epoch lines; only the final lines.")
+@click.option("--no-report", "report", flag_value=False, default=True, help="Skip the end-of-run report (the "
+              "mistakes pass, plots/, report.html, the findings), as a batch job that compares runs later may; "
+              "`kiln report RUN_DIR` draws it at any time.")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes: as many as the run was started with.")
 @click.option("--backend", type=click.Choice(["gloo", "nccl"]), help="torch.distributed backend.")
-def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, nproc_per_node: int,
+def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, report: bool, nproc_per_node: int,
            backend: str | None) -> None:
     """Continue the run in RUN_DIR from its checkpoints/last.pt, exactly where it stopped.
 
@@ -223,7 +230,8 @@ def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, np
         return
     if not quiet and jobs.is_rank_zero():
         click.echo(f"kiln: resuming {run_dir} at iteration {plan.iteration}")
-    job = functools.partial(jobs.resume_job, run_dir, dict(epochs=epochs, new_schedule=new_schedule, quiet=quiet))
+    job = functools.partial(jobs.resume_job, run_dir, dict(epochs=epochs, new_schedule=new_schedule, quiet=quiet),
+                            report=report)
     jobs.run_job(job, nproc_per_node, backend, plan.last.parent.parent)
 
 

@@ -47,9 +47,9 @@ def _diagnosis_once() -> None:
         logger.addFilter(_not_the_stop_line)
 
 
-def train_job(cfg: Config, run_dir: Path, quiet: bool, auto_max_lr: bool) -> int:
-    """Train ``cfg`` into ``run_dir`` (after the LR range test with ``auto_max_lr``), write the report;
-    returns the exit status."""
+def train_job(cfg: Config, run_dir: Path, quiet: bool, auto_max_lr: bool, report: bool = True) -> int:
+    """Train ``cfg`` into ``run_dir`` (after the LR range test with ``auto_max_lr``), write the report (unless
+    not ``report``); returns the exit status."""
     _diagnosis_once()
     found = None
     if auto_max_lr:  # the run trains at the range test's suggestion, from the same initial weights
@@ -61,16 +61,16 @@ def train_job(cfg: Config, run_dir: Path, quiet: bool, auto_max_lr: bool) -> int
             plot_lr_find(found, run.run_dir / "lr_find.png", title=f"{cfg.name}: LR range test")
 
     run = train(cfg, run_dir, quiet=quiet, before_run=record_range_test if found is not None else None)
-    stopped_by = report_unless_stopped(run)
+    stopped_by = report_unless_stopped(run) if report else None
     return _exit_status(run, stopped_by)
 
 
-def resume_job(source: str, options: dict) -> int:
-    """Resume the run at ``source`` with ``options`` (see ``recipes.run.resume``), write the report;
-    returns the exit status."""
+def resume_job(source: str, options: dict, report: bool = True) -> int:
+    """Resume the run at ``source`` with ``options`` (see ``recipes.run.resume``), write the report (unless not
+    ``report``); returns the exit status."""
     _diagnosis_once()
     run = resume(source, **options)
-    stopped_by = report_unless_stopped(run) if run.ran else None  # plots/, report.html, findings: the whole run
+    stopped_by = report_unless_stopped(run) if run.ran and report else None  # plots/, report.html, findings
     return _exit_status(run, stopped_by)
 
 

@@ -89,7 +89,7 @@ def test_a_torn_last_line_is_cut_when_the_run_resumes(tmp_path, reference, stopp
     with open(run_dir / name, "ab") as f:
         f.write(torn)
 
-    resumed = kiln("resume", run_dir, "--quiet")
+    resumed = kiln("resume", run_dir, "--quiet", "--no-report")
     assert resumed.returncode == 0, resumed.stderr
     events = records(run_dir / "events.jsonl")
     assert [e for e in events if e["event"] == "torn_line_dropped"] == [
@@ -119,7 +119,7 @@ def test_resume_refuses_a_hand_edited_config_json_and_leaves_the_run_untouched(t
     assert {p: p.read_bytes() for p in before} == before
 
     config_path.write_bytes(original)  # put back, the run continues
-    resumed = kiln("resume", run_dir, "--quiet")
+    resumed = kiln("resume", run_dir, "--quiet", "--no-report")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
@@ -133,7 +133,7 @@ def test_a_config_json_naming_the_precision_auto_resolved_to_is_not_an_edit(tmp_
     assert config["train"]["precision"] == "auto" and resolved in ("fp32", "bf16")
     config["train"]["precision"] = resolved
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    resumed = kiln("resume", run_dir, "--quiet")
+    resumed = kiln("resume", run_dir, "--quiet", "--no-report")
     assert resumed.returncode == 0, resumed.stderr
 
 

@@ -37,9 +37,20 @@ def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, reference, stop_at)
         assert {"event": "interrupted", "signal": "SIGTERM", "iteration": stopped_at} .items() <= {
             **[e for e in events if e["event"] == "interrupted"][-1]}.items()
 
-    resumed = kiln("resume", str(run_dir), "--quiet")
+    resumed = kiln("resume", str(run_dir), "--quiet", "--no-report")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run_dir, reference)
+    assert not (run_dir / "report.html").exists(), "kiln resume --no-report drew the report"
+
+
+def test_no_report_leaves_the_report_to_kiln_report(reference, tmp_path):
+    """``--no-report`` (tests.runs.FAST has it) skips the end-of-run report; ``kiln report`` draws it later."""
+    assert not (reference / "report.html").exists() and not (reference / "plots").exists()
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(reference), str(run_dir)], check=True)
+    drawn = kiln("report", str(run_dir))
+    assert drawn.returncode == 0, drawn.stderr
+    assert (run_dir / "report.html").is_file() and (run_dir / "plots" / "loss.png").is_file()
 
 
 @pytest.mark.parametrize("kill_after", [9, 25])
@@ -52,7 +63,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, reference, kill_after):
     assert proc.returncode == -signal.SIGKILL
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"
 
-    resumed = kiln("resume", str(run_dir), "--quiet")
+    resumed = kiln("resume", str(run_dir), "--quiet", "--no-report")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run_dir, reference)
     steps = [json.loads(line)["iteration"] for line in (run_dir / "steps.jsonl").read_text().splitlines()]
@@ -67,7 +78,7 @@ def test_sigint_exits_130_and_resumes(tmp_path, reference):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "stopped by SIGINT" in out
-    assert kiln("resume", str(run_dir), "--quiet").returncode == 0
+    assert kiln("resume", str(run_dir), "--quiet", "--no-report").returncode == 0
     assert_same_run(run_dir, reference)
 
 
@@ -78,7 +89,7 @@ def test_dataloader_workers_give_the_same_run(tmp_path, reference):
     wait_for_iteration(run_dir, 15, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
-    assert kiln("resume", str(run_dir), "--quiet").returncode == 0
+    assert kiln("resume", str(run_dir), "--quiet", "--no-report").returncode == 0
     assert_same_run(run_dir, reference)
 
 
@@ -96,7 +107,7 @@ def test_fp16_with_grad_scaler_resumes_bit_identically(tmp_path):
     wait_for_iteration(run_dir, 10, proc)
     proc.kill()
     proc.communicate(timeout=60)
-    assert kiln("resume", str(run_dir), "--quiet").returncode == 0
+    assert kiln("resume", str(run_dir), "--quiet", "--no-report").returncode == 0
     assert_same_run(run_dir, reference)
     assert final_state(run_dir)["amp"]["scaler"]["scale"] == ref_amp["scaler"]["scale"]
 
@@ -109,7 +120,7 @@ def test_tensorboard_continues_the_same_step_numbering(tmp_path):
     wait_for_iteration(run_dir, 14, proc)
     proc.kill()
     proc.communicate(timeout=60)
-    assert kiln("resume", str(run_dir), "--quiet").returncode == 0
+    assert kiln("resume", str(run_dir), "--quiet", "--no-report").returncode == 0
     steps_by_tag: dict[str, list[int]] = {}
     for event_file in sorted((run_dir / "tb").iterdir()):
         acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
@@ -132,7 +143,7 @@ def test_extending_a_finished_run_needs_a_new_schedule(tmp_path, reference):
     refused = kiln("resume", str(run_dir), "--epochs", "3")
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "--new-schedule" in refused.stderr
-    extended = kiln("resume", str(run_dir), "--epochs", "3", "--new-schedule", "--quiet")
+    extended = kiln("resume", str(run_dir), "--epochs", "3", "--new-schedule", "--quiet", "--no-report")
     assert extended.returncode == 0, extended.stderr
     assert [line["epoch"] for line in metric_lines(run_dir)] == [1, 2, 3]
     assert json.loads((run_dir / "summary.json").read_text())["epochs_completed"] == 3

@@ -309,7 +309,7 @@ def test_no_channels_last_trains_in_nchw_and_says_so_in_config_json(tmp_path):
 # digits, 23 iterations an epoch: early stopping (no gain of 0.5 can come) ends the 4-epoch run after epoch 2
 TECHNIQUES = ["--epochs", "4", "--set", "data.image_size=16", "--set", "train.log_every=1",
               "--set", "checkpoint.every_iterations=5", "--ema", "0.9", "--mixup", "0.2", "--cutmix", "1.0",
-              "--early-stop", "1", "--set", "train.early_stop_min_delta=0.5", "--quiet"]
+              "--early-stop", "1", "--set", "train.early_stop_min_delta=0.5", "--quiet", "--no-report"]
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +337,7 @@ def test_sigterm_then_resume_with_ema_mixing_and_early_stop_is_bit_identical(tmp
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stopped by SIGTERM" in out, err
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
-    resumed = kiln("resume", str(run_dir), "--quiet")
+    resumed = kiln("resume", str(run_dir), "--quiet", "--no-report")
     assert resumed.returncode == 0, resumed.stderr
 
     assert_same_run(run_dir, reference)

@@ -135,7 +135,7 @@ def test_sigterm_to_both_launchers_stops_every_rank_and_two_nodes_resume_it_bit_
     assert summary(run_dir)["status"] == "interrupted"
     state = final_state(run_dir)["trainer"]
     assert 17 <= state["iteration"] < 92 and (state["iteration"] % 10 == 0 or state["iteration"] % state["epoch_length"] == 0)
-    for code, out, err in finish(two_nodes("resume", str(run_dir), "--quiet")):
+    for code, out, err in finish(two_nodes("resume", str(run_dir), "--quiet", "--no-report")):
         assert code == 0, err[-2000:]
     assert_same_run(run_dir, two_node_run)
 
@@ -176,6 +176,6 @@ def test_a_node_that_dies_stops_the_other_with_one_line_and_the_run_resumes_from
     assert 0 < last["trainer"]["iteration"] <= 30
     if summary(run_dir)["status"] != "running":  # rank 0 survived and recorded it (else it died mid-run)
         assert summary(run_dir)["status"] == "failed" and "lost contact" in summary(run_dir)["error"]
-    for code, out, err in finish(two_nodes("resume", str(run_dir), "--quiet")):
+    for code, out, err in finish(two_nodes("resume", str(run_dir), "--quiet", "--no-report")):
         assert code == 0, err[-2000:]
     assert_same_run(run_dir, two_node_run)
