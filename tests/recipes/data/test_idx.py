@@ -167,9 +167,11 @@ def test_one_short_epoch_on_the_real_files_reaches_85_percent(tmp_path):
     assert probe["flipped_accuracy"] > 0.5 and "flip" not in {f.kind for f in find_issues(load_run(run_dir))}
 
 
-#: A short epoch budget on the real files: a narrow model and large batches (118 iterations an epoch).
-SHORT = ["--epochs", "2", "--batch-size", "512", "--set", "model.channels=8,16", "--set", "train.log_every=1",
-         "--set", "checkpoint.every_iterations=10", "--quiet"]
+#: A short epoch budget on the real files: a narrow model and large batches (118 iterations an epoch). One epoch:
+#: stopping in a later epoch, whose batch order differs, is what test_resume.py does on digits, through the
+#: same in-memory batches; here what matters is the IDX files' data resuming at any batch.
+SHORT = ["--epochs", "1", "--batch-size", "512", "--set", "model.channels=8,16", "--set", "train.log_every=1",
+         "--set", "checkpoint.every_iterations=10", "--quiet", "--no-report"]
 
 
 @pytest.mark.slow
@@ -180,10 +182,10 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical_on_fashion_mnist(tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     run_dir = tmp_path / "run"
     proc = start("train", "fashion-mnist", *SHORT, "--out", str(run_dir))
-    wait_for_iteration(run_dir, 150, proc)  # in the second epoch
+    wait_for_iteration(run_dir, 55, proc)  # mid-epoch, between two checkpoints
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stopped by SIGTERM" in out, err
-    resumed = kiln("resume", str(run_dir), "--quiet")
+    resumed = kiln("resume", str(run_dir), "--quiet", "--no-report")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(run_dir, reference)
