@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -99,8 +100,6 @@ def flatten(tree, prefix: str = "") -> dict:
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     """The two runs ended bit-identical: weights, optimizer, loss scaler, schedule, iteration and metrics."""
-    import json
-
     got, want = final_state(run_dir), final_state(reference)
     for key in ("model", "optimizer", "amp", "schedule"):
         flat_got, flat_want = flatten(got[key]), flatten(want[key])
