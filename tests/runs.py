@@ -40,8 +40,8 @@ TIMING_KEYS = {"epoch_seconds", "images_per_second"}
 
 def kiln(*args: str | Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """``kiln ARGS`` as its own process (one thread), output captured; ``popen`` goes to subprocess.run."""
-    return subprocess.run([*KILN, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=popen.pop("env", ENV), check=False, **popen)
+    return subprocess.run([*KILN, *map(str, args)], cwd=popen.pop("cwd", REPO), capture_output=True, text=True,
+                          timeout=timeout, env=popen.pop("env", ENV), check=False, **popen)
 
 
 def start(*args: str | Path, **popen) -> subprocess.Popen:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,22 +14,12 @@ import torch
 
 from recipes.config import ConfigError
 from recipes.run.lock import RunLock
-from tests.conftest import SINGLE_THREAD_ENV, tmpfs
+from tests.conftest import tmpfs
+from tests.runs import ENV, REPO, kiln, start, wait_for
 
-KILN = [sys.executable, "-m", "recipes.cli"]
-REPO = Path(__file__).resolve().parents[3]
-ENV = {**os.environ, **SINGLE_THREAD_ENV}
 ONE_EPOCH = ["--epochs", "1", "--set", "data.image_size=16", "--quiet"]
 #: Holds RUN_DIR's lock in a process of its own until killed; prints "locked" once it holds it.
 HOLDER = "import sys, time; from recipes.run.lock import RunLock; RunLock.take(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
-
-
-def kiln(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([*KILN, *args], check=False, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
-
-
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([*KILN, *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def one_line_error(result: subprocess.CompletedProcess | tuple[int, str], *fragments: str) -> str:
@@ -48,16 +37,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the process ended before {what}: {proc.communicate()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} in {timeout} s")
-        time.sleep(0.002)
 
 
 # -- the lock itself ----------------------------------------------------------------------------------------
@@ -137,7 +116,7 @@ def test_a_killed_run_is_reported_killed_and_two_resumes_at_once_run_it_once(tmp
     run_dir = tmp_path / "run"
     proc = start("train", "digits", "--epochs", "2", "--set", "data.image_size=16", "--set", "train.log_every=1",
                  "--quiet", "--out", str(run_dir))
-    wait_for(lambda: (run_dir / "checkpoints" / "last.pt").exists(), proc, "the first epoch's checkpoint")
+    wait_for(lambda: (run_dir / "checkpoints" / "last.pt").exists(), proc, what="the first epoch's checkpoint")
     proc.kill()
     proc.communicate(timeout=60)
     assert summary(run_dir)["status"] == "running"
@@ -165,7 +144,7 @@ def test_a_killed_run_is_reported_killed_and_two_resumes_at_once_run_it_once(tmp
 def test_a_run_killed_before_its_first_checkpoint_is_started_over_with_force(tmp_path):
     run_dir = tmp_path / "run"
     proc = start("train", "digits", *ONE_EPOCH, "--out", str(run_dir))
-    wait_for(lambda: (run_dir / "summary.json").exists(), proc, "summary.json")
+    wait_for(lambda: (run_dir / "summary.json").exists(), proc, what="summary.json")
     proc.kill()
     proc.communicate(timeout=60)
     assert not (run_dir / "checkpoints" / "last.pt").exists() and summary(run_dir)["status"] == "running"
@@ -202,7 +181,7 @@ def test_force_never_clears_files_kiln_did_not_write(tmp_path):
 def test_a_stop_signal_during_the_report_skips_it_and_exits_with_the_runs_status(tmp_path, sig, status):
     run_dir = tmp_path / "run"
     proc = start("train", "digits", *ONE_EPOCH, "--out", str(run_dir))
-    wait_for(lambda: (run_dir / "plots").exists(), proc, "plots/ (the report being drawn)")
+    wait_for(lambda: (run_dir / "plots").exists(), proc, what="plots/ (the report being drawn)")
     assert not (run_dir / "report.html").exists()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
