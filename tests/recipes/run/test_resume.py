@@ -198,7 +198,7 @@ def test_resume_keeps_the_precision_auto_resolved_to_when_the_run_began(tmp_path
     other = "fp32" if began == "bf16" else "bf16"
     state["kiln"]["precision"] = other
     torch.save(state, last)
-    done = kiln("resume", str(run_dir), "--epochs", "2", "--new-schedule")
+    done = kiln("resume", str(run_dir), "--epochs", "2", "--new-schedule", "--quiet", "--no-report")
     assert done.returncode == 0, done.stderr
     config = json.loads((run_dir / "config.json").read_text())
     assert config["runtime"]["precision"] == other and config["train"]["precision"] == other

@@ -270,7 +270,7 @@ def test_inductor_on_a_machine_without_a_gpu_prints_nothing_about_cuda(tmp_path)
 # --- end to end through the CLI (slow) -------------------------------------------------------------------------
 
 SYNTHETIC_TINY = ["--set", "data.samples=160", "--set", "data.image_size=8", "--set", "model.channels=4,8",
-                  "--batch-size", "16", "--set", "train.log_every=1", "--quiet"]
+                  "--batch-size", "16", "--set", "train.log_every=1", "--quiet", "--no-report"]
 
 
 @pytest.mark.slow
