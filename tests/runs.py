@@ -23,10 +23,13 @@ import torch
 from recipes.run.rundir import read_jsonl
 from tests.conftest import SINGLE_THREAD_ENV
 
-__all__ = ["ENV", "FAST", "KILN", "REPO", "TIMING_KEYS", "assert_same_run", "final_state", "flatten", "kiln",
-           "last_iteration", "metric_lines", "shared_run", "start", "wait_for", "wait_for_iteration"]
+__all__ = ["ENV", "FAST", "KILN", "KILN_SCRIPT", "REPO", "TIMING_KEYS", "assert_same_run", "final_state", "flatten",
+           "kiln", "last_iteration", "metric_lines", "shared_run", "start", "wait_for", "wait_for_iteration"]
 
 KILN = [sys.executable, "-m", "recipes.cli"]
+#: The installed ``kiln`` console script (the entry point a user types), for the tests that run it as such;
+#: ``KILN`` runs the same ``recipes.cli.entry.main`` through ``python -m``.
+KILN_SCRIPT = str(Path(sys.executable).with_name("kiln"))
 REPO = Path(__file__).resolve().parent.parent
 #: One intra-op thread in every kiln process a test starts (see tests/conftest.py): the suite runs on all cores
 #: at once, and the same setting in a reference run and in the run compared with it keeps them comparable.

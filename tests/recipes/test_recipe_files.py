@@ -102,7 +102,7 @@ def test_a_missing_file_and_a_bad_key_exit_2_with_one_line(tmp_path, capfd, monk
                            (["train", str(bad), "--out", str(tmp_path / "run")], "did you mean 'train.epochs'")):
         with pytest.raises(SystemExit) as info:
             main(argv)
-        out, err = capfd.readouterr()
+        _, err = capfd.readouterr()
         assert info.value.code == 2 and err.count("\n") == 1 and fragment in err, err
     assert not (tmp_path / "run").exists()
 
@@ -112,7 +112,8 @@ def test_kiln_train_trains_a_recipe_file(tmp_path, monkeypatch, capsys):
     recipe = write(tmp_path / "tiny.yaml", "base: synthetic\nname: tiny\ntrain: {epochs: 1}\n"
                                            "data: {samples: 160, image_size: 16, batch_size: 16}\n")
     with pytest.raises(SystemExit) as info:
-        main(["train", str(recipe), "--quiet", "--out", str(tmp_path / "run"), "--set", "model.channels=4,8"])
+        main(["train", str(recipe), "--quiet", "--no-report", "--out", str(tmp_path / "run"),
+              "--set", "model.channels=4,8"])
     assert info.value.code == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["name"] == "tiny" and config["data"]["samples"] == 160 and config["model"]["channels"] == [4, 8]

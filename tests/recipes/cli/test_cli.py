@@ -1,25 +1,19 @@
 """The ``kiln`` command line: listing, showing, help, and bad input as one line on stderr with exit status 2."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
 import yaml
-import click
 from click.testing import CliRunner
 
 from recipes import RECIPES
 from recipes.cli import cli, main
 from recipes.config import ConfigError, config_from_dict
-from tests.conftest import SINGLE_THREAD_ENV
-
-
-KILN = str(Path(sys.executable).with_name("kiln"))
-ENV = {**os.environ, **SINGLE_THREAD_ENV}
+from tests.runs import ENV, KILN_SCRIPT
 
 
 def test_recipes_lists_one_line_per_recipe():
@@ -152,7 +146,7 @@ def processes(tmp_path_factory):
     paths = {"new": str(root / "new"), "full": str(full), "file": str(root / "file")}
     commands = {case: _args(case, paths) for case in IN_A_PROCESS}
     commands["recipes"] = ["recipes"]
-    running = {name: subprocess.Popen([KILN, *args], cwd=root, env=ENV, stdout=subprocess.PIPE,
+    running = {name: subprocess.Popen([KILN_SCRIPT, *args], cwd=root, env=ENV, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
                for name, args in commands.items()}
     results = {name: (p.communicate(timeout=180), p.returncode) for name, p in running.items()}
@@ -177,7 +171,7 @@ def test_asking_for_cuda_without_it_is_an_error_and_creates_nothing(workspace, c
     root, paths = workspace
     with pytest.raises(SystemExit) as info:
         main(["train", "digits", "--device", "cuda", "--out", paths["new"]])
-    out, err = capfd.readouterr()
+    _, err = capfd.readouterr()
     assert info.value.code == 2
     assert len(err.splitlines()) == 1 and err.startswith("kiln: error: ")
     assert "--device cpu" in err

@@ -1,21 +1,13 @@
 """``--data-dir`` means what it says: a data set made in memory refuses it, as an option or as ``--set``."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from recipes import RECIPES
 from recipes.config import FILE_DATASETS, ConfigError, apply_overrides, config_from_dict, config_to_dict
 from recipes.data import LOADERS
 from recipes.data.memory import in_memory_data
-from tests.conftest import SINGLE_THREAD_ENV
-
-KILN = str(Path(sys.executable).with_name("kiln"))
-ENV = {**os.environ, **SINGLE_THREAD_ENV}
+from tests.runs import kiln
 
 
 def test_the_data_sets_that_read_files_are_the_ones_not_made_in_memory():
@@ -29,8 +21,7 @@ def test_the_data_sets_that_read_files_are_the_ones_not_made_in_memory():
 def test_a_recipe_that_reads_no_files_refuses_a_data_dir_in_one_line(tmp_path, recipe, given):
     out = tmp_path / "run"
     args = [a.replace("DIR", str(tmp_path)) for a in given]
-    result = subprocess.run([KILN, "train", recipe, *args, "--out", str(out)], cwd=tmp_path, env=ENV,
-                            capture_output=True, text=True, timeout=900, check=False)
+    result = kiln("train", recipe, *args, "--out", out, cwd=tmp_path, timeout=900)  # cwd: no runs/ in the repo
     assert result.returncode == 2
     assert result.stderr == (f"kiln: error: the {recipe} data set does not read files (kiln makes it in memory); "
                              "--data-dir (data.data_dir) is for cifar10, imagefolder, fashion-mnist and mnist\n")

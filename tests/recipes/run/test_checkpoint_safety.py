@@ -6,21 +6,14 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from recipes.run.checkpoints import load_checkpoint
 from recipes.config import ConfigError
-
-KILN = [sys.executable, "-m", "recipes.cli"]
-REPO = Path(__file__).resolve().parents[3]
-
-
-def kiln(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*KILN, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+from recipes.run.checkpoints import load_checkpoint
+from tests.runs import kiln
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -44,7 +37,8 @@ class MakesAFile:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run") / "digits"
-    done = kiln("train", "digits", "--epochs", "1", "--set", "data.image_size=16", "--quiet", "--out", str(run_dir))
+    done = kiln("train", "digits", "--epochs", "1", "--set", "data.image_size=16", "--quiet", "--no-report",
+                "--out", str(run_dir))
     assert done.returncode == 0, done.stderr
     return run_dir
 
@@ -131,8 +125,7 @@ def test_a_checkpoint_that_cannot_be_read_says_permission_denied_not_corrupt(tmp
         preexec = _cannot_bypass_file_modes
     os.chmod(last, 0o600 if preexec else 0o000)
     try:
-        result = subprocess.run([*KILN, "resume", str(run_dir)], cwd=REPO, capture_output=True, text=True,
-                                timeout=300, preexec_fn=preexec, check=False)
+        result = kiln("resume", str(run_dir), preexec_fn=preexec)
     except subprocess.SubprocessError as e:
         pytest.skip(f"cannot drop the capabilities that let root read any file: {e}")
     assert_one_line_error(result, f"permission denied: {last}")

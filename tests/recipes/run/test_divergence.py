@@ -19,6 +19,7 @@ from recipes.config import apply_overrides
 from recipes.run import build, execute, write_config
 from recipes.run.rundir import read_jsonl
 from tests import runs
+
 #: The digits recipe's bar: the accuracy a sound run reaches (the default run gets above 0.99).
 DIGITS_BAR = 0.95
 SMALL = {"data.image_size": 16, "train.log_every": 1, "checkpoint.every_iterations": 5, "checkpoint.every_minutes": 0}
@@ -26,6 +27,11 @@ SMALL = {"data.image_size": 16, "train.log_every": 1, "checkpoint.every_iteratio
 
 def kiln(*args: str):
     return runs.kiln(*args, timeout=600)
+
+
+#: A diverged run draws the end-of-run report too (its findings go to stdout); nothing here reads it, and the
+#: diagnosis checked is the one on stderr: the CLI runs below skip it.
+NO_REPORT = "--no-report"
 
 
 def events(run_dir: Path, kind: str | None = None) -> list[dict]:
@@ -96,7 +102,7 @@ def test_a_nan_batch_is_skipped_and_recorded_in_the_run_directory(tmp_path):
 @pytest.mark.slow
 def test_on_nan_stop_exits_3_with_the_diagnosis_printed_once(tmp_path):
     run_dir = tmp_path / "run"
-    result = kiln("train", "digits", "--max-lr", "1000", "--on-nan", "stop", "--epochs", "2", "--quiet",
+    result = kiln("train", "digits", "--max-lr", "1000", "--on-nan", "stop", "--epochs", "2", "--quiet", NO_REPORT,
                   "--out", str(run_dir), *[f"--set={k}={v}" for k, v in SMALL.items()])
     assert result.returncode == EXIT_DIVERGED == 3, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -111,7 +117,7 @@ def test_on_nan_stop_exits_3_with_the_diagnosis_printed_once(tmp_path):
 def test_rollback_with_an_absurd_max_lr_recovers_or_stops_and_never_writes_nan(tmp_path):
     """The acceptance run: digits at max_lr 1000 (the recipe's is 0.01), --on-nan rollback."""
     run_dir = tmp_path / "run"
-    result = kiln("train", "digits", "--max-lr", "1000", "--on-nan", "rollback", "--epochs", "3", "--quiet",
+    result = kiln("train", "digits", "--max-lr", "1000", "--on-nan", "rollback", "--epochs", "3", "--quiet", NO_REPORT,
                   "--out", str(run_dir), *[f"--set={k}={v}" for k, v in SMALL.items()])
     summary = json.loads((run_dir / "summary.json").read_text())
     rollbacks = events(run_dir, "rollback")
@@ -131,7 +137,7 @@ def test_rollback_with_an_absurd_max_lr_recovers_or_stops_and_never_writes_nan(t
 @pytest.mark.slow
 def test_a_run_stopped_as_diverged_is_described_once(tmp_path):
     """The guard's one line and the CLI's diagnosis at the end begin alike: the CLI prints the diagnosis alone."""
-    result = kiln("train", "digits", "--max-lr", "50", "--on-nan", "stop", "--epochs", "1", "--quiet",
+    result = kiln("train", "digits", "--max-lr", "50", "--on-nan", "stop", "--epochs", "1", "--quiet", NO_REPORT,
                   "--out", str(tmp_path / "run"), *[f"--set={k}={v}" for k, v in SMALL.items()])
     assert result.returncode == EXIT_DIVERGED, result.stderr
     assert result.stderr.count("training diverged:") == 1 and "  hint: " in result.stderr, result.stderr
@@ -142,8 +148,8 @@ def test_fp16_run_with_the_guard_completes_normally(tmp_path):
     """Single fp16 overflow skips are normal: a healthy fp16 run ends with no guard event. (A narrow model: fp16
     convolutions are slow on a CPU, 6x so at the recipe's width, and the width is not what this is about.)"""
     run_dir = tmp_path / "run"
-    result = kiln("train", "digits", "--precision", "fp16", "--epochs", "1", "--quiet", "--out", str(run_dir),
-                  "--set", "model.channels=8,16", *[f"--set={k}={v}" for k, v in SMALL.items()])
+    result = kiln("train", "digits", "--precision", "fp16", "--epochs", "1", "--quiet", NO_REPORT,
+                  "--out", str(run_dir), "--set", "model.channels=8,16", *[f"--set={k}={v}" for k, v in SMALL.items()])
     assert result.returncode == 0, result.stderr
     assert not [e for e in events(run_dir) if e["event"] in ("nan_skip", "rollback", "diverged", "scale_collapse")]
     metrics = read_jsonl(run_dir / "metrics.jsonl")[-1]
@@ -163,7 +169,7 @@ def test_on_nan_option_reaches_the_config_and_bad_values_are_refused():
 
 
 # ---- a diverged run always leaves a loadable, finite last.pt holding the restored state -------------------
-DIGITS_16 = ("--epochs", "3", "--quiet", "--set", "data.image_size=16")
+DIGITS_16 = ("--epochs", "3", "--quiet", NO_REPORT, "--set", "data.image_size=16")
 
 
 @pytest.mark.slow

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import gzip
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,9 @@ from recipes import RECIPES
 from recipes.config import apply_overrides
 from recipes.data.idx import IDX_FILES, LABELS_MAGIC
 from recipes.report.plots import plot_confusion_matrix
-from recipes.run.evaluate import FlipTTA, evaluate, format_evaluation
 from recipes.run import evaluate_checkpoint, train
-from tests.conftest import SINGLE_THREAD_ENV
+from recipes.run.evaluate import FlipTTA, evaluate, format_evaluation
+from tests import runs
 from tests.recipes.data.test_idx import idx_bytes, write_idx_set
 from tests.recipes.data.test_imagefolder import CLASSES, write_image_folder
 
@@ -34,7 +32,7 @@ class Lopsided(nn.Module):
         super().__init__()
         self.linear = nn.Linear(3 * 4 * 2, classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x[..., :2].flatten(1))
 
 
@@ -118,7 +116,8 @@ def test_the_confusion_matrix_png_has_the_class_names(tmp_path):
 def test_evaluate_checkpoint_keeps_its_keys_and_adds_the_new_figures(tmp_path):
     cfg = apply_overrides(RECIPES["synthetic"], {"train.epochs": 1, "data.samples": 160, "data.image_size": 16,
                                                  "data.batch_size": 16, "model.channels": (4, 8)})
-    run = train(cfg, tmp_path / "run", quiet=True, stream=open(tmp_path / "log.txt", "w"))
+    with open(tmp_path / "log.txt", "w") as log:
+        run = train(cfg, tmp_path / "run", quiet=True, stream=log)
     result = evaluate_checkpoint(run.run_dir / "checkpoints" / "last.pt", tta=True)
     for key in ("loss", "accuracy", "samples", "epoch", "recipe", "device"):
         assert key in result
@@ -129,19 +128,18 @@ def test_evaluate_checkpoint_keeps_its_keys_and_adds_the_new_figures(tmp_path):
 
 # ------------------------------------------------------------------ kiln eval --data-dir, as real processes
 
-KILN = str(Path(sys.executable).with_name("kiln"))
-ENV = {**os.environ, **SINGLE_THREAD_ENV}
 PER_CLASS = re.compile(r"^\s+(\d+) (\S+)\s+\S+\s+\((\d+) images?\)$")
 
 
 def kiln(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([KILN, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900, check=False)
+    return runs.kiln(*args, cwd=cwd, timeout=900)  # in the test's own folder, with this module's longer bound
 
 
 def trained(tmp_path_factory, name: str, *args: str) -> Path:
-    """``kiln train ARGS --quiet`` into a fresh run directory; its last.pt."""
+    """``kiln train ARGS --quiet --no-report`` into a fresh run directory (only its checkpoints are used); its
+    last.pt."""
     root = tmp_path_factory.mktemp(name)
-    result = kiln("train", *args, "--quiet", "--out", str(root / "run"), cwd=root)
+    result = kiln("train", *args, "--quiet", "--no-report", "--out", str(root / "run"), cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
     return root / "run" / "checkpoints" / "last.pt"
 

@@ -1,5 +1,6 @@
 """Trained runs the predict and export tests share: a digits run with its validation images as PNG files,
-and an image-folder run of torchvision's resnet18 (each trained once per session, with kiln's defaults)."""
+and an image-folder run of torchvision's resnet18 (each trained once per session, with kiln's defaults but no
+end-of-run report: those tests use the checkpoints only)."""
 from __future__ import annotations
 
 import runpy
@@ -24,7 +25,7 @@ def best_checkpoint(run_dir: Path) -> Path:
 def digits_run(tmp_path_factory) -> Path:
     """``kiln train digits --epochs 3`` (defaults otherwise: bf16 on a CPU with AMX, fp32 elsewhere)."""
     run_dir = tmp_path_factory.mktemp("digits") / "run"
-    assert kiln("train", "digits", "--epochs", "3", "--quiet", "--out", str(run_dir)) == 0
+    assert kiln("train", "digits", "--epochs", "3", "--quiet", "--no-report", "--out", str(run_dir)) == 0
     return run_dir
 
 
@@ -50,5 +51,5 @@ def shapes_run(tmp_path_factory, shapes_folder) -> Path:
     """``kiln train imagefolder --model resnet18 --image-size 32`` on :func:`shapes_folder`, 2 epochs."""
     run_dir = tmp_path_factory.mktemp("shapes-run") / "run"
     assert kiln("train", "imagefolder", "--data-dir", str(shapes_folder), "--model", "resnet18", "--image-size", "32",
-                "--num-workers", "0", "--epochs", "2", "--quiet", "--out", str(run_dir)) == 0
+                "--num-workers", "0", "--epochs", "2", "--quiet", "--no-report", "--out", str(run_dir)) == 0
     return run_dir

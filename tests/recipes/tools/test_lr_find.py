@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +14,7 @@ from recipes.cli import cli, main
 from recipes.config import ConfigError
 from recipes.run.parts import training_parts
 from recipes.tools.lr_find import LRFindResult, find_lr, lr_range_test, suggest_max_lr
-from tests.conftest import SINGLE_THREAD_ENV
-
-KILN = str(Path(sys.executable).with_name("kiln"))
+from tests.runs import kiln
 
 
 def _learnable(count=6, batch_size=16, seed=0):
@@ -130,7 +124,7 @@ def test_the_test_measures_the_model_the_run_trains(tmp_path):
     from recipes.run import build
 
     cfg = get_recipe("digits")
-    model, optimizer, loss_fn, data, device, precision = training_parts(cfg)
+    model, optimizer, loss_fn, data, _device, _precision = training_parts(cfg)
     run = build(cfg, tmp_path / "run", quiet=True)
     _assert_same(run.model.state_dict(), model.state_dict())  # same initial weights (same seed)
     assert len(data.train) == len(run.train_data)
@@ -196,8 +190,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
 @pytest.mark.slow
 def test_train_max_lr_auto_reaches_the_default_bar_and_records_the_test(tmp_path):
     run_dir = tmp_path / "auto"
-    done = subprocess.run([KILN, "train", "digits", "--max-lr", "auto", "--out", str(run_dir)], capture_output=True,
-                          text=True, env={**os.environ, **SINGLE_THREAD_ENV}, timeout=600)
+    done = kiln("train", "digits", "--max-lr", "auto", "--out", run_dir, timeout=600)  # its report is read below
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["final_val_accuracy"] >= 0.97

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
@@ -22,10 +18,8 @@ from recipes.config import ConfigError, apply_overrides
 from recipes.recipe_files import load_recipe_file
 from recipes.report import finish_run
 from recipes.tools.sweep import ParamSpec, default_space, parse_param, run_sweep, trial_config
-from tests.conftest import SINGLE_THREAD_ENV
+from tests.runs import kiln, start
 
-KILN = str(Path(sys.executable).with_name("kiln"))
-ENV = {**os.environ, **SINGLE_THREAD_ENV}
 DIGITS = RECIPES["digits"]
 TINY = apply_overrides(DIGITS, {"data.image_size": 16, "train.epochs": 1, "data.batch_size": 128})
 
@@ -120,7 +114,7 @@ def test_a_tiny_sweep_writes_its_runs_and_results_and_resumes(tmp_path, capsys):
 def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path, capfd):
     with pytest.raises(SystemExit) as info:
         main(["sweep", "digits", *args, "--out", str(tmp_path / "sweep")])
-    out, err = capfd.readouterr()
+    _, err = capfd.readouterr()
     assert info.value.code == 2
     assert err.count("\n") == 1 and message in err and "secret" not in err
     assert not (tmp_path / "sweep" / "trials").exists()
@@ -144,12 +138,12 @@ def test_max_lr_auto_runs_the_range_test_once_per_batch_size(tmp_path):
 @pytest.mark.slow
 def test_best_yaml_reproduces_the_best_trial(tmp_path):
     out = tmp_path / "sweep"
-    sweep = subprocess.run([KILN, "sweep", "digits", "--trials", "3", "--epochs", "2", "--set", "data.image_size=16",
-                            "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
+    sweep = kiln("sweep", "digits", "--trials", "3", "--epochs", "2", "--set", "data.image_size=16", "--out", out,
+                 timeout=600)
     assert sweep.returncode == 0, sweep.stderr
     best = json.loads((out / "sweep.json").read_text())["best"]
-    again = subprocess.run([KILN, "train", str(out / "best.yaml"), "--quiet", "--out", str(tmp_path / "again")],
-                           env=ENV, capture_output=True, text=True, timeout=600)
+    # only its summary.json is compared: no end-of-run report
+    again = kiln("train", out / "best.yaml", "--quiet", "--no-report", "--out", tmp_path / "again", timeout=600)
     assert again.returncode == 0, again.stderr
     reproduced = json.loads((tmp_path / "again" / "summary.json").read_text())["best_val_accuracy"]
     assert reproduced == best["best_val_accuracy"]  # same seed, same figure
@@ -159,11 +153,11 @@ def test_best_yaml_reproduces_the_best_trial(tmp_path):
 def test_two_workers_share_a_study_and_one_dying_mid_trial_leaves_it_consistent(tmp_path):
     out = tmp_path / "sweep"
     n = 4
-    args = [KILN, "sweep", "digits", "--trials", str(n), "--epochs", "2", "--set", "data.image_size=16",
+    args = ["sweep", "digits", "--trials", str(n), "--epochs", "2", "--set", "data.image_size=16",
             "--out", str(out), "--pruner", "none", "--heartbeat", "2"]
     out.mkdir()
-    first = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    second = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = start(*args)
+    second = start(*args)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:  # kill the first worker while it is inside a trial

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import signal
 import socket
-import subprocess
 import time
 
 import optuna
@@ -18,14 +17,14 @@ import pytest
 
 from recipes.cli import main
 from recipes.tools.sweep import CONNECT_TIMEOUT
-from tests.recipes.tools.test_sweep import ENV, KILN
+from tests.runs import kiln, start
 
 STUDY = "digits-shared"
 TINY = ["--set", "data.image_size=16", "--pruner", "none", "--heartbeat", "2"]
 
 
 def _sweep(url: str, out, trials: int, epochs: int = 1) -> list[str]:
-    return [KILN, "sweep", "digits", "--trials", str(trials), "--epochs", str(epochs), *TINY, "--storage", url,
+    return ["sweep", "digits", "--trials", str(trials), "--epochs", str(epochs), *TINY, "--storage", url,
             "--study", STUDY, "--out", str(out)]
 
 
@@ -37,8 +36,7 @@ def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
 def test_three_workers_share_a_study_and_one_killed_mid_trial_leaves_it_consistent(postgres_server, tmp_path):
     url = postgres_server.database("three_workers")
     n = 6
-    workers = [subprocess.Popen(_sweep(url, tmp_path / f"node{k}", n, epochs=2), env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for k in range(3)]
+    workers = [start(*_sweep(url, tmp_path / f"node{k}", n, epochs=2)) for k in range(3)]
     try:
         deadline = time.time() + 300
         while time.time() < deadline:  # kill the first worker inside a trial: after its first epoch of two
@@ -68,14 +66,14 @@ def test_three_workers_share_a_study_and_one_killed_mid_trial_leaves_it_consiste
 def test_running_the_command_again_continues_the_study_and_best_yaml_trains(postgres_server, tmp_path):
     url = postgres_server.database("continue")
     for trials, expected in ((2, 2), (2, 2), (3, 3)):  # the same command again adds nothing; --trials 3 one more
-        done = subprocess.run(_sweep(url, tmp_path / "sweep", trials), env=ENV, capture_output=True, text=True,
-                              timeout=600)
+        done = kiln(*_sweep(url, tmp_path / "sweep", trials), timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         assert len(_trials(url)) == expected
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in _trials(url))
     best = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["best"]
-    again = subprocess.run([KILN, "train", str(tmp_path / "sweep" / "best.yaml"), "--quiet", "--out",
-                            str(tmp_path / "again")], env=ENV, capture_output=True, text=True, timeout=600)
+    # only its summary.json is compared: no end-of-run report
+    again = kiln("train", tmp_path / "sweep" / "best.yaml", "--quiet", "--no-report", "--out", tmp_path / "again",
+                 timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["best_val_accuracy"] == best["best_val_accuracy"]
 
