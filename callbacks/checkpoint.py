@@ -14,7 +14,7 @@ from ignite.engine.events import RemovableEventHandle
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 
-from callbacks._files import append_jsonl, write_atomic
+from callbacks.files import append_jsonl, write_atomic
 from engine.events import EpochEvents, ensure_epoch_events
 from engine.step import is_epoch_end
 
@@ -150,6 +150,9 @@ class Checkpointer:
         >>> checkpointer = Checkpointer(tempfile.mkdtemp(), {"model": model}, every_iterations=100)
     """
 
+    #: The file the run continues from, in ``dirname`` (recipes.run.rundir.RunDir.last names it by this).
+    LAST_NAME = "last.pt"
+
     def __init__(self, dirname: str | Path, to_save: Mapping[str, Any], *, best_to_save: Mapping[str, Any] | None = None,
                  every_iterations: int = 0, every_minutes: float = 5.0, keep_best: int = 1,
                  score_name: str = "val_accuracy", events_path: str | Path | None = None) -> None:
@@ -160,7 +163,7 @@ class Checkpointer:
         self.every_seconds = every_minutes * 60.0
         self.events_path = Path(events_path) if events_path else None
         self.score_name = score_name
-        self.last = Checkpoint({**to_save, "checkpointer": self}, AtomicDiskSaver(self.dirname), filename_pattern="last.pt", n_saved=1,
+        self.last = Checkpoint({**to_save, "checkpointer": self}, AtomicDiskSaver(self.dirname), filename_pattern=self.LAST_NAME, n_saved=1,
                                greater_or_equal=True, global_step_transform=lambda e, _: e.state.iteration)
         self.best = None
         if keep_best:
@@ -176,7 +179,7 @@ class Checkpointer:
     @property
     def last_path(self) -> Path:
         """Where last.pt is."""
-        return self.dirname / "last.pt"
+        return self.dirname / self.LAST_NAME
 
     def _score(self, engine: Engine) -> float:
         return float(engine.state.metrics.get(self.score_name, float("-inf")))

@@ -6,7 +6,7 @@ from pathlib import Path
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
-from callbacks._files import append_jsonl
+from callbacks.files import append_jsonl
 from engine.events import EpochEvents, ensure_epoch_events
 from engine.records import epoch_record, step_record
 
@@ -14,30 +14,32 @@ __all__ = ["MetricsLog"]
 
 
 class MetricsLog:
-    """Append the run's figures to JSON-lines files in ``run_dir``; lines are never rewritten.
+    """Append the run's figures to two JSON-lines files; lines are never rewritten.
 
-    ``metrics.jsonl`` gets one object per validated epoch (see ``engine.records.epoch_record``: epoch,
+    ``metrics_path`` (a run's metrics.jsonl) gets one object per validated epoch (see ``engine.records.epoch_record``: epoch,
     iteration, train_loss, val_loss, val_accuracy, lr, epoch_seconds, images_per_second, ...);
-    ``steps.jsonl`` gets the loss, lr, grad norm and loss scale every ``every`` iterations. Reading
+    ``steps_path`` (steps.jsonl) gets the loss, lr, grad norm and loss scale every ``every`` iterations. Reading
     them costs one host sync per line, never one per iteration.
 
     Events: EpochEvents.VALIDATION_COMPLETED, ITERATION_COMPLETED(every=N). Reads the state fields of
     ``engine.create_trainer``. Writes files only. State: none (the files are the record).
 
     Args:
-        run_dir: the run directory.
+        metrics_path: the file of epoch lines (created at the first).
+        steps_path: the file of step lines.
         every: iterations between step lines.
 
     Example:
-        >>> import tempfile
-        >>> log = MetricsLog(tempfile.mkdtemp(), every=10)
+        >>> import pathlib, tempfile
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> log = MetricsLog(folder / "metrics.jsonl", folder / "steps.jsonl", every=10)
     """
 
-    def __init__(self, run_dir: str | Path, every: int = 10) -> None:
+    def __init__(self, metrics_path: str | Path, steps_path: str | Path, every: int = 10) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, not {every}")
-        self.metrics_path = Path(run_dir) / "metrics.jsonl"
-        self.steps_path = Path(run_dir) / "steps.jsonl"
+        self.metrics_path = Path(metrics_path)
+        self.steps_path = Path(steps_path)
         self.every = every
 
     def attach(self, engine: Engine) -> list[RemovableEventHandle]:

@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
-from callbacks._files import append_jsonl
+from callbacks.files import append_jsonl
 from callbacks._snapshot import Snapshot
 from callbacks._step_history import Step, StepHistory
 from callbacks._tensors import nonfinite_names, norms, step_grad_norms

@@ -8,7 +8,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
-from callbacks._files import write_json_atomic
+from callbacks.files import write_json_atomic
 from engine.events import EpochEvents, ensure_epoch_events
 
 __all__ = ["RunSummary", "STATUSES"]
@@ -19,7 +19,7 @@ STATUSES = ("running", "completed", "interrupted", "diverged", "failed", "killed
 
 
 class RunSummary:
-    """Keep ``run_dir/summary.json`` current: status, best and final val accuracy, epochs, iterations, time.
+    """Keep a run's summary.json (``path``) current: status, best and final val accuracy, epochs, iterations, time.
 
     It is written (atomically) when the run starts (status "running"), after every validated epoch,
     and when the engine completes: "completed" when every planned iteration ran, else "interrupted".
@@ -31,17 +31,17 @@ class RunSummary:
     State: best accuracy and wall seconds, kept across resume.
 
     Args:
-        run_dir: the run directory.
+        path: the file to keep current (written atomically, its folder must exist).
 
     Example:
-        >>> import tempfile
-        >>> summary = RunSummary(tempfile.mkdtemp())
+        >>> import pathlib, tempfile
+        >>> summary = RunSummary(pathlib.Path(tempfile.mkdtemp()) / "summary.json")
         >>> summary.best_val_accuracy is None
         True
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / "summary.json"
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
         self.best_val_accuracy: float | None = None
         self.final_val_accuracy: float | None = None
         self.wall_seconds_before = 0.0

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import yaml
 
-from callbacks._files import os_error_line
+from callbacks.files import os_error_line
 from callbacks.nan_guard import POLICIES
 from engine.precision import PRECISIONS
 from recipes import RECIPES
@@ -255,11 +255,8 @@ def eval_(checkpoint: str, device: str | None, batch_size: int | None, data_dir:
     Example:  kiln eval runs/d5/checkpoints/last.pt --tta
     """
     from recipes.report.plots import plot_confusion_matrix
-    from recipes.run.evaluate import (
-        eval_output_dir,
-        evaluate_checkpoint,
-        format_evaluation,
-    )
+    from recipes.run.evaluate import eval_output_dir, evaluate_checkpoint, format_evaluation
+    from recipes.run.rundir import RunDir
 
     with _output_folder(Path(out) if out is not None else None) as folder:
         result = evaluate_checkpoint(checkpoint, device=device, batch_size=batch_size, data_dir=data_dir, tta=tta)
@@ -270,7 +267,7 @@ def eval_(checkpoint: str, device: str | None, batch_size: int | None, data_dir:
         try:  # the figures are printed even if the picture cannot be written (a full disk): then one line, exit 1
             if folder is not None:
                 png = plot_confusion_matrix(result["confusion_matrix"], result["class_names"],
-                                            folder / "confusion_matrix.png", title=title)
+                                            RunDir(folder).eval_confusion, title=title)
         finally:
             click.echo(format_evaluation({**result, "confusion_matrix_png": str(png) if png else None}, checkpoint))
 
@@ -409,6 +406,7 @@ def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, divide_b
     Example:  kiln lr-find digits
     """
     from recipes.report.plots import plot_lr_find
+    from recipes.run.rundir import RunDir
     from recipes.tools.lr_find import find_lr, format_result, save_lr_find
 
     cfg, default_out = recipe_or_run(recipe, sets, "lr-find")
@@ -416,7 +414,7 @@ def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, divide_b
         result = find_lr(cfg, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, divide_by=divide_by)
         click.echo(format_result(result, cfg.name))  # before writing: a full disk loses no result
         json_path = save_lr_find(result, out_dir)
-        png_path = plot_lr_find(result, out_dir / "lr_find.png", title=f"{cfg.name}: LR range test")
+        png_path = plot_lr_find(result, RunDir(out_dir).lr_find_plot, title=f"{cfg.name}: LR range test")
     click.echo(f"wrote {png_path} and {json_path}")
 
 
@@ -436,6 +434,7 @@ def schedule(recipe: str, out: str | None, sets: tuple[str, ...], **options: obj
     Example:  kiln schedule digits --epochs 20 --max-lr 0.02
     """
     from recipes.report.plots import plot_schedule
+    from recipes.run.rundir import RunDir
     from recipes.tools.schedule import format_schedule, save_schedule, schedule_series
 
     cfg, default_out = recipe_or_run(recipe, sets, "schedule", **options)
@@ -443,7 +442,7 @@ def schedule(recipe: str, out: str | None, sets: tuple[str, ...], **options: obj
         series = schedule_series(cfg)
         click.echo(format_schedule(series))
         json_path = save_schedule(series, out_dir)
-        png_path = plot_schedule(series, out_dir / "schedule.png")
+        png_path = plot_schedule(series, RunDir(out_dir).schedule_plot)
     click.echo(f"wrote {png_path} and {json_path}")
 
 
@@ -515,14 +514,17 @@ def report(run_dir: str) -> None:
     Example:  kiln report runs/d5
     """
     from recipes.report import format_findings, write_report
-    from recipes.run import RunLock
     from recipes.report.mistakes import measure_mistakes
+    from recipes.run import RunLock
+    from recipes.run.rundir import RunDir
 
     RunLock.take(run_dir, create=False)  # no other kiln process writes the run meanwhile
     measure_mistakes(run_dir)
     result = write_report(run_dir)
+    if result.run.summary_note:
+        click.echo(f"kiln: {result.run.summary_note}", err=True)
     click.echo(format_findings(result.findings))
-    click.echo(f"plots: {', '.join(p.name for p in result.plots)} in {result.html_path.parent / 'plots'}")
+    click.echo(f"plots: {', '.join(p.name for p in result.plots)} in {RunDir(run_dir).plots}")
     click.echo(f"report: {result.html_path}")
 
 

@@ -7,7 +7,6 @@ findings are written (``recipes.report``); then the final lines are printed and 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from recipes.report.plots import plot_lr_find
 from recipes.run import Assembly, resume, train
 from recipes.run.lock import lend_to_children
 from recipes.run.lost_rank import lost_a_peer, lost_peer_reason
+from recipes.run.rundir import RunDir, read_summary
 from recipes.tools.lr_find import choose_max_lr, record_in_run
 
 __all__ = ["train_job", "resume_job", "run_job", "final_lines", "report_unless_stopped", "world_size", "is_rank_zero",
@@ -58,7 +58,7 @@ def train_job(cfg: Config, run_dir: Path, quiet: bool, auto_max_lr: bool, report
     def record_range_test(run: Assembly) -> None:
         record_in_run(run, found)
         if run.writes:
-            plot_lr_find(found, run.run_dir / "lr_find.png", title=f"{cfg.name}: LR range test")
+            plot_lr_find(found, RunDir(run.run_dir).lr_find_plot, title=f"{cfg.name}: LR range test")
 
     run = train(cfg, run_dir, quiet=quiet, before_run=record_range_test if found is not None else None)
     stopped_by = report_unless_stopped(run) if report else None
@@ -137,7 +137,7 @@ def _lost_a_peer(error: BaseException, run_dir: Path) -> None:
     """Under torchrun, another process of the run is gone (killed, or its node went down): say so in one
     line on every surviving rank and exit 1 at once (as every torchrun rank ends: no interpreter teardown
     with gloo's threads)."""
-    last = run_dir / "checkpoints" / "last.pt"
+    last = RunDir(run_dir).last
     if last.exists():
         then = (f"its last checkpoint, {last}, is intact. When every node is back, continue with the same "
                 f"launch of: kiln resume {run_dir}")
@@ -168,7 +168,10 @@ def run_job(job: functools.partial, nproc_per_node: int, backend: str | None, ru
     except Exception as e:  # a rank raised: torch.multiprocessing reports its traceback above
         click.echo(f"kiln: a training process failed: {str(e).strip().splitlines()[-1]}", err=True)
         sys.exit(1)
-    status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    summary, note = read_summary(run_dir)  # the ranks wrote it; a lost one is rebuilt from their records
+    if note:
+        click.echo(f"kiln: {note}", err=True)
+    status = summary["status"]
     if status == "diverged":
         sys.exit(EXIT_DIVERGED)
     if status == "interrupted" and signal.SIGINT in LAUNCHER_SIGNALS:

@@ -58,9 +58,11 @@ def recipe_or_run(recipe: str, sets: Sequence[str], kind: str, **options: Any) -
     Raises:
         ConfigError: an unknown recipe, a bad override, or a run directory whose config.json cannot be read.
     """
+    # imported here: recipes.run loads torch, and `kiln --help` should not
+    from recipes.run.rundir import RunDir
+
     source = Path(recipe)
-    if (source / "config.json").is_file():
-        # imported here: recipes.run loads torch, and `kiln --help` should not
+    if RunDir(source).config.is_file():
         from recipes.run.records import run_config
 
         return apply_overrides(run_config(source), overrides(sets, options)), source

@@ -11,7 +11,6 @@ which the flip finding reads.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -21,26 +20,25 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 
-from callbacks._files import write_atomic, write_json_atomic
+from callbacks.files import write_atomic, write_json_atomic
 from recipes.config import apply_overrides
 from recipes.report.flip_probe import flip_probe, trained_with_flips
 from recipes.run.records import read_config_json
+from recipes.run.rundir import CHECKPOINT_PLOTS, RunDir, read_json
 
-__all__ = ["MISTAKES_FILE", "TOP_LOSSES", "analyse_checkpoint", "chosen_checkpoint", "measure_mistakes", "write_mistakes"]
+__all__ = ["TOP_LOSSES", "analyse_checkpoint", "chosen_checkpoint", "measure_mistakes", "write_mistakes"]
 
-MISTAKES_FILE = "mistakes.json"
 #: How many of the highest-loss validation images are kept and drawn.
 TOP_LOSSES = 16
 
 
 def chosen_checkpoint(run_dir: Path) -> Path | None:
     """The run's best checkpoint (the newest best-*.pt), else last.pt, else None."""
-    folder = run_dir / "checkpoints"
-    best = sorted(folder.glob("best-*.pt"), key=lambda p: p.stat().st_mtime)
+    paths = RunDir(run_dir)
+    best = paths.best_checkpoints()
     if best:
         return best[-1]
-    last = folder / "last.pt"
-    return last if last.exists() else None
+    return paths.last if paths.last.exists() else None
 
 
 def analyse_checkpoint(path: Path, k: int = TOP_LOSSES) -> tuple[dict[str, Any], torch.Tensor]:
@@ -133,12 +131,12 @@ def _plot_mistakes(record: dict[str, Any], images: torch.Tensor, path: Path, tit
 
 def _lacks_flip_probe(path: Path) -> bool:
     """Whether mistakes.json is of a run trained with flips but was written before the flip probe existed."""
+    record = read_json(path)
     try:
-        record = json.loads(path.read_text())
         config = read_config_json(path.parent) or {}
-    except (OSError, ValueError):  # ConfigError is a ValueError
+    except ValueError:  # ConfigError is a ValueError
         return False
-    return trained_with_flips(config.get("data", {}).get("augment")) and "flip_probe" not in record
+    return record is not None and trained_with_flips(config.get("data", {}).get("augment")) and "flip_probe" not in record
 
 
 def write_mistakes(run_dir: str | Path, title: str = "") -> Path | None:
@@ -147,33 +145,26 @@ def write_mistakes(run_dir: str | Path, title: str = "") -> Path | None:
     checkpoint and both plots are there."""
     from recipes.report.plots import plot_confusion_matrix
 
-    run_dir = Path(run_dir)
-    checkpoint = chosen_checkpoint(run_dir)
+    paths = RunDir(run_dir)
+    checkpoint = chosen_checkpoint(paths.root)
     if checkpoint is None:
         return None
-    path = run_dir / MISTAKES_FILE
-    plots = run_dir / "plots"
-    drawn = (plots / "mistakes.png").exists() and (plots / "confusion.png").exists()
+    path, plots = paths.mistakes, paths.plots
+    mistakes_png, confusion_png = (plots / name for name in CHECKPOINT_PLOTS)
+    drawn = mistakes_png.exists() and confusion_png.exists()
     if drawn and path.exists() and path.stat().st_mtime >= checkpoint.stat().st_mtime and not _lacks_flip_probe(path):
         return path
     record, images = analyse_checkpoint(checkpoint)
     plots.mkdir(parents=True, exist_ok=True)
-    name = title or record.get("recipe") or run_dir.name
-    _plot_mistakes(record, images, plots / "mistakes.png",
+    name = title or record.get("recipe") or paths.root.name
+    _plot_mistakes(record, images, mistakes_png,
                    f"{name}: the {len(images)} highest-loss validation images ({checkpoint.name}); true -> predicted")
-    plot_confusion_matrix(record["confusion_matrix"], record["class_names"], plots / "confusion.png",
+    plot_confusion_matrix(record["confusion_matrix"], record["class_names"], confusion_png,
                           title=f"{name}: confusion matrix ({checkpoint.name}, validation)")
-    if (run_dir / "tb").is_dir():
-        _to_tensorboard(run_dir / "tb", plots / "mistakes.png", _last_iteration(run_dir))
+    if paths.tensorboard.is_dir():  # at the run's last iteration
+        _to_tensorboard(paths.tensorboard, mistakes_png, int((read_json(paths.summary) or {}).get("iterations") or 0))
     write_json_atomic(path, record)
     return path
-
-
-def _last_iteration(run_dir: Path) -> int:
-    try:
-        return int(json.loads((run_dir / "summary.json").read_text()).get("iterations") or 0)
-    except (OSError, ValueError, AttributeError):
-        return 0
 
 
 def _to_tensorboard(log_dir: Path, png: Path, step: int) -> None:
@@ -199,7 +190,7 @@ def measure_mistakes(run_dir: str | Path, stream: TextIO | None = None, title: s
     try:
         return write_mistakes(run_dir, title=title)
     except Exception as e:  # noqa: BLE001 - e.g. the data moved since the run, or a full disk
-        from callbacks._files import os_error_line
+        from callbacks.files import os_error_line
 
         reason = os_error_line(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
         print(f"kiln: could not measure what the model gets wrong: {reason}", file=stream or sys.stdout)

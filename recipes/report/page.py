@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from callbacks._files import os_error_line, write_atomic
+from callbacks.files import os_error_line, write_atomic
 from recipes.tools.html_style import STYLESHEET
 from recipes.report.findings import Finding, find_issues, fmt, format_findings
 from recipes.report.plots import plot_run
 from recipes.report.rundata import RunData, load_run
+from recipes.run.rundir import CHECKPOINT_PLOTS, LR_FIND_PLOT, RUN_PLOTS, RunDir
 
 __all__ = ["Report", "finish_run", "write_report"]
 
@@ -71,14 +72,14 @@ def _findings_html(findings: list[Finding]) -> str:
     return f'<section id="findings"><h2>Findings ({len(findings)})</h2>{"".join(parts)}</section>'
 
 
-_CAPTIONS = {
-    "lr.png": "Learning rate per iteration: the logged values over the planned one-cycle schedule.",
-    "loss.png": "Training loss per iteration (raw and smoothed) and per epoch; validation loss per epoch.",
-    "accuracy.png": "Validation accuracy after each epoch; the star marks the best.",
-    "grad_norm.png": "Total gradient norm before clipping, with the clipping threshold.",
-    "loss_scale.png": "fp16 loss scale over training; triangles mark skipped steps.",
-    "lr_find.png": "LR range test: loss against the LR (log scale), with the suggested max_lr.",
-}
+_CAPTIONS = dict(zip((*RUN_PLOTS, LR_FIND_PLOT), (
+    "Learning rate per iteration: the logged values over the planned one-cycle schedule.",
+    "Training loss per iteration (raw and smoothed) and per epoch; validation loss per epoch.",
+    "Validation accuracy after each epoch; the star marks the best.",
+    "Total gradient norm before clipping, with the clipping threshold.",
+    "fp16 loss scale over training; triangles mark skipped steps.",
+    "LR range test: loss against the LR (log scale), with the suggested max_lr.",
+), strict=True))
 
 
 def _plots_html(plots: list[Path]) -> str:
@@ -101,11 +102,11 @@ def _mistakes_html(run: RunData) -> str:
     table = (f"<table><tr><th>true class</th><th>predicted as</th><th>images</th></tr>{rows}</table>" if pairs
              else "<p>No validation image is misclassified.</p>")
     accuracy = record.get("accuracy")
-    figures = "".join(f"<figure>{_img(run.run_dir / 'plots' / name, name)}<figcaption>{_e(caption)}</figcaption></figure>"
-                      for name, caption in (("mistakes.png", "the highest-loss validation images: true -> predicted, "
-                                             "the predicted class's probability and the image's loss; red: wrong"),
-                                            ("confusion.png", "rows: the true class; shade: the share of its images"))
-                      if (run.run_dir / "plots" / name).exists())
+    captions = ("the highest-loss validation images: true -> predicted, the predicted class's probability and the "
+                "image's loss; red: wrong", "rows: the true class; shade: the share of its images")
+    plots = RunDir(run.run_dir).plots
+    figures = "".join(f"<figure>{_img(plots / name, name)}<figcaption>{_e(caption)}</figcaption></figure>"
+                      for name, caption in zip(CHECKPOINT_PLOTS, captions, strict=True) if (plots / name).exists())
     return (f'<section id="mistakes"><h2>What it gets wrong</h2><p>{_e(record["checkpoint"])} on the '
             f'{record["samples"]} validation images'
             + (f": accuracy {100 * accuracy:.2f}%" if accuracy is not None else "") + ". The most frequent confusions:</p>"
@@ -116,8 +117,8 @@ def _lr_find_html(run: RunData) -> str:
     found = run.lr_find
     if not found:
         return ""
-    png = run.run_dir / "lr_find.png"
-    picture = f"<figure>{_img(png, 'lr_find.png')}<figcaption>{_e(_CAPTIONS['lr_find.png'])}</figcaption></figure>" if png.exists() else ""
+    png = RunDir(run.run_dir).lr_find_plot
+    picture = f"<figure>{_img(png, png.name)}<figcaption>{_e(_CAPTIONS[png.name])}</figcaption></figure>" if png.exists() else ""
     suggestion = found.get("suggestion")
     text = (f"<p>Suggested max_lr <b>{_e(fmt(suggestion))}</b>; rule: {_e(found.get('rule', 'n/a'))}. "
             f"This run's max_lr: <b>{_e(fmt(run.config.get('schedule', {}).get('max_lr', '?')))}</b>"
@@ -163,7 +164,7 @@ def _checkpoint_html(run: RunData) -> str:
         lines.append(f"<p>Best checkpoint (from events.jsonl): <code>{_e(best_event.get('file'))}</code></p>")
     else:
         lines.append("<p>No best checkpoint was written.</p>")
-    last = run.run_dir / "checkpoints" / "last.pt"
+    last = RunDir(run.run_dir).last
     if last.exists():
         lines.append(f"<p>Resume point: <code>{_e(last.relative_to(run.run_dir))}</code> "
                      f"(<code>kiln resume {_e(run.run_dir)}</code>)</p>")
@@ -204,9 +205,9 @@ def write_report(run_dir: str | Path) -> Report:
         ConfigError: see :func:`load_run`.
     """
     run = load_run(run_dir)
-    plots = plot_run(run, run.run_dir / "plots")
+    plots = plot_run(run, RunDir(run.run_dir).plots)
     findings = find_issues(run)
-    html_path = run.run_dir / "report.html"
+    html_path = RunDir(run.run_dir).report
     page = _page(run, findings, plots).encode("utf-8")
     write_atomic(html_path, lambda f: f.write(page))
     return Report(run, findings, html_path, plots)

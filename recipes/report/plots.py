@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from callbacks._files import write_atomic
+from callbacks.files import write_atomic
+from recipes.run.rundir import RUN_PLOTS
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -23,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "MAX_ANNOTATED_CLASSES",
-    "RUN_PLOTS",
     "ema",
     "lr_find_figure",
     "plot_confusion_matrix",
@@ -36,9 +36,6 @@ __all__ = [
 
 #: More classes than this: the confusion matrix's cells carry no numbers.
 MAX_ANNOTATED_CLASSES = 20
-
-#: The files ``plot_run`` may write into RUN_DIR/plots (loss_scale.png only for fp16 runs).
-RUN_PLOTS = ("lr.png", "loss.png", "accuracy.png", "grad_norm.png", "loss_scale.png")
 
 _DPI = 110
 _SIZE = (8.0, 4.6)
@@ -139,8 +136,9 @@ def run_figures(run: RunData) -> dict[str, Figure]:
     """A run's figures by file name: lr.png, loss.png, accuracy.png, grad_norm.png and, for an fp16 run,
     loss_scale.png; a figure whose records are absent is left out."""
     figures = {}
-    for name, draw in (("lr.png", _plot_lr), ("loss.png", _plot_loss), ("accuracy.png", _plot_accuracy),
-                       ("grad_norm.png", _plot_grad_norm), ("loss_scale.png", _plot_loss_scale)):
+    # the files plot_run may write into RUN_DIR/plots (loss_scale.png only for fp16 runs), by the record they draw
+    for name, draw in zip(RUN_PLOTS, (_plot_lr, _plot_loss, _plot_accuracy, _plot_grad_norm, _plot_loss_scale),
+                          strict=True):
         fig = draw(run)
         if fig is not None:
             figures[name] = fig

@@ -6,15 +6,14 @@ kiln wrote it whole (atomically), so it was edited.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from callbacks._files import os_error_line
+from callbacks.files import os_error_line
 from recipes.config import ConfigError, config_from_dict
 from recipes.run.records import read_config_json
-from recipes.run.rundir import read_jsonl
+from recipes.run.rundir import RunDir, read_json, read_jsonl, read_summary
 from recipes.tools.schedule import schedule_series
 
 __all__ = ["RunData", "load_run", "to_number"]
@@ -30,14 +29,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return read_jsonl(path)
     except OSError as e:
         raise ConfigError(os_error_line(e, path)) from None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def to_number(value: Any) -> float:
@@ -61,6 +52,7 @@ class RunData:
     lr_find: dict[str, Any] | None  #: the range test tied to this run (lr_find.json or the lr_find event)
     checkpoints: list[Path] = field(default_factory=list)
     mistakes: dict[str, Any] | None = None  #: mistakes.json: what the best checkpoint gets wrong, the flip probe
+    summary_note: str | None = None  #: set when summary.json was lost and rebuilt from the records (one line)
 
     @property
     def recipe(self) -> str:
@@ -117,16 +109,17 @@ def load_run(run_dir: str | Path) -> RunData:
         raise ConfigError(f"no run directory at {run_dir}")
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a directory; pass a run directory (the --out of kiln train)")
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    steps = _read_jsonl(run_dir / "steps.jsonl")
+    paths = RunDir(run_dir)
+    metrics = _read_jsonl(paths.metrics)
+    steps = _read_jsonl(paths.steps)
     if not metrics and not steps:
         raise ConfigError(f"{run_dir} holds no metrics (metrics.jsonl, steps.jsonl): not a kiln run directory, "
                           "or the run stopped before it logged anything")
     config = read_config_json(run_dir) or {}
-    events = _read_jsonl(run_dir / "events.jsonl")
-    lr_find = _read_json(run_dir / "lr_find.json")
+    events = _read_jsonl(paths.events)
+    lr_find = read_json(paths.lr_find)
     if lr_find is None:
         lr_find = config.get("lr_find") or next((e for e in reversed(events) if e.get("event") == "lr_find"), None)
-    checkpoints = sorted((run_dir / "checkpoints").glob("*.pt")) if (run_dir / "checkpoints").is_dir() else []
-    return RunData(run_dir, config, metrics, steps, events, _read_json(run_dir / "summary.json"), lr_find, checkpoints,
-                   _read_json(run_dir / "mistakes.json"))
+    summary, note = read_summary(run_dir)
+    return RunData(run_dir, config, metrics, steps, events, summary, lr_find, paths.all_checkpoints(),
+                   read_json(paths.mistakes), note)

@@ -17,7 +17,7 @@ from ignite.metrics import Accuracy, ConfusionMatrix, Loss, TopKCategoricalAccur
 
 from callbacks import (AMP, EMA, Checkpointer, EarlyStop, GracefulStop, GradClip, MetricsLog, MixUpCutMix, NanGuard,
                        Progress, RunSummary, TensorBoard, Validation)
-from callbacks._files import append_jsonl, os_error_line, write_json_atomic
+from callbacks.files import append_jsonl, os_error_line, write_json_atomic
 from engine import Precision, create_evaluator, create_trainer
 from engine.rng import RNGState
 from recipes.config import Config, ConfigError, config_to_dict, hparams, with_class_count
@@ -25,11 +25,12 @@ from recipes.data import mix_seed, num_samples
 from recipes.run.checkpoints import RunMeta
 from recipes.run.compiled import CompiledForward
 from recipes.run.inference import inference_record
-from recipes.run.lock import LOCK_NAME, RunLock, discarded_on_failure
+from recipes.run.lock import RunLock, discarded_on_failure
+from recipes.run.rundir import LOCK, RUN_FILES, RunDir
 from recipes.run.parts import (load_initial_weights, make_data, make_loss, make_model, make_optimizer, make_schedule,
                                resolve_runtime)
 
-__all__ = ["RUN_FILES", "Assembly", "build", "make_run_dir", "versions", "write_config"]
+__all__ = ["Assembly", "build", "make_run_dir", "versions", "write_config"]
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Assembly:
     @property
     def events_path(self) -> Path:
         """RUN_DIR/events.jsonl."""
-        return self.run_dir / "events.jsonl"
+        return RunDir(self.run_dir).events
 
     def to_save(self) -> dict[str, Any]:
         """What last.pt holds: every object whose state the run needs to continue."""
@@ -114,12 +115,6 @@ def _installed_version(distribution: str) -> str:
         return "0+unknown"
 
 
-#: What a run writes into its directory: ``kiln train --force`` removes these, and only these, to start
-#: over a run that stopped before its first checkpoint (so do temporary files: dot-names ending in .tmp).
-RUN_FILES = frozenset({"config.json", "summary.json", "metrics.jsonl", "steps.jsonl", "events.jsonl", "report.html",
-                       "lr_find.json", "lr_find.png", "confusion_matrix.png", "checkpoints", "tb", "plots"})
-
-
 def make_run_dir(cfg: Config, out: str | Path | None, *, force: bool = False, writes: bool = True) -> Path:
     """``out``, or ``runs/<recipe>-<timestamp>``: created and locked for this process (:class:`RunLock`)
     before any data is loaded, then checked to hold nothing but the lock file.
@@ -138,7 +133,7 @@ def make_run_dir(cfg: Config, out: str | Path | None, *, force: bool = False, wr
     run_dir = Path(out)
     if not writes:
         return run_dir
-    if LOCK_NAME not in _entries(run_dir):  # not locked before: refuse without leaving a lock file in it
+    if LOCK not in _entries(run_dir):  # not locked before: refuse without leaving a lock file in it
         _check_can_start(run_dir, force)
     RunLock.take(run_dir, busy_hint="wait for it to end, or pick another --out")
     with discarded_on_failure(run_dir):
@@ -161,11 +156,11 @@ def _entries(run_dir: Path) -> set[str]:
 
 def _check_can_start(run_dir: Path, force: bool) -> bool:
     """Whether ``run_dir`` holds a run to clear first (``force``); raises if a new run may not start there."""
-    files = _entries(run_dir) - {LOCK_NAME}
+    files = _entries(run_dir) - {LOCK}
     if not files:
         return False
-    has_checkpoints = (run_dir / "checkpoints" / "last.pt").exists()  # what `kiln resume` continues from
-    is_run = bool(files & {"config.json", "summary.json"})
+    has_checkpoints = RunDir(run_dir).last.exists()  # what `kiln resume` continues from
+    is_run = RunDir(run_dir).holds_a_run(files)
     foreign = sorted(n for n in files if n not in RUN_FILES and not (n.startswith(".") and n.endswith(".tmp")))
     if force and is_run and not has_checkpoints and not foreign:
         return True
@@ -182,7 +177,7 @@ def _check_can_start(run_dir: Path, force: bool) -> bool:
 
 def _start_over(run_dir: Path) -> None:
     """Remove what a run that never reached its first checkpoint left (``kiln train --force``)."""
-    for name in sorted(_entries(run_dir) - {LOCK_NAME}):
+    for name in sorted(_entries(run_dir) - {LOCK}):
         path = run_dir / name
         try:
             if path.is_dir() and not path.is_symlink():
@@ -237,7 +232,7 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
         _shard(val_data, rank, world_size)
     model = make_model(cfg, data.in_channels, num_classes)
     weights_note = None
-    if cfg.model.weights and not (run_dir / "checkpoints" / "last.pt").exists():  # a resumed run has its weights
+    if cfg.model.weights and not RunDir(run_dir).last.exists():  # a resumed run has its weights
         weights_note = load_initial_weights(model, cfg.model.weights)
     model = model.to(device)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
@@ -258,21 +253,22 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
                                   **({"top5_accuracy": TopKCategoricalAccuracy(k=5, device=device)} if num_classes > 5 else {}),
                                   "confusion_matrix": ConfusionMatrix(num_classes, device=device)},
                                  device=device, precision=precision, memory_format=memory_format)
+    paths = RunDir(run_dir)
     purge = resume_from_iteration + 1 if resume_from_iteration is not None else None
     handlers: dict[str, Any] = {
         "amp": AMP(device=device.type, init_scale=t.init_scale, growth_interval=t.growth_interval),
         "grad_clip": GradClip(model.parameters(), max_norm=t.clip_norm or None),
         "schedule": make_schedule(cfg, optimizer, len(train_data)),
         "validation": Validation(evaluator, val_data),
-        "summary": RunSummary(run_dir),
+        "summary": RunSummary(paths.summary),
     }
     if writes:  # one process writes the run's records
-        handlers["metrics_log"] = MetricsLog(run_dir, every=t.log_every)
+        handlers["metrics_log"] = MetricsLog(paths.metrics, paths.steps, every=t.log_every)
         run_hparams = {**hparams(cfg), "runtime.world_size": world_size,
                        "runtime.global_batch_size": cfg.data.batch_size * world_size}
-        handlers["tensorboard"] = TensorBoard(run_dir / "tb", every=t.log_every, purge_step=purge, hparams=run_hparams,
+        handlers["tensorboard"] = TensorBoard(paths.tensorboard, every=t.log_every, purge_step=purge, hparams=run_hparams,
                                               config_text=yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    events_path = run_dir / "events.jsonl" if writes else None
+    events_path = paths.events if writes else None
     if ema is not None:
         handlers["ema"] = ema
     if t.mixup_alpha or t.cutmix_alpha:
@@ -304,7 +300,7 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
     if ema is not None:  # best-* are ranked by the EMA's val_accuracy: they hold the EMA weights too
         best_to_save["ema_model"] = ema.ema_model
     handlers["checkpointer"] = Checkpointer(
-        run_dir / "checkpoints", run.to_save(), best_to_save=best_to_save,
+        paths.checkpoints, run.to_save(), best_to_save=best_to_save,
         every_iterations=c.every_iterations, every_minutes=c.every_minutes, keep_best=c.keep_best,
         events_path=events_path)
     handlers["graceful_stop"] = GracefulStop()
@@ -319,7 +315,7 @@ def write_config(run: Assembly) -> None:
     """config.json: the resolved recipe, plus what it resolved to on this machine and the versions."""
     if not run.writes:
         return
-    write_json_atomic(run.run_dir / "config.json", {
+    write_json_atomic(RunDir(run.run_dir).config, {
         **config_to_dict(run.config),
         "runtime": {"device": str(run.device), "precision": run.precision.name,
                     "batches_per_epoch": len(run.train_data), "val_samples": num_samples(run.val_data),

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from callbacks._files import os_error_line
+from callbacks.files import os_error_line
 from recipes.config import (
     Config,
     ConfigError,
@@ -21,6 +21,7 @@ from recipes.config import (
     config_from_dict,
     config_to_dict,
 )
+from recipes.run.rundir import RunDir
 
 __all__ = ["CHECKPOINT_FORMAT", "RunMeta", "find_last_checkpoint", "load_checkpoint", "run_changing_differences",
            "with_run_precision"]
@@ -158,9 +159,9 @@ def find_last_checkpoint(run_dir: str | Path) -> Path:
         raise ConfigError(f"no run directory at {run_dir}")
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a directory")
-    if not (run_dir / "config.json").exists():
+    if not RunDir(run_dir).config.exists():
         raise ConfigError(f"{run_dir} is not a kiln run directory (no config.json)")
-    last = run_dir / "checkpoints" / "last.pt"
+    last = RunDir(run_dir).last
     if not last.exists():
         raise ConfigError(f"{run_dir} has no checkpoint to resume from (no checkpoints/last.pt)")
     return last

@@ -19,6 +19,7 @@ from recipes.config import FILE_DATASETS, Config, ConfigError, apply_overrides
 from recipes.data import Data, DataError, imagefolder_eval_data, num_samples
 from recipes.run.inference import load
 from recipes.run.parts import make_data
+from recipes.run.rundir import RunDir
 
 __all__ = ["FlipTTA", "evaluate", "evaluate_checkpoint", "evaluation_data", "format_evaluation", "eval_output_dir",
            "MAX_PRINTED_CLASSES"]
@@ -105,11 +106,10 @@ def format_evaluation(result: Mapping[str, Any], source: str = "") -> str:
 
 def eval_output_dir(checkpoint: str | Path) -> Path:
     """Where ``kiln eval`` writes by default: the checkpoint's run directory, else the checkpoint's folder."""
-    checkpoint = Path(checkpoint)
-    folder = checkpoint.parent
-    if folder.name == "checkpoints" and (folder.parent / "config.json").is_file():
-        return folder.parent
-    return folder
+    run = RunDir.of_checkpoint(checkpoint)
+    if Path(checkpoint).parent == run.checkpoints and run.config.is_file():
+        return run.root
+    return Path(checkpoint).parent
 
 
 def _check_data_dir(cfg: Config, data_dir: str, path: str | Path) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -10,12 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
-from callbacks._files import os_error_line, write_json_atomic
+from callbacks.files import os_error_line, write_json_atomic
 from recipes.config import ConfigError
+from recipes.run.rundir import LOCK, RunDir, read_json
 
-__all__ = ["LOCK_NAME", "RunLock", "discarded_on_failure", "lend_to_children", "released_after"]
+__all__ = ["RunLock", "discarded_on_failure", "lend_to_children", "released_after"]
 
-LOCK_NAME = ".lock"
 #: Set while a process that holds run-directory locks spawns its data-parallel ranks: its PID.
 _LENT_BY = "KILN_RUN_LOCKS_LENT_BY"
 
@@ -47,7 +46,7 @@ class RunLock:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.path = RunDir(self.run_dir).lock
         self.inherited = False  #: held by the process that spawned this rank, on its behalf
         self.previous_pid: int | None = None  #: the PID the lock file named when this process took it
         self._fd: int | None = None
@@ -108,7 +107,7 @@ class RunLock:
         if self._fd is None:
             return
         try:
-            unused = [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]
+            unused = [p.name for p in self.run_dir.iterdir()] == [LOCK]
         except OSError:
             unused = False
         if unused and self._created_file:
@@ -188,12 +187,9 @@ class RunLock:
     def _previous_writer_gone(self) -> None:
         """summary.json "running" under a lock that was free: its writer died without a word (SIGKILL,
         a crash, a power cut). Say so, once, now that this process owns the directory."""
-        path = self.run_dir / "summary.json"
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return
-        if not isinstance(summary, dict) or summary.get("status") != "running":
+        path = RunDir(self.run_dir).summary
+        summary = read_json(path)
+        if summary is None or summary.get("status") != "running":
             return
         who = f" (PID {self.previous_pid})" if self.previous_pid is not None else ""
         summary.update(status="killed", reason=f"the process running it{who} ended without recording how: "
@@ -244,8 +240,8 @@ def lend_to_children() -> Iterator[None]:
 
 
 def _holds_a_run(run_dir: Path) -> bool:
-    names = (LOCK_NAME, "config.json", "summary.json", "metrics.jsonl", "steps.jsonl")
-    return run_dir.is_dir() and any((run_dir / name).exists() for name in names)
+    run = RunDir(run_dir)
+    return run_dir.is_dir() and any(p.exists() for p in (run.lock, run.config, run.summary, run.metrics, run.steps))
 
 
 def _key(run_dir: Path) -> str:

@@ -5,12 +5,11 @@ with, and a resume refuses to overwrite a config.json someone edited (:func:`che
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from callbacks._files import append_jsonl, cut_torn_last_line, os_error_line
+from callbacks.files import append_jsonl, cut_torn_last_line
 from recipes import RECIPES
 from recipes.config import (
     Config,
@@ -19,36 +18,19 @@ from recipes.config import (
     config_to_dict,
 )
 from recipes.run.checkpoints import _flatten, with_run_precision
+from recipes.run.rundir import RECORDS, RunDir, read_json_strictly
 
-__all__ = ["RECORDS", "check_config_record", "cut_torn_records", "read_config_json", "run_config"]
-
-#: The append-only records of a run directory; a crash can leave each with a torn last line.
-RECORDS = ("events.jsonl", "metrics.jsonl", "steps.jsonl")
+__all__ = ["check_config_record", "cut_torn_records", "read_config_json", "run_config"]
 
 
 def read_config_json(run_dir: str | Path, hint: str = "restore the file kiln wrote") -> dict[str, Any] | None:
     """RUN_DIR/config.json as a dict, or None when there is none.
 
     Raises:
-        ConfigError: one line naming the file: it cannot be read (the OS's reason), is not valid JSON
-            (line and column, then ``hint``), or does not hold a JSON object.
+        ConfigError: one line naming the file (:func:`recipes.run.rundir.read_json_strictly`; ``hint``
+            says what to do about a file that does not parse).
     """
-    path = Path(run_dir) / "config.json"
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not valid JSON (it is not UTF-8 text); {hint}") from None
-    except OSError as e:
-        raise ConfigError(os_error_line(e, path)) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); {hint}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} does not hold a JSON object; {hint}")
-    return data
+    return read_json_strictly(RunDir(run_dir).config, hint)
 
 
 def run_config(run_dir: str | Path, hint: str = "restore the file kiln wrote") -> Config | None:
@@ -63,7 +45,7 @@ def run_config(run_dir: str | Path, hint: str = "restore the file kiln wrote") -
     try:
         return config_from_dict(data)
     except ConfigError as e:
-        raise ConfigError(f"{Path(run_dir) / 'config.json'} holds a config this kiln cannot use: {e}") from None
+        raise ConfigError(f"{RunDir(run_dir).config} holds a config this kiln cannot use: {e}") from None
 
 
 def check_config_record(last: Path, saved: Config, checkpoint: Mapping[str, Any], *, epochs: int | None = None) -> None:
@@ -78,7 +60,7 @@ def check_config_record(last: Path, saved: Config, checkpoint: Mapping[str, Any]
         ConfigError: config.json cannot be read or parsed, or differs from the checkpoint's config
             (the keys named, with the command that changes a run's config).
     """
-    run_dir = last.parent.parent
+    run_dir = RunDir.of_checkpoint(last).root
     recipe = saved.name if saved.name in RECIPES else "RECIPE"
     recorded = run_config(run_dir, hint=f"kiln train {recipe} --resume {last} --force (with the run's options) "
                                         "writes it anew")
@@ -89,7 +71,7 @@ def check_config_record(last: Path, saved: Config, checkpoint: Mapping[str, Any]
     keys = [k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k) and not (k == "train.epochs" and epochs)]
     if keys:
         changes = "; ".join(f"{k}: {want.get(k)!r} -> {got.get(k)!r}" for k in keys)
-        raise ConfigError(f"{run_dir / 'config.json'} was edited by hand ({changes}); kiln does not read edits: "
+        raise ConfigError(f"{RunDir(run_dir).config} was edited by hand ({changes}); kiln does not read edits: "
                           f"use kiln train {recipe} --resume {last} --set KEY=VALUE --force to change the run")
 
 

@@ -1,7 +1,6 @@
 """Continuing a stopped run from its last.pt, in its own run directory, exactly where it stopped."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -10,13 +9,14 @@ import ignite.distributed as idist
 from ignite.handlers import Checkpoint
 
 from callbacks import OneCycle
-from callbacks._files import append_jsonl, truncate_jsonl
+from callbacks.files import append_jsonl, truncate_jsonl
 from recipes.config import Config, ConfigError, apply_overrides
 from recipes.run.build import Assembly, build, write_config
 from recipes.run.checkpoints import (find_last_checkpoint, load_checkpoint, run_changing_differences,
                                      with_run_precision)
-from recipes.run.lock import LOCK_NAME, RunLock
+from recipes.run.lock import RunLock
 from recipes.run.records import check_config_record, cut_torn_records
+from recipes.run.rundir import LOCK, RunDir, read_json
 from recipes.run.train import execute
 
 __all__ = ["ResumePlan", "plan_resume", "resume", "run_dir_of"]
@@ -88,24 +88,17 @@ def run_dir_of(source: str | Path) -> Path:
 
 def _refuse_a_run_without_checkpoint(run_dir: Path) -> None:
     """A run killed before its first checkpoint has nothing to resume: say how to start it over instead."""
-    if not run_dir.is_dir() or (run_dir / "checkpoints" / "last.pt").exists():
+    paths = RunDir(run_dir)
+    if not run_dir.is_dir() or paths.last.exists():
         return
     names = {p.name for p in run_dir.iterdir()}
-    if not (names & {"config.json", "summary.json"} or names == {LOCK_NAME}):
+    if not (paths.holds_a_run(names) or names == {LOCK}):
         return  # not a kiln run directory: find_last_checkpoint says so
-    config, summary = _read_json(run_dir / "config.json"), _read_json(run_dir / "summary.json")
+    config, summary = read_json(paths.config) or {}, read_json(paths.summary) or {}
     status = f", status {summary['status']}" if isinstance(summary.get("status"), str) else ""
     recipe = config.get("name") if isinstance(config.get("name"), str) else "RECIPE"
     raise ConfigError(f"{run_dir} stopped before its first checkpoint (no checkpoints/last.pt{status}): nothing to "
                       f"resume; start it over with: kiln train {recipe} --out {run_dir} --force")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool = False,
@@ -163,8 +156,8 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
     Checkpoint.load_objects(objects, checkpoint)
     if run.writes:
         cut_torn_records(run_dir, run.events_path, iteration)  # a crash mid-append: before anything is appended
-        for name in ("metrics.jsonl", "steps.jsonl"):
-            truncate_jsonl(run_dir / name, iteration)
+        for path in (RunDir(run_dir).metrics, RunDir(run_dir).steps):
+            truncate_jsonl(path, iteration)
         write_config(run)
         append_jsonl(run.events_path, {"event": "resume", "iteration": iteration, "epoch": iteration // epoch_length,
                                        "checkpoint": str(last), "epochs": cfg.train.epochs})

@@ -11,7 +11,7 @@ import ignite.distributed as idist
 import torch
 
 from callbacks import GracefulStop, RunSummary
-from callbacks._files import append_jsonl, os_error_line
+from callbacks.files import append_jsonl, os_error_line
 from callbacks.nan_diagnosis import summarize_diagnosis
 from recipes.config import Config
 from recipes.run.build import Assembly, build, write_config

@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
-from callbacks._files import write_atomic
+from callbacks.files import write_atomic
 from recipes.config import ConfigError
 from recipes.data import DataError
 from recipes.run.build import versions

@@ -29,12 +29,13 @@ from ignite.engine import Events
 from ignite.handlers import FastaiLRFinder
 
 from callbacks import AMP, GradClip
-from callbacks._files import append_jsonl, write_json_atomic
+from callbacks.files import append_jsonl, write_json_atomic
 from engine import Precision, create_trainer
 from engine.precision import resolve_for_model
 from recipes.config import Config, ConfigError, with_max_lr
 from recipes.run.parts import training_parts
 from recipes.run.records import read_config_json
+from recipes.run.rundir import RunDir
 
 __all__ = [
     "LRFindResult", "lr_range_test", "find_lr", "suggest_max_lr", "apply_suggestion", "choose_max_lr",
@@ -273,7 +274,7 @@ def save_lr_find(result: LRFindResult, out_dir: str | Path) -> Path:
     """Write ``lr_find.json`` into ``out_dir`` (created); returns its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "lr_find.json"
+    json_path = RunDir(out_dir).lr_find
     write_json_atomic(json_path, result.to_dict())
     return json_path
 
@@ -288,15 +289,15 @@ def record_in_run(run: Any, result: LRFindResult) -> None:
     ``{"event": "lr_find"}`` line in events.jsonl, an ``lr_find`` section in config.json, and the
     curve in TensorBoard (``lr_find/*`` tags). ``run`` is a ``recipes.run.Assembly`` whose config.json
     has been written."""
-    run_dir = Path(run.run_dir)
-    save_lr_find(result, run_dir)
+    run_dir = RunDir(run.run_dir)
+    save_lr_find(result, run_dir.root)
     summary = {"max_lr": "auto", "chosen_max_lr": run.config.schedule.max_lr,
                "chosen_lr": run.config.optim.lr, **result.summary()}
-    append_jsonl(run_dir / "events.jsonl", {"event": "lr_find", "iteration": 0, "time": time.time(), **summary})
-    config = read_config_json(run_dir)
+    append_jsonl(run_dir.events, {"event": "lr_find", "iteration": 0, "time": time.time(), **summary})
+    config = read_config_json(run_dir.root)
     if config is not None:
         config["lr_find"] = summary
-        write_json_atomic(run_dir / "config.json", config)
+        write_json_atomic(run_dir.config, config)
     tensorboard = getattr(run, "handlers", {}).get("tensorboard")
     if tensorboard is not None and hasattr(tensorboard, "log_lr_find"):
         tensorboard.log_lr_find(result.lrs, result.losses, result.smoothed, result.suggestion)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from callbacks._files import write_atomic
+from callbacks.files import write_atomic
 from recipes.data import DataError
 from recipes.data.disk import read_cifar_batch, unreadable_images
 from recipes.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from callbacks._files import write_json_atomic
+from callbacks.files import write_json_atomic
 from recipes.config import Config
 from recipes.run.parts import make_data, make_schedule
+from recipes.run.rundir import RunDir
 
 __all__ = ["ScheduleSeries", "schedule_series", "batches_per_epoch", "save_schedule", "format_schedule"]
 
@@ -124,7 +125,7 @@ def save_schedule(series: ScheduleSeries, out_dir: str | Path) -> Path:
     ``recipes.report.plots.plot_schedule``'s."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "schedule.json"
+    json_path = RunDir(out_dir).schedule
     write_json_atomic(json_path, series.to_dict())
     return json_path
 

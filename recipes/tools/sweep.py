@@ -29,7 +29,7 @@ from optuna.samplers import BaseSampler, TPESampler
 from optuna.trial import TrialState
 
 from callbacks import OptunaPruning
-from callbacks._files import append_jsonl, write_atomic, write_json_atomic
+from callbacks.files import append_jsonl, write_atomic, write_json_atomic
 from recipes.config import (
     Config,
     ConfigError,
@@ -41,6 +41,7 @@ from recipes.config import (
 from recipes.recipe_files import is_recipe_file, load_recipe
 from recipes.run import make_run_dir, train
 from recipes.run.lock import released_after
+from recipes.run.rundir import PLOTS, RunDir
 from recipes.tools.html_style import STYLESHEET
 from recipes.tools.lr_find import choose_max_lr
 
@@ -514,7 +515,7 @@ def _plots(study: optuna.Study, out: Path, space_keys: list[str]) -> list[Path]:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    plots_dir = out / "plots"
+    plots_dir = out / PLOTS  # where a run directory keeps its plots
     plots_dir.mkdir(parents=True, exist_ok=True)
     wanted: list[tuple[str, Any]] = [("optimization_history", lambda: ovm.plot_optimization_history(study)),
                                      ("param_importances", lambda: ovm.plot_param_importances(study)),
@@ -566,7 +567,7 @@ def _html(study: optuna.Study, rows: list[dict[str, Any]], out: Path, plots: lis
     body = []
     for r in rows:
         run_dir = Path(r["run_dir"]) if r.get("run_dir") else None
-        report = run_dir / "report.html" if run_dir is not None else None
+        report = RunDir(run_dir).report if run_dir is not None else None
         link = (f'<a href="{e(os.path.relpath(report, out))}">report</a>' if report is not None and report.exists()
                 else "")
         cells = [r["rank"] or "-", f"{r['number']:03d}", *[_fmt(r["params"].get(k)) for k in keys],
@@ -608,5 +609,5 @@ def write_results(study: optuna.Study, recipe: str, base: Config, out: Path, *, 
     if best_yaml is not None:
         print(f"best: {best_yaml}; train it with: kiln train {best_yaml}", file=stream or sys.stdout)
     if plots:
-        print(f"plots: {out / 'plots'} ({', '.join(p.name for p in plots)})", file=stream or sys.stdout)
+        print(f"plots: {out / PLOTS} ({', '.join(p.name for p in plots)})", file=stream or sys.stdout)
     return SweepResult(study, out, table, best_yaml, plots, html_path, json_path)

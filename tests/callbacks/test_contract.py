@@ -98,7 +98,7 @@ SETTINGS: dict[str, Setting] = {
         acted=lambda h, w: w.trainer.state.grad_norm is not None,
     ),
     "MetricsLog": Setting(
-        make=lambda w: callbacks.MetricsLog(w.run_dir, every=1),
+        make=lambda w: callbacks.MetricsLog(w.run_dir / "metrics.jsonl", w.run_dir / "steps.jsonl", every=1),
         acted=lambda h, w: h.metrics_path.exists() or h.steps_path.exists(),
     ),
     "MixUpCutMix": Setting(
@@ -123,7 +123,7 @@ SETTINGS: dict[str, Setting] = {
         acted=lambda h, w: h.stream.getvalue() != "",
     ),
     "RunSummary": Setting(
-        make=lambda w: callbacks.RunSummary(w.run_dir),
+        make=lambda w: callbacks.RunSummary(w.run_dir / "summary.json"),
         acted=lambda h, w: (w.run_dir / "summary.json").exists(),
     ),
     "TensorBoard": Setting(

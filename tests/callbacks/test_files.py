@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from callbacks._files import (
+from callbacks.files import (
     append_jsonl,
     cut_torn_last_line,
     truncate_jsonl,
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_appenders_in_several_processes_never_tear_each_others_lines(tmp_path):
     # Lines far longer than a stdio buffer: written in pieces, two processes' pieces would interleave.
     path = tmp_path / "events.jsonl"
-    script = ("import sys; from callbacks._files import append_jsonl\n"
+    script = ("import sys; from callbacks.files import append_jsonl\n"
               "for i in range(50): append_jsonl(sys.argv[1], {'writer': sys.argv[2], 'i': i, 'pad': 'x' * 100_000})")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(path), str(w)], cwd=REPO) for w in range(4)]
     assert all(p.wait(timeout=300) == 0 for p in procs)

@@ -33,7 +33,7 @@ def _trainer(model, batches, run_dir, precision="fp32", every=3):
     AMP(device="cpu").attach(trainer)
     GradClip(model.parameters(), max_norm=1.0).attach(trainer)
     Validation(evaluator, batches[:2]).attach(trainer)
-    log = MetricsLog(run_dir, every=every)
+    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "steps.jsonl", every=every)
     handles = log.attach(trainer)
     return trainer, log, handles
 
@@ -131,7 +131,7 @@ def test_unit_write_step_on_a_bare_engine(tmp_path):
     engine.state.iteration, engine.state.epoch = 7, 2
     engine.state.loss, engine.state.lr = torch.tensor(float("nan")), 0.01
     engine.state.grad_norm, engine.state.loss_scale, engine.state.step_skipped = torch.tensor(2.5), None, False
-    log = MetricsLog(tmp_path, every=1)
+    log = MetricsLog(tmp_path / "metrics.jsonl", tmp_path / "steps.jsonl", every=1)
     log.write_step(engine)
     (line,) = _lines(log.steps_path)
     assert line == {"iteration": 7, "epoch": 2, "loss": "nan", "lr": 0.01, "grad_norm": 2.5}
@@ -148,4 +148,4 @@ def test_detached_it_writes_nothing(make_model, batches, tmp_path):
 
 def test_every_must_be_positive(tmp_path):
     with pytest.raises(ValueError):
-        MetricsLog(tmp_path, every=0)
+        MetricsLog(tmp_path / "metrics.jsonl", tmp_path / "steps.jsonl", every=0)

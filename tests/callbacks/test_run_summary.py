@@ -23,7 +23,7 @@ def _trainer(make_model, batches, run_dir):
     model = make_model()
     trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), F.cross_entropy, precision="fp32")
     Validation(create_evaluator(model, {"accuracy": Accuracy()}), batches[:2]).attach(trainer)
-    summary = RunSummary(run_dir)
+    summary = RunSummary(run_dir / "summary.json")
     summary.attach(trainer)
     accuracies = []
     trainer.add_event_handler(EpochEvents.VALIDATION_COMPLETED,
@@ -64,7 +64,7 @@ def test_a_run_stopped_early_is_interrupted(make_model, batches, tmp_path):
 
 
 def test_write_takes_a_known_status_and_extra_fields(tmp_path):
-    summary = RunSummary(tmp_path)
+    summary = RunSummary(tmp_path / "summary.json")
     summary.write("failed", error="RuntimeError: boom")
     data = _read(tmp_path / "summary.json")
     assert (data["status"], data["error"], data["iterations"]) == ("failed", "RuntimeError: boom", 0)
@@ -77,7 +77,7 @@ def test_state_dict_round_trips_and_wall_time_adds_up(make_model, batches, tmp_p
     trainer.run(batches, max_epochs=2)
     state = json.loads(json.dumps(summary.state_dict()))  # plain data
 
-    restored = RunSummary(tmp_path / "b")
+    restored = RunSummary(tmp_path / "b" / "summary.json")
     restored.load_state_dict(state)
     assert restored.best_val_accuracy == pytest.approx(max(accuracies))
     assert restored.final_val_accuracy == pytest.approx(accuracies[-1])

@@ -120,7 +120,7 @@ def test_every_must_be_positive(tmp_path):
 FULL_DISK_SCRIPT = """
 import os, sys
 from callbacks import TensorBoard
-from callbacks._files import os_error_line
+from callbacks.files import os_error_line
 disk = sys.argv[1]
 tb = TensorBoard(os.path.join(disk, "tb"), hparams={"train.epochs": 1})
 tb.logger.writer.add_scalar("train/loss", 1.0, 1)
