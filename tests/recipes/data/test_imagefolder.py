@@ -171,7 +171,10 @@ def test_weights_that_do_not_fit_are_one_line(folder, tmp_path, capsys):
 def test_digits_as_png_files_train_resnet18_to_90_percent(tmp_path):
     """The acceptance run: scikit-learn's 1797 digits written as 8x8 grayscale PNGs, resnet18 from scratch.
 
-    Measured on a loaded 2-core CPU: 0.955 val accuracy after 8 epochs at image size 32, 88 s.
+    Trained as the flip finding advises for digits (a mirrored digit is another shape): crops, no flips.
+    Measured on a loaded 2-core Xeon, 5 epochs at image size 32: 0.969 in fp32, 0.981 in bf16 (4 epochs:
+    0.94). With the recipe's default crop+flip it takes 8 epochs to reach 0.93; docs/watch.md shows the flip
+    finding on these same images (tests/test_docs_examples.py runs it).
     """
     from sklearn.datasets import load_digits
 
@@ -182,11 +185,11 @@ def test_digits_as_png_files_train_resnet18_to_90_percent(tmp_path):
             tmp_path / "digits" / str(label) / f"{i:04d}.png")
     start = time.monotonic()
     assert kiln("train", "imagefolder", "--data-dir", str(tmp_path / "digits"), "--model", "resnet18", "--image-size",
-                "32", "--num-workers", "0", "--epochs", "8", "--quiet", "--out", str(tmp_path / "run")) == 0
+                "32", "--num-workers", "0", "--epochs", "5", "--set", "data.augment=crop", "--quiet",
+                "--out", str(tmp_path / "run")) == 0
     seconds = time.monotonic() - start
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_val_accuracy"] >= 0.90, summary
     assert seconds < 600, seconds
-    # the imagefolder default is crop+flip, and a mirrored digit is another shape: the findings say so
-    findings = {f.kind: f for f in find_issues(load_run(tmp_path / "run"))}
-    assert "flip" in findings and findings["flip"].command.endswith("--set data.augment=crop")
+    # trained without flips, the end-of-run pass finds nothing to say about them
+    assert "flip" not in {f.kind for f in find_issues(load_run(tmp_path / "run"))}
