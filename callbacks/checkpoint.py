@@ -163,7 +163,8 @@ class Checkpointer:
         self.every_seconds = every_minutes * 60.0
         self.events_path = Path(events_path) if events_path else None
         self.score_name = score_name
-        self.last = Checkpoint({**to_save, "checkpointer": self}, AtomicDiskSaver(self.dirname), filename_pattern=self.LAST_NAME, n_saved=1,
+        self.last = Checkpoint({**to_save, "checkpointer": self}, AtomicDiskSaver(self.dirname),
+                               filename_pattern=self.LAST_NAME, n_saved=1,
                                greater_or_equal=True, global_step_transform=lambda e, _: e.state.iteration)
         self.best = None
         if keep_best:

@@ -16,10 +16,10 @@ __all__ = ["MetricsLog"]
 class MetricsLog:
     """Append the run's figures to two JSON-lines files; lines are never rewritten.
 
-    ``metrics_path`` (a run's metrics.jsonl) gets one object per validated epoch (see ``engine.records.epoch_record``: epoch,
-    iteration, train_loss, val_loss, val_accuracy, lr, epoch_seconds, images_per_second, ...);
-    ``steps_path`` (steps.jsonl) gets the loss, lr, grad norm and loss scale every ``every`` iterations. Reading
-    them costs one host sync per line, never one per iteration.
+    ``metrics_path`` (a run's metrics.jsonl) gets one object per validated epoch (see
+    ``engine.records.epoch_record``: epoch, iteration, train_loss, val_loss, val_accuracy, lr, epoch_seconds,
+    images_per_second, ...); ``steps_path`` (steps.jsonl) gets the loss, lr, grad norm and loss scale every
+    ``every`` iterations. Reading them costs one host sync per line, never one per iteration.
 
     Events: EpochEvents.VALIDATION_COMPLETED, ITERATION_COMPLETED(every=N). Reads the state fields of
     ``engine.create_trainer``. Writes files only. State: none (the files are the record).
@@ -32,7 +32,7 @@ class MetricsLog:
     Example:
         >>> import pathlib, tempfile
         >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> log = MetricsLog(folder / "metrics.jsonl", folder / "steps.jsonl", every=10)
+        >>> log = MetricsLog(folder / "epochs.jsonl", folder / "iterations.jsonl", every=10)
     """
 
     def __init__(self, metrics_path: str | Path, steps_path: str | Path, every: int = 10) -> None:

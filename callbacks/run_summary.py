@@ -35,7 +35,7 @@ class RunSummary:
 
     Example:
         >>> import pathlib, tempfile
-        >>> summary = RunSummary(pathlib.Path(tempfile.mkdtemp()) / "summary.json")
+        >>> summary = RunSummary(pathlib.Path(tempfile.mkdtemp()) / "outcome.json")
         >>> summary.best_val_accuracy is None
         True
     """

@@ -614,10 +614,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code or 0)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 def plural(count: int, noun: str) -> str:
     """``count`` and ``noun``, with an s unless there is one: ``plural(1, "epoch")`` is "1 epoch".
 
@@ -626,3 +622,7 @@ def plural(count: int, noun: str) -> str:
         ('1 epoch', '3 epochs')
     """
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -136,7 +136,8 @@ def _lacks_flip_probe(path: Path) -> bool:
         config = read_config_json(path.parent) or {}
     except ValueError:  # ConfigError is a ValueError
         return False
-    return record is not None and trained_with_flips(config.get("data", {}).get("augment")) and "flip_probe" not in record
+    flipped = trained_with_flips(config.get("data", {}).get("augment"))
+    return record is not None and flipped and "flip_probe" not in record
 
 
 def write_mistakes(run_dir: str | Path, title: str = "") -> Path | None:

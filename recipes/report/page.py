@@ -118,7 +118,8 @@ def _lr_find_html(run: RunData) -> str:
     if not found:
         return ""
     png = RunDir(run.run_dir).lr_find_plot
-    picture = f"<figure>{_img(png, png.name)}<figcaption>{_e(_CAPTIONS[png.name])}</figcaption></figure>" if png.exists() else ""
+    caption = _e(_CAPTIONS[png.name])
+    picture = f"<figure>{_img(png, png.name)}<figcaption>{caption}</figcaption></figure>" if png.exists() else ""
     suggestion = found.get("suggestion")
     text = (f"<p>Suggested max_lr <b>{_e(fmt(suggestion))}</b>; rule: {_e(found.get('rule', 'n/a'))}. "
             f"This run's max_lr: <b>{_e(fmt(run.config.get('schedule', {}).get('max_lr', '?')))}</b>"
