@@ -1,18 +1,51 @@
-"""kiln's handlers: each one concern, in its own file, attached with ``attach(engine)``."""
-from callbacks.amp import AMP
-from callbacks.checkpoint import Checkpointer
-from callbacks.early_stop import EarlyStop
-from callbacks.ema import EMA
-from callbacks.graceful_stop import GracefulStop
-from callbacks.grad_clip import GradClip
-from callbacks.metrics_log import MetricsLog
-from callbacks.mix import MixUpCutMix
-from callbacks.nan_guard import NanGuard
-from callbacks.one_cycle import OneCycle
-from callbacks.optuna_pruning import OptunaPruning
-from callbacks.progress import Progress
-from callbacks.run_summary import RunSummary
-from callbacks.tensorboard import TensorBoard
-from callbacks.validation import Validation
+"""kiln's handlers: each one concern, in its own file, attached with ``attach(engine)``.
 
-__all__ = ["AMP", "Checkpointer", "EarlyStop", "EMA", "GracefulStop", "GradClip", "MetricsLog", "MixUpCutMix", "NanGuard", "OneCycle", "OptunaPruning", "Progress", "RunSummary", "TensorBoard", "Validation"]
+``from callbacks import AMP`` imports a handler's module when the handler is first named (PEP 562), so
+importing a helper module such as ``callbacks.files`` does not load torch and ignite: ``kiln --help``
+and the other commands that train nothing start in a fraction of a second.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Each handler and the module that defines it.
+_MODULES = {"AMP": "amp", "Checkpointer": "checkpoint", "EarlyStop": "early_stop", "EMA": "ema",
+            "GracefulStop": "graceful_stop", "GradClip": "grad_clip", "MetricsLog": "metrics_log",
+            "MixUpCutMix": "mix", "NanGuard": "nan_guard", "OneCycle": "one_cycle", "OptunaPruning": "optuna_pruning",
+            "Progress": "progress", "RunSummary": "run_summary", "TensorBoard": "tensorboard",
+            "Validation": "validation"}
+
+__all__ = ["AMP", "Checkpointer", "EarlyStop", "EMA", "GracefulStop", "GradClip", "MetricsLog", "MixUpCutMix", "NanGuard",
+           "OneCycle", "OptunaPruning", "Progress", "RunSummary", "TensorBoard", "Validation"]
+
+
+def __getattr__(name: str) -> Any:
+    """The handler ``name``, its module imported on first use."""
+    if name not in _MODULES:
+        raise AttributeError(f"module 'callbacks' has no attribute {name!r}")
+    handler = getattr(importlib.import_module(f"callbacks.{_MODULES[name]}"), name)
+    globals()[name] = handler
+    return handler
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from callbacks.amp import AMP
+    from callbacks.checkpoint import Checkpointer
+    from callbacks.early_stop import EarlyStop
+    from callbacks.ema import EMA
+    from callbacks.graceful_stop import GracefulStop
+    from callbacks.grad_clip import GradClip
+    from callbacks.metrics_log import MetricsLog
+    from callbacks.mix import MixUpCutMix
+    from callbacks.nan_guard import NanGuard
+    from callbacks.one_cycle import OneCycle
+    from callbacks.optuna_pruning import OptunaPruning
+    from callbacks.progress import Progress
+    from callbacks.run_summary import RunSummary
+    from callbacks.tensorboard import TensorBoard
+    from callbacks.validation import Validation

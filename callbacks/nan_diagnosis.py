@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["rank_cause", "build_diagnosis", "hint", "spread", "summarize_diagnosis", "format_diagnosis", "log_line"]
+__all__ = ["POLICIES", "rank_cause", "build_diagnosis", "hint", "spread", "summarize_diagnosis", "format_diagnosis",
+           "log_line"]
+
+#: What NanGuard may do about a non-finite step (``guard.on_nan``). Here, in a module without torch, so the
+#: config and the command line can name them without loading it.
+POLICIES = ("skip", "rollback", "stop")
 
 #: What went non-finite first, in words, for each cause that names one.
 _FIRST = {"parameter": "parameter {}", "buffer": "buffer {}", "input": "input batch", "loss": "loss",

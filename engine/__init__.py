@@ -1,8 +1,17 @@
-"""kiln's loop: ignite engines for training and evaluation, the step events, and the precision policy."""
-from engine.evaluator import create_evaluator
-from engine.events import EpochEvents, StepEvents
-from engine.precision import Precision, resolve_device, resolve_precision
-from engine.step import StepOutput, create_trainer, is_epoch_end, iteration_seed, prepare_batch
+"""kiln's loop: ignite engines for training and evaluation, the step events, and the precision policy.
+
+The names below are imported from their modules when first used (PEP 562): importing a light module of
+the package, such as ``engine.precision_names``, does not load torch and ignite.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Each public name and the module that defines it.
+_MODULES = {"create_trainer": "step", "create_evaluator": "evaluator", "StepEvents": "events", "EpochEvents": "events",
+            "StepOutput": "step", "Precision": "precision", "resolve_precision": "precision",
+            "resolve_device": "precision", "prepare_batch": "step", "iteration_seed": "step", "is_epoch_end": "step"}
 
 __all__ = [
     "create_trainer",
@@ -17,3 +26,23 @@ __all__ = [
     "iteration_seed",
     "is_epoch_end",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The public name ``name``, its module imported on first use."""
+    if name not in _MODULES:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"engine.{_MODULES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.evaluator import create_evaluator
+    from engine.events import EpochEvents, StepEvents
+    from engine.precision import Precision, resolve_device, resolve_precision
+    from engine.step import StepOutput, create_trainer, is_epoch_end, iteration_seed, prepare_batch

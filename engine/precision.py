@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.precision_names import PRECISIONS
+
 __all__ = ["Precision", "resolve_precision", "resolve_device", "resolve_for_model", "cpu_has_amx", "PRECISIONS"]
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

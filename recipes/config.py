@@ -13,18 +13,25 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from callbacks.nan_guard import POLICIES
-from engine.precision import PRECISIONS
+from callbacks.nan_diagnosis import POLICIES
+from engine.precision_names import PRECISIONS
 
 __all__ = [
     "Config", "CheckpointConfig", "DataConfig", "GuardConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
-    "TrainConfig", "ConfigError", "apply_overrides", "config_to_dict", "config_from_dict", "field_paths", "hparams",
+    "TrainConfig", "ConfigError", "DataError", "apply_overrides", "config_to_dict", "config_from_dict", "field_paths", "hparams",
     "with_max_lr", "with_class_count", "OPTION_KEYS", "LEGACY_KEYS", "KILN_MODELS", "SECTIONS",
 ]
 
 
 class ConfigError(ValueError):
     """A recipe, override or value that kiln cannot use; the message is one line for the user."""
+
+
+class DataError(ValueError):
+    """A data set that is missing or unreadable; the message says where kiln looked and what to do.
+
+    Raised by the data wing (``recipes.data``, which exports it); defined here, beside ConfigError and
+    without torch, so the command line can catch both before it loads anything heavy."""
 
 
 def _check(condition: bool, message: str) -> None:

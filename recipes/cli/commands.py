@@ -18,8 +18,8 @@ import click
 import yaml
 
 from callbacks.files import os_error_line
-from callbacks.nan_guard import POLICIES
-from engine.precision import PRECISIONS
+from callbacks.nan_diagnosis import POLICIES
+from engine.precision_names import PRECISIONS
 from recipes import RECIPES
 from recipes.cli.allocator import tune_malloc
 from recipes.cli.options import (
@@ -31,8 +31,7 @@ from recipes.cli.options import (
     resolve_config,
     set_option,
 )
-from recipes.config import ConfigError, config_docs, config_to_dict
-from recipes.data import DataError
+from recipes.config import ConfigError, DataError, config_docs, config_to_dict
 
 __all__ = ["TRAIN_SECTIONS", "cli", "main"]
 

@@ -9,7 +9,10 @@ small and short-lived. So the command line, and only the command line (kiln's li
 touches the collector, so a notebook or a test process keeps Python's defaults):
 
 - turns the collector off while it imports, then moves everything alive into the permanent
-  generation (``gc.freeze``) and turns it back on: later collections never walk those objects;
+  generation (``gc.freeze``) and turns it back on: later collections never walk those objects.
+  A command that trains, evaluates or draws imports torch, ignite and the wings (``recipes.cli.jobs``)
+  in that window; the others (``kiln show``, ``kiln recipes``, ``--help``) import none of them and
+  answer in ~0.1 s;
 - freezes again when the command is done, so the interpreter's exit skips the final walk
   (objects are still released and closed as usual; only cycles among them are left to the OS).
 
@@ -20,8 +23,12 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 
-__all__ = ["main", "tuned_gc"]
+__all__ = ["LIGHT_COMMANDS", "main", "tuned_gc"]
+
+#: Commands that read configs only: they never import torch.
+LIGHT_COMMANDS = frozenset({"show", "recipes"})
 
 
 def tuned_gc() -> bool:
@@ -36,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
         gc.disable()
     try:
         from recipes.cli.commands import main as cli_main
+
+        if _imports_torch(sys.argv[1:] if argv is None else argv):
+            import recipes.cli.jobs  # noqa: F401 - torch, ignite and the wings, before the freeze
     finally:
         if tuned:
             gc.freeze()
@@ -45,3 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if tuned:
             gc.freeze()
+
+
+def _imports_torch(args: list[str]) -> bool:
+    """Whether the command in ``args`` trains, evaluates or draws (not ``--help``, not a light command)."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    return command is not None and command not in LIGHT_COMMANDS and not {"--help", "-h"} & set(args)

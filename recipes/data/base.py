@@ -4,13 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from recipes.config import DataError
 from recipes.data.preprocess import Preprocessing
 
 __all__ = ["Data", "DataError", "num_samples"]
-
-
-class DataError(ValueError):
-    """A data set that is missing or unreadable; the message says where kiln looked and what to do."""
 
 
 @dataclass
