@@ -63,7 +63,7 @@ def recipe_or_run(recipe: str, sets: Sequence[str], kind: str, **options: Any) -
 
     source = Path(recipe)
     if RunDir(source).config.is_file():
-        from recipes.run.records import run_config
+        from recipes.run.rundir import run_config
 
         return apply_overrides(run_config(source), overrides(sets, options)), source
     cfg = resolve_config(recipe, sets, **options)

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from callbacks.files import write_atomic, write_json_atomic
 from recipes.config import apply_overrides
 from recipes.report.flip_probe import flip_probe, trained_with_flips
-from recipes.run.records import read_config_json
-from recipes.run.rundir import CHECKPOINT_PLOTS, RunDir, read_json
+from recipes.run.rundir import CHECKPOINT_PLOTS, RunDir, read_config_json, read_json
 
 __all__ = ["TOP_LOSSES", "analyse_checkpoint", "chosen_checkpoint", "measure_mistakes", "write_mistakes"]
 

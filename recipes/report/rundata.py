@@ -12,8 +12,7 @@ from typing import Any
 
 from callbacks.files import os_error_line
 from recipes.config import ConfigError, config_from_dict
-from recipes.run.records import read_config_json
-from recipes.run.rundir import RunDir, read_json, read_jsonl, read_summary
+from recipes.run.rundir import RunDir, read_config_json, read_json, read_jsonl, read_summary
 from recipes.tools.schedule import schedule_series
 
 __all__ = ["RunData", "load_run", "to_number"]

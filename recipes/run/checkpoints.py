@@ -23,7 +23,7 @@ from recipes.config import (
 )
 from recipes.run.rundir import RunDir
 
-__all__ = ["CHECKPOINT_FORMAT", "RunMeta", "find_last_checkpoint", "load_checkpoint", "run_changing_differences",
+__all__ = ["CHECKPOINT_FORMAT", "RunMeta", "find_last_checkpoint", "flatten_config", "load_checkpoint", "run_changing_differences",
            "with_run_precision"]
 
 CHECKPOINT_FORMAT = 1
@@ -114,6 +114,11 @@ def _check_readable(path: Path) -> None:
         raise ConfigError(os_error_line(e, path)) from None
 
 
+def flatten_config(cfg: Config) -> dict[str, Any]:
+    """Every key of ``cfg`` as ``{"section.key": value}`` (JSON values), for comparing two configs key by key."""
+    return _flatten(config_to_dict(cfg))
+
+
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -131,7 +136,7 @@ def run_changing_differences(saved: Config, requested: Config) -> list[str]:
     ``data.num_classes`` counts only for the synthetic data set (it makes that many classes); for the
     others a saved config records the data's own count there (:func:`recipes.config.with_class_count`).
     """
-    a, b = _flatten(config_to_dict(saved)), _flatten(config_to_dict(requested))
+    a, b = flatten_config(saved), flatten_config(requested)
     neutral = set(RUN_NEUTRAL_KEYS) | ({"data.num_classes"} if saved.data.dataset != "synthetic" else set())
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in neutral and not k.startswith("guard.")]

@@ -1,6 +1,7 @@
 """Continuing a stopped run from its last.pt, in its own run directory, exactly where it stopped."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -10,13 +11,13 @@ from ignite.handlers import Checkpoint
 
 from callbacks import OneCycle
 from callbacks.files import append_jsonl, truncate_jsonl
+from recipes import RECIPES
 from recipes.config import Config, ConfigError, apply_overrides
 from recipes.run.build import Assembly, build, write_config
-from recipes.run.checkpoints import (find_last_checkpoint, load_checkpoint, run_changing_differences,
+from recipes.run.checkpoints import (find_last_checkpoint, flatten_config, load_checkpoint, run_changing_differences,
                                      with_run_precision)
 from recipes.run.lock import RunLock
-from recipes.run.records import check_config_record, cut_torn_records
-from recipes.run.rundir import LOCK, RunDir, read_json
+from recipes.run.rundir import LOCK, RunDir, cut_torn_records, read_json, run_config
 from recipes.run.train import execute
 
 __all__ = ["ResumePlan", "plan_resume", "resume", "run_dir_of"]
@@ -162,3 +163,30 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
         append_jsonl(run.events_path, {"event": "resume", "iteration": iteration, "epoch": iteration // epoch_length,
                                        "checkpoint": str(last), "epochs": cfg.train.epochs})
     return execute(run)
+
+
+def check_config_record(last: Path, saved: Config, checkpoint: Mapping[str, Any], *, epochs: int | None = None) -> None:
+    """Refuse to resume over a config.json that no longer records the checkpoint's config.
+
+    ``saved`` is the config of ``checkpoint`` (at ``last``, in RUN_DIR/checkpoints/). Every key counts,
+    except ``train.precision`` auto against the name it resolved to (a resume writes that name into
+    config.json, while the checkpoint it resumed from may still say auto) and ``train.epochs`` when the
+    resume sets it (``epochs``). No config.json: nothing to compare.
+
+    Raises:
+        ConfigError: config.json cannot be read or parsed, or differs from the checkpoint's config
+            (the keys named, with the command that changes a run's config).
+    """
+    run_dir = RunDir.of_checkpoint(last)
+    recipe = saved.name if saved.name in RECIPES else "RECIPE"
+    recorded = run_config(run_dir.root, hint=f"kiln train {recipe} --resume {last} --force (with the run's options) "
+                                             "writes it anew")
+    if recorded is None:
+        return
+    want = flatten_config(with_run_precision(saved, checkpoint))
+    got = flatten_config(with_run_precision(recorded, checkpoint))
+    keys = [k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k) and not (k == "train.epochs" and epochs)]
+    if keys:
+        changes = "; ".join(f"{k}: {want.get(k)!r} -> {got.get(k)!r}" for k in keys)
+        raise ConfigError(f"{run_dir.config} was edited by hand ({changes}); kiln does not read edits: "
+                          f"use kiln train {recipe} --resume {last} --set KEY=VALUE --force to change the run")

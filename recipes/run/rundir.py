@@ -20,7 +20,10 @@ Three readers, one per kind of record:
 - :func:`read_json_strictly`: a record the caller cannot go on without (config.json): missing is None,
   anything else wrong is one line naming the file and what to do.
 
-and :func:`read_summary`, which rebuilds a lost summary.json from the records.
+and :func:`read_summary`, which rebuilds a lost summary.json from the records. config.json is kiln's record
+of a run, never an input (the checkpoint holds the config a run continues with): :func:`read_config_json`
+and :func:`run_config` read it strictly. :func:`cut_torn_records` repairs the records before a resume
+appends to them.
 """
 from __future__ import annotations
 
@@ -32,13 +35,13 @@ from typing import Any
 import torch
 
 from callbacks.checkpoint import Checkpointer
-from callbacks.files import os_error_line
-from recipes.config import ConfigError
+from callbacks.files import append_jsonl, cut_torn_last_line, os_error_line
+from recipes.config import Config, ConfigError, config_from_dict
 
 __all__ = ["CHECKPOINTS", "CHECKPOINT_PLOTS", "CONFIG", "EVAL_CONFUSION", "EVENTS", "LOCK", "LR_FIND", "LR_FIND_PLOT",
            "METRICS", "MISTAKES", "PLOTS", "RECORDS", "REPORT", "RUN_FILES", "RUN_PLOTS", "RunDir", "SCHEDULE",
-           "SCHEDULE_PLOT", "STEPS", "SUMMARY", "TENSORBOARD", "read_json", "read_json_strictly", "read_jsonl",
-           "read_summary"]
+           "SCHEDULE_PLOT", "STEPS", "SUMMARY", "TENSORBOARD", "cut_torn_records", "read_config_json", "read_json",
+           "read_json_strictly", "read_jsonl", "read_summary", "run_config"]
 
 # Each name once: the paths below, the readers and every module of recipes/ use these.
 CONFIG, SUMMARY, METRICS, STEPS, EVENTS = "config.json", "summary.json", "metrics.jsonl", "steps.jsonl", "events.jsonl"
@@ -223,3 +226,41 @@ def _saved_at(last: Path) -> int:
         return int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["trainer"]["iteration"])
     except Exception:  # missing, torn, not a kiln checkpoint: no saved iteration to count on
         return -1
+
+
+def read_config_json(run_dir: str | Path, hint: str = "restore the file kiln wrote") -> dict[str, Any] | None:
+    """RUN_DIR/config.json as a dict, or None when there is none.
+
+    Raises:
+        ConfigError: one line naming the file (:func:`read_json_strictly`; ``hint`` says what to do about a
+            file that does not parse).
+    """
+    return read_json_strictly(RunDir(run_dir).config, hint)
+
+
+def run_config(run_dir: str | Path, hint: str = "restore the file kiln wrote") -> Config | None:
+    """The :class:`Config` recorded in RUN_DIR/config.json, or None when there is none.
+
+    Raises:
+        ConfigError: see :func:`read_config_json`; or a config this kiln cannot use (named with the file).
+    """
+    data = read_config_json(run_dir, hint)
+    if data is None:
+        return None
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{RunDir(run_dir).config} holds a config this kiln cannot use: {e}") from None
+
+
+def cut_torn_records(run_dir: str | Path, events_path: Path, iteration: int) -> dict[str, int]:
+    """Cut a torn last line off each of RUN_DIR's :data:`RECORDS`, with an events.jsonl line per file cut.
+
+    Called when a run is resumed, before anything is appended. Returns ``{file name: bytes dropped}``
+    for the files that had one.
+    """
+    torn = {name: cut_torn_last_line(Path(run_dir) / name) for name in RECORDS}
+    torn = {name: dropped for name, dropped in torn.items() if dropped}
+    for name, dropped in torn.items():
+        append_jsonl(events_path, {"event": "torn_line_dropped", "file": name, "bytes": dropped, "iteration": iteration})
+    return torn

@@ -34,8 +34,7 @@ from engine import Precision, create_trainer
 from engine.precision import resolve_for_model
 from recipes.config import Config, ConfigError, with_max_lr
 from recipes.run.parts import training_parts
-from recipes.run.records import read_config_json
-from recipes.run.rundir import RunDir
+from recipes.run.rundir import RunDir, read_config_json
 
 __all__ = [
     "LRFindResult", "lr_range_test", "find_lr", "suggest_max_lr", "apply_suggestion", "choose_max_lr",
