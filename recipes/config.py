@@ -18,8 +18,8 @@ from engine.precision_names import PRECISIONS
 
 __all__ = [
     "Config", "CheckpointConfig", "DataConfig", "GuardConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
-    "TrainConfig", "ConfigError", "DataError", "apply_overrides", "config_to_dict", "config_from_dict", "field_paths", "hparams",
-    "with_max_lr", "with_class_count", "OPTION_KEYS", "LEGACY_KEYS", "KILN_MODELS", "SECTIONS",
+    "TrainConfig", "ConfigError", "DataError", "apply_overrides", "config_to_dict", "config_from_dict", "field_paths",
+    "hparams", "with_max_lr", "with_class_count", "OPTION_KEYS", "LEGACY_KEYS", "KILN_MODELS", "SECTIONS",
 ]
 
 
@@ -28,10 +28,8 @@ class ConfigError(ValueError):
 
 
 class DataError(ValueError):
-    """A data set that is missing or unreadable; the message says where kiln looked and what to do.
-
-    Raised by the data wing (``recipes.data``, which exports it); defined here, beside ConfigError and
-    without torch, so the command line can catch both before it loads anything heavy."""
+    """A data set that is missing or unreadable; the message says where kiln looked and what to do. Raised by
+    ``recipes.data`` (which exports it); here, without torch, so the command line catches it cheaply."""
 
 
 def _check(condition: bool, message: str) -> None:
