@@ -6,8 +6,9 @@ and the other commands that train nothing start in a fraction of a second.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from engine.lazy import lazy_exports
 
 #: Each handler and the module that defines it.
 _MODULES = {"AMP": "amp", "Checkpointer": "checkpoint", "EarlyStop": "early_stop", "EMA": "ema",
@@ -20,17 +21,7 @@ __all__ = ["AMP", "Checkpointer", "EarlyStop", "EMA", "GracefulStop", "GradClip"
            "OneCycle", "OptunaPruning", "Progress", "RunSummary", "TensorBoard", "Validation"]
 
 
-def __getattr__(name: str) -> Any:
-    """The handler ``name``, its module imported on first use."""
-    if name not in _MODULES:
-        raise AttributeError(f"module 'callbacks' has no attribute {name!r}")
-    handler = getattr(importlib.import_module(f"callbacks.{_MODULES[name]}"), name)
-    globals()[name] = handler
-    return handler
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES, __all__)
 
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -5,8 +5,9 @@ the package, such as ``engine.precision_names``, does not load torch and ignite.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from engine.lazy import lazy_exports
 
 #: Each public name and the module that defines it.
 _MODULES = {"create_trainer": "step", "create_evaluator": "evaluator", "StepEvents": "events", "EpochEvents": "events",
@@ -28,17 +29,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """The public name ``name``, its module imported on first use."""
-    if name not in _MODULES:
-        raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"engine.{_MODULES[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES, __all__)
 
 
 if TYPE_CHECKING:  # pragma: no cover
