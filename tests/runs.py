@@ -3,6 +3,8 @@ and build a reference run once per test session however many pytest-xdist worker
 
 Every reader here reads records another process may be writing, through the run directory's own lenient
 reader (a torn last line, caught mid-append, is not there yet), and waits on those records, never on sleeps.
+:func:`kiln` and :func:`start` fork each command from the worker's warm process (tests/forkserver.py), which
+saves every command ~2.4 s of imports; a command that process cannot reproduce starts from scratch.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 
 from recipes.run.rundir import read_jsonl
 from tests.conftest import SINGLE_THREAD_ENV
+from tests.forkserver import ForkedKiln, ForkServer, forkable
 
 __all__ = ["ENV", "FAST", "KILN", "KILN_SCRIPT", "REPO", "TIMING_KEYS", "assert_same_run", "final_state", "flatten",
            "kiln", "last_iteration", "metric_lines", "shared_run", "start", "wait_for", "wait_for_iteration"]
@@ -41,16 +44,36 @@ FAST = ["--epochs", "2", "--set", "data.image_size=16", "--set", "train.log_ever
 TIMING_KEYS = {"epoch_seconds", "images_per_second"}
 
 
+_SERVER = ForkServer(ENV, REPO)
+
+
+def _popen(args: tuple[str | Path, ...], env: dict | None, **popen) -> subprocess.Popen:
+    """``python -m recipes.cli ARGS``: forked from the tests' fork server where that is the same (see
+    tests/forkserver.py), else a fresh process."""
+    argv = [*KILN, *map(str, args)]
+    if forkable(argv, env, ENV, popen):
+        return ForkedKiln(_SERVER, argv, env=ENV, **popen)
+    return subprocess.Popen(argv, env=ENV if env is None else env, **popen)
+
+
 def kiln(*args: str | Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
-    """``kiln ARGS`` as its own process (one thread), output captured; ``popen`` goes to subprocess.run."""
-    return subprocess.run([*KILN, *map(str, args)], cwd=popen.pop("cwd", REPO), capture_output=True, text=True,
-                          timeout=timeout, env=popen.pop("env", ENV), check=False, **popen)
+    """``kiln ARGS`` as its own process (one thread), output captured, as ``subprocess.run`` would; ``popen``
+    goes to ``subprocess.Popen``."""
+    with _popen(args, popen.pop("env", None), cwd=popen.pop("cwd", REPO), stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, **popen) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def start(*args: str | Path, **popen) -> subprocess.Popen:
     """``kiln ARGS`` started in the background (one thread), its output piped."""
-    return subprocess.Popen([*KILN, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=popen.pop("env", ENV), **popen)
+    return _popen(args, popen.pop("env", None), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                  **popen)
 
 
 def last_iteration(run_dir: Path) -> int:

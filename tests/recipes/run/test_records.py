@@ -3,7 +3,6 @@ is kiln's record (a hand edit is refused, a broken one is one line), and every f
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,8 +20,7 @@ RECORDS = ("metrics.jsonl", "steps.jsonl", "events.jsonl")
 
 
 def kiln(*args: str, umask: int | None = None) -> subprocess.CompletedProcess:
-    preexec = None if umask is None else (lambda: os.umask(umask))
-    return runs.kiln(*args, timeout=600, preexec_fn=preexec)
+    return runs.kiln(*args, timeout=600, **({} if umask is None else {"umask": umask}))
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
