@@ -32,6 +32,7 @@ from recipes.cli.options import (
     set_option,
 )
 from recipes.config import ConfigError, DataError, config_docs, config_to_dict
+from recipes.words import plural
 
 __all__ = ["TRAIN_SECTIONS", "cli", "main"]
 
@@ -167,7 +168,7 @@ def train(recipe: str, out: str | None, quiet: bool, report: bool, resume_from: 
     Several processes: --nproc-per-node N here, or under torchrun (see docs/distributed.md).
     """
     from recipes.cli import jobs
-    from recipes.run import RunLock, make_run_dir, plan_resume, run_dir_of
+    from recipes.run import make_run_dir, plan_resume
     from recipes.run.lock import discarded_on_failure
 
     auto_max_lr = options.get("max_lr") == "auto"
@@ -182,8 +183,7 @@ def train(recipe: str, out: str | None, quiet: bool, report: bool, resume_from: 
             raise ConfigError("--resume continues in the checkpoint's own run directory; drop --out")
         if auto_max_lr:
             raise ConfigError("--max-lr auto chooses the LR of a new run; it cannot be used with --resume")
-        if jobs.is_rank_zero():  # one process continues a run: the lock first, before anything is read
-            RunLock.take(run_dir_of(resume_from), create=False)
+        jobs.take_for_resume(resume_from)
         plan_resume(resume_from, requested=cfg, force=force, world_size=world_size)
         job = functools.partial(jobs.resume_job, resume_from, dict(requested=cfg, force=force, quiet=quiet),
                                 report=report)
@@ -217,10 +217,9 @@ def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, re
     Example:  kiln resume runs/d5
     """
     from recipes.cli import jobs
-    from recipes.run import RunLock, plan_resume, run_dir_of
+    from recipes.run import plan_resume
 
-    if jobs.is_rank_zero():  # one process continues a run: the lock first, before anything is read
-        RunLock.take(run_dir_of(run_dir), create=False)
+    jobs.take_for_resume(run_dir)
     plan = plan_resume(run_dir, epochs=epochs, new_schedule=new_schedule, world_size=jobs.world_size(nproc_per_node))
     if plan.finished:
         click.echo(f"{run_dir} has already finished ({plan.iteration // plan.epoch_length} of "
@@ -611,16 +610,6 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"kiln: error: {os_error_line(e)}{notes}", err=True)
         sys.exit(1)
     sys.exit(code or 0)
-
-
-def plural(count: int, noun: str) -> str:
-    """``count`` and ``noun``, with an s unless there is one: ``plural(1, "epoch")`` is "1 epoch".
-
-    Example:
-        >>> plural(1, "epoch"), plural(3, "epoch")
-        ('1 epoch', '3 epochs')
-    """
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 if __name__ == "__main__":  # pragma: no cover

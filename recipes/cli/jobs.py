@@ -18,17 +18,18 @@ import click
 
 from callbacks.nan_diagnosis import format_diagnosis
 from recipes.cli.launch import LAUNCHER_SIGNALS, exit_now_if_distributed, launch, under_torchrun
-from recipes.config import Config
+from recipes.config import Config, ConfigError
 from recipes.report import finish_run
 from recipes.report.mistakes import measure_mistakes
 from recipes.report.plots import plot_lr_find
-from recipes.run import Assembly, resume, train
-from recipes.run.lock import lend_to_children
+from recipes.run import Assembly, resume, run_dir_of, train
+from recipes.run.lock import RunLock, lend_to_children
 from recipes.run.lost_rank import lost_a_peer, lost_peer_reason
 from recipes.run.rundir import RunDir, read_summary
 from recipes.tools.lr_find import choose_max_lr, record_in_run
+from recipes.words import plural
 
-__all__ = ["train_job", "resume_job", "run_job", "final_lines", "report_unless_stopped", "world_size", "is_rank_zero",
+__all__ = ["train_job", "resume_job", "take_for_resume", "run_job", "final_lines", "report_unless_stopped", "world_size", "is_rank_zero",
            "EXIT_DIVERGED"]
 
 #: Exit status of ``kiln train``/``kiln resume`` when NanGuard stopped the run as diverged (``--on-nan``).
@@ -72,6 +73,22 @@ def resume_job(source: str, options: dict, report: bool = True) -> int:
     run = resume(source, **options)
     stopped_by = report_unless_stopped(run) if run.ran and report else None  # plots/, report.html, findings
     return _exit_status(run, stopped_by)
+
+
+def take_for_resume(source: str) -> None:
+    """Before a resume reads anything: lock the run directory of ``source`` (RUN_DIR or its last.pt) for this
+    process (rank 0; one process continues a run), and say in one line if its summary.json is missing or torn
+    (the run's status then comes from its records, as for every command; the resumed run writes it anew)."""
+    if not is_rank_zero():
+        return
+    run_dir = run_dir_of(source)
+    RunLock.take(run_dir, create=False)
+    try:
+        note = read_summary(run_dir)[1]
+    except ConfigError:
+        return  # not a run directory: the resume says so in its own words
+    if note:
+        click.echo(f"kiln: {note}", err=True)
 
 
 class _ReportStopped(BaseException):
@@ -203,6 +220,6 @@ def final_lines(run: Assembly) -> int:
     early_stop = run.handlers.get("early_stop")
     if run.stopped_early:
         click.echo(f"stopped early after epoch {early_stop.stopped_epoch} of {s.max_epochs}: no val_accuracy gain "
-                   f"above {early_stop.min_delta:g} in {early_stop.patience} epoch{'s' if early_stop.patience > 1 else ''}")
+                   f"above {early_stop.min_delta:g} in {plural(early_stop.patience, 'epoch')}")
     click.echo(f"run directory: {run.run_dir}")
     return 0

@@ -21,6 +21,7 @@ from recipes.config import OPTION_KEYS, config_to_dict
 from recipes.report.flip_probe import flips_hurt, trained_with_flips
 from recipes.report.rundata import RunData
 from recipes.report.rundata import to_number as _num
+from recipes.words import plural
 
 __all__ = ["Finding", "find_issues", "format_findings", "CHECKS", "fmt"]
 
@@ -231,7 +232,7 @@ def _check_fp16(run: RunData) -> Finding | None:
                   f"the gradients fit ({_scale(settled)}): every skipped step is a lost update. Start the scale there.")
         command = _command(run, {"train.init_scale": float(settled)})
     else:
-        advice = (f"The skips are spread over training: after every {growth} clean step{'s' if growth > 1 else ''} the scaler doubles the scale "
+        advice = (f"The skips are spread over training: after every {plural(growth, 'clean step')} the scaler doubles the scale "
                   "and the next overflow skips a step. A longer growth_interval grows it less often "
                   "(or use bf16, which needs no scaling).")
         command = _command(run, {"train.growth_interval": growth * 4})
@@ -368,12 +369,12 @@ def _check_chance(run: RunData) -> Finding | None:
     if best > CHANCE_MARGIN * chance:
         return None
     epochs = len(accuracies)
-    evidence = [f"best val_accuracy {best:.3f} over {epochs} validated epoch{'s' if epochs != 1 else ''}, with "
+    evidence = [f"best val_accuracy {best:.3f} over {plural(epochs, 'validated epoch')}, with "
                 f"{classes} classes: a uniform guess scores {chance:.3f}"]
     changes: dict[str, Any] = {"schedule.max_lr": "auto", "optim.lr": None}
     iterations = max((m.get("iteration") or 0 for m in run.metrics), default=0)
     if iterations and iterations < SHORT_RUN:
-        evidence.append(f"only {iterations} training iteration{'s' if iterations != 1 else ''}: too short to learn")
+        evidence.append(f"only {plural(iterations, 'training iteration')}: too short to learn")
         changes["train.epochs"] = max(10, int(run.config.get("train", {}).get("epochs") or 1))
     return Finding("chance", "validation accuracy at chance level", evidence,
                    "Nothing the model learned carries over to the validation images. If the run was this short, "
@@ -414,7 +415,7 @@ def format_findings(findings: list[Finding]) -> str:
     if not findings:
         return ("kiln noticed nothing to fix (checked: divergence and loss spikes, accuracy vs chance, flips on "
                 "mirror-sensitive images, fp16 loss scale, clipping, overfitting, max_lr vs the range test)")
-    lines = [f"kiln noticed {len(findings)} thing{'s' if len(findings) > 1 else ''}:"]
+    lines = [f"kiln noticed {plural(len(findings), 'thing')}:"]
     for f in findings:
         lines.append(f"  [{f.kind}] {f.title}")
         lines += [f"      - {e}" for e in f.evidence]

@@ -20,6 +20,7 @@ from recipes.data import Data, DataError, imagefolder_eval_data, num_samples
 from recipes.run.inference import load
 from recipes.run.parts import make_data
 from recipes.run.rundir import RunDir
+from recipes.words import plural
 
 __all__ = ["FlipTTA", "evaluate", "evaluate_checkpoint", "evaluation_data", "format_evaluation", "eval_output_dir",
            "MAX_PRINTED_CLASSES"]
@@ -87,7 +88,7 @@ def format_evaluation(result: Mapping[str, Any], source: str = "") -> str:
     lines.append("per-class accuracy:")
     for i, (name, accuracy, count) in enumerate(zip(names, result["per_class"], result["per_class_samples"])):
         figure = f"{accuracy:.4f}" if accuracy is not None else "   -  "
-        lines.append(f"  {i:>{number}} {_short(name, width):<{width}}  {figure}  ({count} image{'' if count == 1 else 's'})")
+        lines.append(f"  {i:>{number}} {_short(name, width):<{width}}  {figure}  ({plural(count, 'image')})")
     matrix = result["confusion_matrix"]
     if len(names) <= MAX_PRINTED_CLASSES:
         cell = max(number, len(str(max(max(row) for row in matrix)))) + 2

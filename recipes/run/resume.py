@@ -17,7 +17,7 @@ from recipes.run.build import Assembly, build, write_config
 from recipes.run.checkpoints import (find_last_checkpoint, flatten_config, load_checkpoint, run_changing_differences,
                                      with_run_precision)
 from recipes.run.lock import RunLock
-from recipes.run.rundir import LOCK, RunDir, cut_torn_records, read_json, run_config
+from recipes.run.rundir import LOCK, RunDir, cut_torn_records, read_json, read_summary, run_config
 from recipes.run.train import execute
 
 __all__ = ["ResumePlan", "plan_resume", "resume", "run_dir_of"]
@@ -95,8 +95,11 @@ def _refuse_a_run_without_checkpoint(run_dir: Path) -> None:
     names = {p.name for p in run_dir.iterdir()}
     if not (paths.holds_a_run(names) or names == {LOCK}):
         return  # not a kiln run directory: find_last_checkpoint says so
-    config, summary = read_json(paths.config) or {}, read_json(paths.summary) or {}
-    status = f", status {summary['status']}" if isinstance(summary.get("status"), str) else ""
+    config = read_json(paths.config) or {}
+    try:
+        status = f", status {read_summary(run_dir)[0]['status']}"
+    except ConfigError:  # no summary.json and nothing to rebuild it from
+        status = ""
     recipe = config.get("name") if isinstance(config.get("name"), str) else "RECIPE"
     raise ConfigError(f"{run_dir} stopped before its first checkpoint (no checkpoints/last.pt{status}): nothing to "
                       f"resume; start it over with: kiln train {recipe} --out {run_dir} --force")

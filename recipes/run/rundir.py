@@ -37,6 +37,7 @@ import torch
 from callbacks.checkpoint import Checkpointer
 from callbacks.files import append_jsonl, cut_torn_last_line, os_error_line
 from recipes.config import Config, ConfigError, config_from_dict
+from recipes.words import plural
 
 __all__ = ["CHECKPOINTS", "CHECKPOINT_PLOTS", "CONFIG", "EVAL_CONFUSION", "EVENTS", "LOCK", "LR_FIND", "LR_FIND_PLOT",
            "METRICS", "MISTAKES", "PLOTS", "RECORDS", "REPORT", "RUN_FILES", "RUN_PLOTS", "RunDir", "SCHEDULE",
@@ -217,7 +218,7 @@ def read_summary(run_dir: str | Path) -> tuple[dict[str, Any], str | None]:
                "epochs_completed": epochs[-1] if epochs else 0, "iterations": iterations, "rebuilt": True}
     what = "does not parse" if paths.summary.exists() else "is missing"
     return summary, (f"{paths.summary} {what}: rebuilt from the run's records (status {summary['status']}, "
-                     f"{summary['epochs_completed']} epochs)")
+                     f"{plural(summary['epochs_completed'], 'epoch')})")
 
 
 def _saved_at(last: Path) -> int:

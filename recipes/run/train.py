@@ -16,6 +16,7 @@ from callbacks.nan_diagnosis import summarize_diagnosis
 from recipes.config import Config
 from recipes.run.build import Assembly, build, write_config
 from recipes.run.lost_rank import lost_a_peer, lost_peer_reason
+from recipes.words import plural
 
 __all__ = ["execute", "train"]
 
@@ -55,8 +56,8 @@ def execute(run: Assembly) -> Assembly:
         summary_extra["diagnosis"] = summarize_diagnosis(s.diverged)
     elif run.stopped_early:
         run.status = "completed"  # finished by its own rule, not cut short: `kiln resume` has nothing to do
-        reason = (f"val_accuracy did not rise by more than {early_stop.min_delta:g} in {early_stop.patience} "
-                  f"epoch{'s' if early_stop.patience > 1 else ''}")
+        reason = (f"val_accuracy did not rise by more than {early_stop.min_delta:g} "
+                  f"in {plural(early_stop.patience, 'epoch')}")
         summary_extra.update(stopped_early=True, stopped_epoch=early_stop.stopped_epoch, reason=reason)
         event = {"event": "early_stop", "reason": reason, "best_val_accuracy": summary.best_val_accuracy}
     else:

@@ -282,7 +282,7 @@ def test_an_exploding_loss_is_divergence_too(tmp_path, policy):
         with torch.no_grad():
             run.model[-1].weight.mul_(1e6)
 
-    state = start(run)
+    start(run)
     [event] = run.events()
     assert event["cause"] == "loss_explosion" and event["detected_at"] == 6 and event["finite_at"] == 4
     assert event["max_loss"] > 100 * event["first_loss"] and "x its first value" in event["hint"]

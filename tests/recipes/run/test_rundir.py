@@ -75,7 +75,7 @@ def test_a_lost_summary_of_a_run_short_of_its_epochs_is_rebuilt_interrupted(fini
     paths.metrics.write_text(first_epoch + "\n")  # as if it stopped after epoch 1 of 2
     summary, note = read_summary(finished)
     assert summary["status"] == "interrupted" and summary["epochs_completed"] == 1
-    assert "status interrupted, 1 epochs" in note
+    assert "(status interrupted, 1 epoch)" in note
 
 
 def test_without_a_summary_or_records_it_is_one_line(tmp_path):
@@ -93,3 +93,17 @@ def test_kiln_report_on_a_lost_summary_says_so_in_one_line_and_draws_it(finished
     assert lines == [f"kiln: {RunDir(finished).summary} is missing: rebuilt from the run's records "
                      "(status completed, 2 epochs)"], done.stderr
     assert "kiln report: digits (completed)" in RunDir(finished).report.read_text()
+
+
+@pytest.mark.slow
+def test_kiln_resume_on_a_torn_summary_says_so_in_one_line_and_the_resumed_run_writes_it_anew(finished):
+    paths = RunDir(finished)
+    paths.summary.write_text(paths.summary.read_text()[:20])
+    note = f"kiln: {paths.summary} does not parse: rebuilt from the run's records (status completed, 2 epochs)"
+    done = kiln("resume", finished)
+    assert done.returncode == 0 and done.stderr.splitlines() == [note], done.stderr
+    assert "has already finished (2 of 2 epochs)" in done.stdout
+    more = kiln("resume", finished, "--epochs", "3", "--new-schedule", "--quiet", "--no-report")
+    assert more.returncode == 0 and more.stderr.splitlines() == [note], more.stderr
+    summary, note = read_summary(finished)
+    assert note is None and summary["status"] == "completed" and summary["epochs_completed"] == 3
