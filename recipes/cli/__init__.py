@@ -1,7 +1,7 @@
-"""The ``kiln`` command line: the commands (``commands``), what ``train``/``resume`` run in each process
+"""The ``kiln`` command line: the commands (``commands/``, by group), what ``train``/``resume`` run in each process
 (``jobs``), the entry point (``entry``), the launcher (``launch``) and the allocator tuning (``allocator``).
 
-Importing this package is cheap: ``cli`` and ``main`` load ``recipes.cli.commands`` (and torch) on first
+Importing this package is cheap: ``cli`` and ``main`` load ``recipes.cli.commands`` on first
 use, so the entry point can set the process up before the heavy imports.
 """
 from __future__ import annotations

@@ -191,7 +191,7 @@ def test_a_missing_data_set_says_where_kiln_looked_and_creates_nothing(workspace
 
 
 def test_train_help_lists_every_option_once_in_sections_that_fit_a_screen():
-    from recipes.cli.commands import TRAIN_SECTIONS
+    from recipes.cli.commands.run import TRAIN_SECTIONS
 
     text = CliRunner().invoke(cli, ["train", "--help"], terminal_width=80).output
     sections: dict[str, list[str]] = {}
