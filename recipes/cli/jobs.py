@@ -29,8 +29,8 @@ from recipes.run.rundir import RunDir, read_summary
 from recipes.tools.lr_find import choose_max_lr, record_in_run
 from recipes.words import plural
 
-__all__ = ["train_job", "resume_job", "take_for_resume", "run_job", "final_lines", "report_unless_stopped", "world_size", "is_rank_zero",
-           "EXIT_DIVERGED"]
+__all__ = ["train_job", "resume_job", "take_for_resume", "run_job", "final_lines", "report_unless_stopped",
+           "world_size", "is_rank_zero", "EXIT_DIVERGED"]
 
 #: Exit status of ``kiln train``/``kiln resume`` when NanGuard stopped the run as diverged (``--on-nan``).
 EXIT_DIVERGED = 3
@@ -83,6 +83,8 @@ def take_for_resume(source: str) -> None:
         return
     run_dir = run_dir_of(source)
     RunLock.take(run_dir, create=False)
+    if not RunDir(run_dir).last.is_file():
+        return  # nothing to resume: the refusal is the one line
     try:
         note = read_summary(run_dir)[1]
     except ConfigError:
