@@ -17,7 +17,7 @@ Variants (``--variants``):
   ``recipes.run.train`` on the config the CLI makes of ``kiln train cifar10 --set data.dataset=synthetic
   --set data.data_dir= --set data.samples=60000 --set data.val_fraction=0.1666667 --precision P`` (the
   printed command): kiln's ``synthetic`` data set is made at start-up on the CPU and then held on the
-  device (``recipes.data.memory``), batched by index there like ``cifar10``; 10,000 images are
+  device (``recipes.data.tensors``), batched by index there like ``cifar10``; 10,000 images are
   validated after every epoch. ``--quiet`` as a batch job runs it: the progress bar reads the loss every
   0.5 s, a sync by the clock rather than per step. Two handlers are attached after kiln's own (as
   ``train(extra_handlers=...)`` does for ``kiln sweep``): the epoch clock and the sync check below.

@@ -8,7 +8,7 @@ a GradScaler-scaled backward, unscale and ``clip_grad_norm_``, ``scaler.step``, 
 AdamW and clipping run with torch's defaults (no foreach/fused choice), as a tutorial leaves them.
 
 It imports only torch, scikit-learn (the digits) and kiln's ``recipes/models.py``,
-``recipes/data/builtin.py`` and ``recipes/data/batches.py`` loaded as plain files, so the model and
+``recipes/data/digits.py`` and ``recipes/data/batches.py`` loaded as plain files, so the model and
 the split are kiln's own while the process pays for no import of kiln, ignite or click: its
 whole-run wall time is the tutorial's.
 
@@ -61,7 +61,7 @@ def load_kiln_module(name: str) -> ModuleType:
 
 def digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """kiln's digits data: ``x_train, y_train, x_val, y_val``, normalised by the training set's mean and std."""
-    x, y = load_kiln_module("data/builtin").digits_tensors(DIGITS["image_size"])
+    x, y = load_kiln_module("data/digits").digits_tensors(DIGITS["image_size"])
     train_idx, val_idx = load_kiln_module("data/batches").split_indices(len(x), DIGITS["val_fraction"], seed)
     mean, std = x[train_idx].mean(), x[train_idx].std()
     x = (x - mean) / std

@@ -13,7 +13,7 @@ from PIL import Image
 
 from recipes import get_recipe
 from recipes.data import split_indices
-from recipes.data.builtin import digits_tensors
+from recipes.data.digits import digits_tensors
 
 out = Path(sys.argv[1])
 cfg = get_recipe("digits")

@@ -214,6 +214,6 @@ def test_type_checking_imports_are_annotations_not_dependencies(tmp_path):
 
 
 @pytest.mark.parametrize("module, wing", [("recipes.cli.jobs", "cli"), ("recipes", "recipe registry"),
-                                          ("recipes.models", "data, models"), ("recipes.data.disk", "data, models")])
+                                          ("recipes.models", "data, models"), ("recipes.data.imagefolder", "data, models")])
 def test_modules_are_placed_in_their_wing(module, wing):
     assert WINGS[wing_of(module)][0] == wing

@@ -1,7 +1,9 @@
 """Data sets for the recipes: one :func:`load` for every data set, and the batching they share.
 
-Add a data set here: a module that turns a config into a :class:`Data` (see ``memory.py``,
-``disk.py`` and ``idx.py``), a name in ``recipes.config.DATASETS``, and a line in :data:`LOADERS`.
+One module per data set, each with a function that turns a config into a :class:`Data`: ``digits.py``,
+``synthetic.py`` (both through ``tensors.py``), ``cifar10.py``, ``imagefolder.py`` and ``idx.py`` (MNIST and
+Fashion-MNIST: the IDX format); ``base``, ``batches`` and ``preprocess`` are what they share. Add a data set
+the same way, with a name in ``recipes.config.DATASETS`` and a line in :data:`LOADERS`.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from recipes.config import Config
 from recipes.data.base import Data, DataError, num_samples
 from recipes.data.batches import (EpochBatchSampler, LoaderBatches, TensorBatches, augment_batch, mix_seed,
                                   random_crop_flip, split_indices)
-from recipes.data.disk import cifar10_data, imagefolder_data, imagefolder_eval_data
+from recipes.data.cifar10 import cifar10_data
+from recipes.data.digits import digits_data, digits_tensors
 from recipes.data.idx import idx_data
-from recipes.data.memory import digits_tensors, in_memory_data, synthetic_tensors
+from recipes.data.imagefolder import imagefolder_data, imagefolder_eval_data
+from recipes.data.synthetic import synthetic_data, synthetic_tensors
 
 __all__ = [
     "load", "LOADERS", "Data", "DataError", "num_samples", "EpochBatchSampler", "TensorBatches", "LoaderBatches",
@@ -25,8 +29,8 @@ __all__ = [
 
 #: data.dataset -> the function that reads it: ``(cfg, device) -> Data``.
 LOADERS: dict[str, Callable[[Config, torch.device], Data]] = {
-    "digits": in_memory_data,
-    "synthetic": in_memory_data,
+    "digits": digits_data,
+    "synthetic": synthetic_data,
     "cifar10": cifar10_data,
     "imagefolder": imagefolder_data,
     "fashion-mnist": idx_data,

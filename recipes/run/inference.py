@@ -27,7 +27,8 @@ from torch import nn
 from engine import Precision
 from recipes.config import Config, ConfigError, apply_overrides
 from recipes.data import DataError
-from recipes.data.disk import CIFAR10_PREPROCESSING, imagefolder_preprocessing
+from recipes.data.cifar10 import CIFAR10_PREPROCESSING
+from recipes.data.imagefolder import imagefolder_preprocessing
 from recipes.data.preprocess import Preprocessing
 from recipes.models import build_model
 from recipes.run.checkpoints import load_checkpoint, with_run_precision

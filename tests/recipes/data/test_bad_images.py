@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recipes.data import DataError
-from recipes.data.disk import imagefolder_data, unreadable_images
+from recipes.data.imagefolder import imagefolder_data, unreadable_images
 from tests.recipes.data.test_imagefolder import config, write_image_folder
 from tests.runs import kiln
 

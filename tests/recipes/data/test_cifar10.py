@@ -12,7 +12,7 @@ import torch
 from recipes import RECIPES
 from recipes.config import apply_overrides
 from recipes.data import DataError
-from recipes.data.disk import CIFAR10_CLASSES, cifar10_data, load_cifar10
+from recipes.data.cifar10 import CIFAR10_CLASSES, cifar10_data, load_cifar10
 from recipes.models import build_model, resnet9
 from recipes.run.checkpoints import load_checkpoint
 from tests.recipes import kiln_in_process as kiln

@@ -15,7 +15,7 @@ from recipes import RECIPES
 from recipes.run.checkpoints import load_checkpoint
 from recipes.config import ConfigError, apply_overrides
 from recipes.data import DataError
-from recipes.data.disk import imagefolder_data
+from recipes.data.imagefolder import imagefolder_data
 from recipes.report import find_issues, load_run
 from tests.recipes import kiln_in_process as kiln
 

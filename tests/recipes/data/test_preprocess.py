@@ -13,8 +13,9 @@ from torchvision.transforms import functional as TF
 from recipes import get_recipe
 from recipes.config import apply_overrides
 from recipes.data import load, split_indices
-from recipes.data.builtin import digits_tensors
-from recipes.data.disk import CIFAR10_PREPROCESSING, imagefolder_preprocessing
+from recipes.data.cifar10 import CIFAR10_PREPROCESSING
+from recipes.data.digits import digits_tensors
+from recipes.data.imagefolder import imagefolder_preprocessing
 from recipes.data.preprocess import Preprocessing
 from tests.recipes.data.test_imagefolder import write_image_folder
 

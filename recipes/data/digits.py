@@ -1,16 +1,21 @@
-"""The data sets that need no files: scikit-learn's bundled digits and random class-patterned images.
+"""scikit-learn's bundled 8x8 digits (1797 images, no download), held in memory.
 
-This module imports nothing of kiln (only torch and numpy), so a benchmark's plain training loop can
-load it as a file and train on exactly kiln's data.
+Above :func:`digits_data` this module imports nothing of kiln (only torch and numpy), so a benchmark's
+plain training loop can load it as a file and train on exactly kiln's data.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["digits_tensors", "synthetic_tensors", "DIGITS_CLASSES"]
+if TYPE_CHECKING:  # pragma: no cover
+    from recipes.config import Config
+    from recipes.data.base import Data
+
+__all__ = ["DIGITS_CLASSES", "digits_tensors", "digits_data"]
 
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
 
@@ -45,14 +50,10 @@ def digits_tensors(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(target).long()
 
 
-def synthetic_tensors(samples: int, num_classes: int, image_size: int, seed: int,
-                      channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random images of a class-dependent pattern plus noise: learnable, made in milliseconds."""
-    from recipes.data.batches import mix_seed  # here, not at the top: the module stays loadable as a plain file
+def digits_data(cfg: "Config", device: torch.device) -> "Data":
+    """The digits data set of ``cfg`` as a :class:`~recipes.data.base.Data` (through
+    :func:`~recipes.data.tensors.tensor_data`)."""
+    from recipes.data.tensors import tensor_data  # here: the module stays loadable as a plain file
 
-    generator = torch.Generator().manual_seed(mix_seed(seed, 0x5E7))
-    prototypes = torch.randn(num_classes, channels, image_size, image_size, generator=generator)
-    y = torch.arange(samples) % num_classes
-    y = y[torch.randperm(samples, generator=generator)]
-    x = 0.6 * prototypes[y] + torch.randn(samples, channels, image_size, image_size, generator=generator)
-    return x, y
+    x, y = digits_tensors(cfg.data.image_size)
+    return tensor_data(x, y, list(DIGITS_CLASSES), cfg, device)

@@ -1,6 +1,6 @@
-"""Data sets held in memory as tensors: scikit-learn's bundled digits and random synthetic images.
+"""A data set held in memory as tensors (digits, synthetic): split, standardised and batched.
 
-Both are standardised with the training split's mean and standard deviation and batched by index
+It is standardised with the training split's mean and standard deviation and batched by index
 (:class:`TensorBatches`), or through a DataLoader with workers when ``data.num_workers`` asks for one
 (:class:`LoaderBatches`): the batches are the same either way.
 """
@@ -12,27 +12,19 @@ import torch
 
 from recipes.data.base import Data, DataError
 from recipes.data.batches import EpochBatchSampler, LoaderBatches, TensorBatches, random_crop_flip, split_indices
-from recipes.data.builtin import DIGITS_CLASSES, digits_tensors, synthetic_tensors
 from recipes.data.preprocess import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
     from recipes.config import Config
 
-__all__ = ["in_memory_data"]
+__all__ = ["tensor_data"]
 
 
-def in_memory_data(cfg: "Config", device: torch.device) -> Data:
-    """The digits or synthetic data set of ``cfg`` as a :class:`Data`: a seeded split, standardised with the
-    training split's mean and std, batched in memory (or by a DataLoader with ``data.num_workers``)."""
+def tensor_data(x: torch.Tensor, y: torch.Tensor, class_names: list[str], cfg: "Config", device: torch.device) -> Data:
+    """Images ``x`` (N, C, H, W, in [0, 1] or any scale) and labels ``y`` of ``cfg``'s data set as a :class:`Data`: a
+    seeded split, standardised with the training split's mean and std, batched in memory (or by a DataLoader
+    with ``data.num_workers``)."""
     d = cfg.data
-    if d.dataset == "digits":
-        x, y = digits_tensors(d.image_size)
-        class_names = list(DIGITS_CLASSES)
-    elif d.dataset == "synthetic":
-        x, y = synthetic_tensors(d.samples, d.num_classes, d.image_size, cfg.train.seed)
-        class_names = [f"class{i}" for i in range(d.num_classes)]
-    else:  # pragma: no cover - the dispatcher sends only these
-        raise DataError(f"{d.dataset!r} is not an in-memory data set")
     if d.val_fraction <= 0:
         raise DataError(f"{d.dataset} has no validation split of its own: data.val_fraction must be > 0")
     train_idx, val_idx = split_indices(len(x), d.val_fraction, cfg.train.seed)
