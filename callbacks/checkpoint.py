@@ -16,7 +16,7 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 
 from callbacks.files import append_jsonl, write_atomic
 from engine.events import EpochEvents, ensure_epoch_events
-from engine.step import is_epoch_end
+from engine.events import is_epoch_end
 
 __all__ = ["AtomicDiskSaver", "Checkpointer", "NonFiniteCheckpointError"]
 

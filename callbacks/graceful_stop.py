@@ -11,7 +11,7 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
 from engine.events import EpochEvents, ensure_epoch_events
-from engine.step import is_epoch_end
+from engine.events import is_epoch_end
 
 __all__ = ["GracefulStop"]
 

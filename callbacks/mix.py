@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 
-from engine.step import iteration_seed
+from engine.rng import iteration_seed
 
 __all__ = ["MixUpCutMix"]
 

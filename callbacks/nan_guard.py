@@ -18,7 +18,7 @@ from callbacks._step_history import Step, StepHistory
 from callbacks._tensors import nonfinite_names, norms, step_grad_norms
 from callbacks.nan_diagnosis import POLICIES, build_diagnosis, log_line, rank_cause
 from engine.events import StepEvents
-from engine.step import is_epoch_end
+from engine.events import is_epoch_end
 
 __all__ = ["NanGuard", "POLICIES"]
 

@@ -12,7 +12,7 @@ from ignite.engine.events import RemovableEventHandle
 from torch.optim.lr_scheduler import OneCycleLR
 
 from engine.events import StepEvents
-from engine.step import is_epoch_end
+from engine.events import is_epoch_end
 
 __all__ = ["OneCycle"]
 

@@ -12,7 +12,7 @@ from engine.lazy import lazy_exports
 #: Each public name and the module that defines it.
 _MODULES = {"create_trainer": "step", "create_evaluator": "evaluator", "StepEvents": "events", "EpochEvents": "events",
             "StepOutput": "step", "Precision": "precision", "resolve_precision": "precision",
-            "resolve_device": "precision", "prepare_batch": "step", "iteration_seed": "step", "is_epoch_end": "step"}
+            "resolve_device": "precision", "prepare_batch": "step", "iteration_seed": "rng", "is_epoch_end": "events"}
 
 __all__ = [
     "create_trainer",
@@ -34,6 +34,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _MODULES, __all__)
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.evaluator import create_evaluator
-    from engine.events import EpochEvents, StepEvents
+    from engine.events import EpochEvents, StepEvents, is_epoch_end
     from engine.precision import Precision, resolve_device, resolve_precision
-    from engine.step import StepOutput, create_trainer, is_epoch_end, iteration_seed, prepare_batch
+    from engine.rng import iteration_seed
+    from engine.step import StepOutput, create_trainer, prepare_batch

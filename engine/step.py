@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
-import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from engine.events import STEP_EVENT_COUNTERS, EpochEvents, StepEvents
+from engine.data_position import position_data
+from engine.events import STEP_EVENT_COUNTERS, EpochEvents, StepEvents, fire_step_event, is_epoch_end
 from engine.precision import Precision, resolve_for_model
+from engine.rng import iteration_seed, seed_generators
+from engine.train_loss import TrainLossEngine
 
-__all__ = ["create_trainer", "StepOutput", "prepare_batch", "iteration_seed", "is_epoch_end", "epoch_loss_totals"]
+__all__ = ["create_trainer", "StepOutput", "prepare_batch"]
 
 log = logging.getLogger("kiln")
 
@@ -31,50 +32,6 @@ def prepare_batch(batch: Sequence[torch.Tensor], device: torch.device, non_block
     return x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
 
 
-def _seed_generators(seed: int, device: torch.device) -> None:
-    """Seed the CPU generator and the training GPU's. torch.manual_seed does the same for every
-    device but formats three stack traces for lazy seeding: about 200 us per call."""
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()].manual_seed(seed)
-
-
-def is_epoch_end(state: Any) -> bool:
-    """Whether ``state.iteration`` is the last iteration of an epoch (False before the length is known).
-
-    Example:
-        >>> from types import SimpleNamespace
-        >>> is_epoch_end(SimpleNamespace(iteration=46, epoch_length=23)), is_epoch_end(SimpleNamespace(iteration=45, epoch_length=23))
-        (True, False)
-    """
-    return bool(state.epoch_length) and state.iteration % state.epoch_length == 0
-
-
-def _fire(engine: Engine, event: Any) -> None:
-    """Fire one of kiln's step events, only if a handler listens: ignite's own dispatch loop, minus its costs.
-
-    ``Engine.fire_event`` first checks that the event is registered by comparing it with every allowed
-    event, one Python ``__eq__`` each (about 10 us a call, four calls a step), and ``_fire_event`` formats
-    a debug-log line whether or not debug logging is on (about 5 us). kiln's step events are registered
-    by ``create_trainer`` itself, so the step calls the handlers as ``_fire_event`` does (the engine, held
-    by a weak reference, first), and sets ``last_event_name`` as it does.
-    """
-    handlers = engine._event_handlers.get(event)
-    if not handlers:
-        return
-    engine.last_event_name = event
-    for func, args, kwargs in handlers:
-        if args and isinstance(args[0], weakref.ref):
-            func(engine, *args[1:], **kwargs)
-        else:  # a handler registered without the engine (ignite's metrics)
-            func(*args, **kwargs)
-
-
-def iteration_seed(seed: int, iteration: int) -> int:
-    """The torch seed of one iteration: a pure function of the run seed and the iteration number."""
-    return (seed * 1_000_003 + iteration * 7919) % (2**63 - 1)
-
-
 def create_trainer(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -91,6 +48,7 @@ def create_trainer(
 
     The step owns the order (autocast, loss, scaled backward, unscale, optimizer step, zero_grad);
     handlers attached to the step events own the policy (clipping, schedules, guards, logging).
+    The function is long on purpose: the step's order reads top to bottom in one place.
 
     ``engine.state`` fields this engine defines (handlers read these, and write only the ones marked):
         precision (Precision): the resolved precision policy.
@@ -111,13 +69,10 @@ def create_trainer(
             taken now could not resume exactly).
         batch_losses, batch_sizes: this epoch's batch losses (0-dim fp32 device tensors, as
             ``state.loss``) and sample counts, one per iteration since the epoch started or the run
-            resumed; appending costs no device work. ``state.metrics["train_loss"]`` is their
-            sample-weighted mean at EPOCH_COMPLETED (with what a resumed checkpoint carried over); a
-            non-finite batch loss is left out (guards report it). Guards may read them.
-        epoch_loss_sum, epoch_loss_count: what a checkpoint taken mid-epoch carried over (device
-            tensors; zero at an epoch's start). A checkpoint saves them with the batches above added:
-            the float64 sum of float32 losses is exact, so it does not depend on the order of the terms
-            (ranks, a resume).
+            resumed; appending costs no device work. Guards may read them. The engine is a
+            :class:`~engine.train_loss.TrainLossEngine`: ``state.metrics["train_loss"]`` is their
+            sample-weighted mean at EPOCH_COMPLETED, exact across a resume and ranks (non-finite
+            losses left out: guards report them).
         epoch_samples, epoch_samples_timed: samples of the epoch so far, and those trained by this
             process (for throughput after a mid-epoch resume).
         step_record: the last ``engine.records.step_record`` taken (read once per step for every logger).
@@ -155,7 +110,7 @@ def create_trainer(
         if x.dim() == 4 and memory_format is not torch.contiguous_format:
             x = x.contiguous(memory_format=memory_format)
         if seed is not None:
-            _seed_generators(iteration_seed(seed, state.iteration), device)
+            seed_generators(iteration_seed(seed, state.iteration), device)
         state.lr = optimizer.param_groups[0]["lr"]  # the LR this iteration's step uses
         position = (state.iteration - 1) % state.epoch_length
         window_start = position - position % accumulation_steps
@@ -170,7 +125,7 @@ def create_trainer(
         state.batch_sizes.append(x.shape[0])
         state.epoch_samples += x.shape[0]
         state.epoch_samples_timed += x.shape[0]
-        _fire(engine, StepEvents.FORWARD_COMPLETED)
+        fire_step_event(engine, StepEvents.FORWARD_COMPLETED)
 
         scaler = state.scaler
         to_backward = loss.float() / window if window > 1 else loss
@@ -180,19 +135,18 @@ def create_trainer(
         if closes_window:
             state.optimizer_step += 1
             state.skip_step = False
-            _fire(engine, StepEvents.BACKWARD_COMPLETED)
+            fire_step_event(engine, StepEvents.BACKWARD_COMPLETED)
             if scaler is not None:
                 scaler.unscale_(optimizer)  # true-scale grads before anyone clips or measures them
-            _fire(engine, StepEvents.BEFORE_OPTIMIZER_STEP)
+            fire_step_event(engine, StepEvents.BEFORE_OPTIMIZER_STEP)
             _optimizer_step(state, optimizer, scaler)
-            _fire(engine, StepEvents.OPTIMIZER_STEP_COMPLETED)
+            fire_step_event(engine, StepEvents.OPTIMIZER_STEP_COMPLETED)
             optimizer.zero_grad(set_to_none=True)
         return StepOutput(state.loss, y_pred.detach(), y)
 
-    trainer = _Trainer(train_step)
-    trainer.device = device
+    trainer = TrainLossEngine(train_step, device)
     trainer.register_events(*StepEvents, *EpochEvents, event_to_attr=STEP_EVENT_COUNTERS)
-    trainer.state_dict_user_keys.extend(["optimizer_step", "epoch_loss_sum", "epoch_loss_count", "epoch_samples"])
+    trainer.state_dict_user_keys.extend(["optimizer_step", "epoch_samples"])
     state = trainer.state
     state.precision = precision
     state.scaler = None
@@ -205,9 +159,6 @@ def create_trainer(
     state.skipped_steps = 0
     state.optimizer_step = 0
     state.accumulating = False
-    state.epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    state.epoch_loss_count = torch.zeros((), dtype=torch.long, device=device)
-    state.batch_losses, state.batch_sizes = [], []
     state.epoch_samples = 0
     state.epoch_samples_timed = 0
 
@@ -224,66 +175,11 @@ def create_trainer(
     def _start_epoch(engine: Engine) -> None:
         s = engine.state
         if is_epoch_end(s):  # a new epoch (iteration 0 included), not one resumed in its middle
-            s.epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            s.epoch_loss_count = torch.zeros((), dtype=torch.long, device=device)
             s.epoch_samples = 0
-        s.batch_losses, s.batch_sizes = [], []  # on a resume, the checkpoint's totals hold the earlier ones
         s.epoch_samples_timed = 0  # samples trained by this process this epoch: throughput
-        _position_data(s.dataloader, s.epoch, s.iteration % s.epoch_length)
-
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _train_loss(engine: Engine) -> None:
-        s = engine.state
-        total, count = epoch_loss_totals(s)
-        if idist.get_world_size() > 1:  # the loss over every rank's samples, the same figure on each rank
-            total, count = idist.all_reduce(total.clone()), idist.all_reduce(count.clone())
-        s.metrics["train_loss"] = (total / count.clamp(min=1)).item()
+        position_data(s.dataloader, s.epoch, s.iteration % s.epoch_length)
 
     return trainer
-
-
-class _Trainer(Engine):
-    """An ignite Engine whose checkpointed train-loss accumulators cover every data-parallel rank.
-
-    Each rank sums its own batches' losses; ``state_dict`` (called on every rank at the same
-    iteration by a checkpoint) saves the sum over the ranks, and ``load_state_dict`` gives it to
-    rank 0 alone, so the epoch's train_loss after a resume equals the uninterrupted one.
-    """
-
-    def state_dict(self) -> Any:
-        state = super().state_dict()
-        state["epoch_loss_sum"], state["epoch_loss_count"] = epoch_loss_totals(self.state)
-        if idist.get_world_size() > 1:
-            for key in ("epoch_loss_sum", "epoch_loss_count"):
-                state[key] = idist.all_reduce(state[key].clone())
-        return state
-
-    device = torch.device("cpu")  #: where the accumulators live (a checkpoint may be loaded onto the CPU)
-
-    def load_state_dict(self, state_dict: Any) -> None:
-        super().load_state_dict(state_dict)
-        self.state.epoch_loss_sum = self.state.epoch_loss_sum.to(self.device, torch.float64)
-        self.state.epoch_loss_count = self.state.epoch_loss_count.to(self.device)
-        self.state.batch_losses, self.state.batch_sizes = [], []
-        if idist.get_world_size() > 1 and idist.get_rank() != 0:
-            self.state.epoch_loss_sum = torch.zeros_like(self.state.epoch_loss_sum)
-            self.state.epoch_loss_count = torch.zeros_like(self.state.epoch_loss_count)
-
-
-def epoch_loss_totals(state: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The epoch's sample-weighted sum of finite batch losses (float64) and their sample count, on the device.
-
-    Adds ``state.batch_losses`` (weighted by ``state.batch_sizes``) to what a resumed checkpoint carried
-    over (``state.epoch_loss_sum``/``epoch_loss_count``); reads nothing on the host.
-    """
-    total, count = state.epoch_loss_sum, state.epoch_loss_count
-    if not state.batch_losses:
-        return total.clone(), count.clone()
-    losses = torch.stack(state.batch_losses).double()
-    sizes = torch.tensor(state.batch_sizes, dtype=torch.float64).to(losses.device, non_blocking=True)
-    finite = torch.isfinite(losses)
-    return (total + torch.where(finite, losses * sizes, 0.0).sum(),
-            count + torch.where(finite, sizes, 0.0).sum().long())
 
 
 def _optimizer_step(state: Any, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
@@ -300,23 +196,3 @@ def _optimizer_step(state: Any, optimizer: torch.optim.Optimizer, scaler: Any) -
     scaler.update()  # backs the scale off exactly when the unscaled grads held inf/NaN
     state.loss_scale = scaler._get_scale_async().clone()  # a tensor of its own: records keep it by reference
     state.step_skipped = True if state.skip_step else state.loss_scale < before
-
-
-def _position_data(data: Any, epoch: int, start_batch: int) -> None:
-    """Tell the data which epoch starts, and at which batch (non-zero only when resuming mid-epoch).
-
-    Works with anything that has ``set_position(epoch, start_batch)`` (kiln's batchers and samplers),
-    and with a DataLoader whose sampler has ``set_epoch`` (e.g. DistributedSampler), which ignite
-    itself never calls.
-    """
-    target = data
-    if not hasattr(target, "set_position"):
-        sampler = getattr(data, "batch_sampler", None)
-        sampler = getattr(sampler, "sampler", None) or getattr(data, "sampler", None)
-        target = sampler if sampler is not None else data
-    if hasattr(target, "set_position"):
-        target.set_position(epoch, start_batch)
-    elif hasattr(target, "set_epoch"):
-        target.set_epoch(epoch - 1)
-        if start_batch:
-            log.warning("this data loader cannot start mid-epoch: the resumed epoch restarts its order")
