@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from callbacks.files import os_error_line, write_atomic
-from recipes.tools.html_style import STYLESHEET
+from recipes.report.html_style import STYLESHEET
 from recipes.report.findings import Finding, find_issues, fmt, format_findings
 from recipes.report.plots import plot_run
 from recipes.report.rundata import RunData, load_run

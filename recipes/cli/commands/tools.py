@@ -81,12 +81,8 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
     import optuna
 
     from recipes.report import finish_run
-    from recipes.tools.sweep import (
-        SweepInterrupted,
-        default_space,
-        parse_param,
-        run_sweep,
-    )
+    from recipes.report.sweep_page import draw_sweep
+    from recipes.tools.sweep import SweepInterrupted, default_space, parse_param, run_sweep
 
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, not {trials}")
@@ -100,7 +96,8 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
         with output_folder(Path(out or f"runs/{cfg.name}-sweep")) as sweep_dir:
             run_sweep(recipe, cfg, space, n_trials=trials, out=sweep_dir, storage=storage, study_name=study_name,
                       pruner=pruner, auto_max_lr=auto, fixed=fixed, heartbeat_interval=heartbeat,
-                      finish=lambda run_dir: finish_run(run_dir, io.StringIO()))  # each trial's report, not printed
+                      finish=lambda run_dir: finish_run(run_dir, io.StringIO()),  # each trial's report, not printed
+                      draw=draw_sweep)  # and the sweep's page
     except SweepInterrupted as e:
         click.echo(f"kiln: {e}", err=True)
         sys.exit(130)

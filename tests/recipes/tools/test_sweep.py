@@ -17,6 +17,7 @@ from recipes.cli import main
 from recipes.config import ConfigError, apply_overrides
 from recipes.recipe_files import load_recipe_file
 from recipes.report import finish_run
+from recipes.report.sweep_page import draw_sweep
 from recipes.tools.sweep import ParamSpec, default_space, parse_param, run_sweep, trial_config
 from tests.runs import kiln, start
 
@@ -68,7 +69,7 @@ def test_a_tiny_sweep_writes_its_runs_and_results_and_resumes(tmp_path, capsys):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     result = run_sweep("digits", TINY, _space(), n_trials=2, out=out, storage=None, study_name=None,
                        fixed={"data.image_size": "16", "train.epochs": 1, "data.batch_size": "128"},
-                       finish=lambda run_dir: finish_run(run_dir, io.StringIO()))
+                       finish=lambda run_dir: finish_run(run_dir, io.StringIO()), draw=draw_sweep)
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["000", "001"]
     for run_dir in (out / "trials").iterdir():  # every trial is a normal kiln run directory
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
