@@ -13,8 +13,8 @@ reports as Popen does. It runs the same ``recipes/cli/__main__.py`` as ``python 
 once as :func:`recipes.cli.entry.main` does them (the collector off, then frozen).
 
 What it cannot reproduce, :func:`forkable` sends to a fresh process instead: an environment other than the
-suite's (the threads and allocator settings are read at import), ``preexec_fn``/``umask`` and other Popen
-options, and ``--nproc-per-node`` (its ranks are spawned fresh anyway). ``KILN_TESTS_SPAWN=1`` sends every
+suite's (the threads and allocator settings are read at import; ``RUN_TIME_ENV`` aside), ``preexec_fn`` and
+other Popen options, and ``--nproc-per-node`` (its ranks are spawned fresh anyway). ``KILN_TESTS_SPAWN=1`` sends every
 command to a fresh process, to compare or to rule this module out.
 
 Run as ``python -m tests.forkserver LISTENER_FD CONTROL_FD`` by :class:`ForkServer`, never by hand.
@@ -41,9 +41,15 @@ FORKABLE_OPTIONS = frozenset({"cwd", "stdin", "stdout", "stderr", "text", "umask
 _MESSAGE = 1 << 20
 
 
+#: Environment variables kiln reads only when a command runs (never at import): a forked command may differ
+#: from the suite's environment in these.
+RUN_TIME_ENV = frozenset({"KILN_SWEEP_HOLD"})
+
+
 def forkable(args: list[str], env: dict | None, suite_env: dict, options: dict) -> bool:
     """Whether the command ``kiln ARGS`` run with ``env`` and Popen ``options`` can be forked from the server."""
-    return (os.environ.get("KILN_TESTS_SPAWN", "") != "1" and (env is None or env == suite_env)
+    differs = set() if env is None else {k for k in env.keys() | suite_env.keys() if env.get(k) != suite_env.get(k)}
+    return (os.environ.get("KILN_TESTS_SPAWN", "") != "1" and differs <= RUN_TIME_ENV
             and set(options) <= FORKABLE_OPTIONS and "--nproc-per-node" not in args)
 
 

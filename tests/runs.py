@@ -52,7 +52,7 @@ def _popen(args: tuple[str | Path, ...], env: dict | None, **popen) -> subproces
     tests/forkserver.py), else a fresh process."""
     argv = [*KILN, *map(str, args)]
     if forkable(argv, env, ENV, popen):
-        return ForkedKiln(_SERVER, argv, env=ENV, **popen)
+        return ForkedKiln(_SERVER, argv, env=ENV if env is None else env, **popen)
     return subprocess.Popen(argv, env=ENV if env is None else env, **popen)
 
 

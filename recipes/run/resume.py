@@ -107,7 +107,7 @@ def _refuse_a_run_without_checkpoint(run_dir: Path) -> None:
 
 def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool = False,
            requested: Config | None = None, force: bool = False, quiet: bool = False,
-           stream: TextIO | None = None) -> Assembly:
+           stream: TextIO | None = None, extra_handlers: dict[str, Any] | None = None) -> Assembly:
     """Continue the run whose run directory (or last.pt) is ``source``, in the same run directory.
 
     The finished run equals the uninterrupted one: weights, optimizer, schedule, scaler, counters and
@@ -123,6 +123,8 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
             differences are refused unless ``force``.
         force: continue despite run-changing differences in ``requested``.
         quiet: no progress bar or epoch lines.
+        extra_handlers: name -> handler, attached to the trainer after the recipe's own (as ``train`` does;
+            e.g. ``kiln sweep``'s ``OptunaPruning`` on a trial it resumes).
 
     The plots, report.html and findings are not redrawn here: ``recipes.report.finish_run(run.run_dir)``.
 
@@ -144,6 +146,9 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
         return run
 
     run = build(cfg, run_dir, quiet=quiet, stream=stream, resume_from_iteration=iteration)
+    for name, handler in (extra_handlers or {}).items():
+        handler.attach(run.trainer)
+        run.handlers[name] = handler
     objects = run.to_save()
     objects.pop("kiln")
     for name in ("ema", "ema_model", "early_stop"):  # switched on by a --force'd config change: they start afresh

@@ -1,7 +1,6 @@
 """The commands that search for settings: ``kiln lr-find`` and ``kiln sweep``."""
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -83,6 +82,7 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
     from recipes.report import finish_run
     from recipes.report.sweep_page import draw_sweep
     from recipes.tools.sweep import SweepInterrupted, default_space, parse_param, run_sweep
+    from recipes.tools.sweep.stop import quiet_failed_trials
 
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, not {trials}")
@@ -91,30 +91,12 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
     fixed = overrides(sets, {"epochs": epochs, "max_lr": None if auto else max_lr})
     space = [parse_param(p, cfg) for p in params] or default_space(cfg, with_max_lr=not auto and max_lr is None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("optuna.study._optimize").addFilter(_QuietOSErrorTrials())
-    try:
-        with output_folder(Path(out or f"runs/{cfg.name}-sweep")) as sweep_dir:
+    try:  # an OSError ends the sweep and reaches main, which says it in one line: Optuna's lines about it go
+        with quiet_failed_trials(OSError), output_folder(Path(out or f"runs/{cfg.name}-sweep")) as sweep_dir:
             run_sweep(recipe, cfg, space, n_trials=trials, out=sweep_dir, storage=storage, study_name=study_name,
                       pruner=pruner, auto_max_lr=auto, fixed=fixed, heartbeat_interval=heartbeat,
                       finish=lambda run_dir: finish_run(run_dir, io.StringIO()),  # each trial's report, not printed
                       draw=draw_sweep)  # and the sweep's page
-    except SweepInterrupted as e:
+    except SweepInterrupted as e:  # SIGTERM or Ctrl-C: one line, and the shell's status for the signal
         click.echo(f"kiln: {e}", err=True)
-        sys.exit(130)
-
-
-class _QuietOSErrorTrials(logging.Filter):
-    """Drop optuna's two lines about a trial that failed with an OSError (its traceback, then its value):
-    the OSError ends the sweep and reaches :func:`main`, which says it in one line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.trials: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Whether to keep ``record`` ("Trial N failed ...")."""
-        trial = record.getMessage().split(" failed", 1)[0]
-        if record.exc_info and isinstance(record.exc_info[1], OSError):
-            self.trials.add(trial)
-            return False
-        return trial not in self.trials
+        sys.exit(128 + e.signum)

@@ -51,10 +51,13 @@ def format_value(value: Any) -> str:
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """Every trial but surplus ones: ranked completed trials first (best first), then pruned ones, then the rest."""
+    """Every trial but surplus ones and stopped ones another resumed: ranked completed trials first (best first),
+    then pruned ones, then the rest."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("surplus"):
+    trials = study.get_trials(deepcopy=False)
+    resumed = {t.user_attrs.get("resumes") for t in trials}  # a stopped trial counts once: as the one resuming it
+    for t in trials:
+        if t.user_attrs.get("surplus") or (t.state == TrialState.FAIL and t.number in resumed):
             continue
         best = t.user_attrs.get("best_val_accuracy")
         if best is None and t.intermediate_values:

@@ -7,6 +7,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -16,12 +17,14 @@ from optuna.trial import TrialState
 from callbacks import OptunaPruning
 from callbacks.files import append_jsonl
 from recipes.config import Config, ConfigError, apply_overrides
-from recipes.run import make_run_dir, train
+from recipes.run import make_run_dir, resume, train
 from recipes.run.checkpoints import flatten_config
 from recipes.run.lock import released_after
+from recipes.run.rundir import RunDir
 from recipes.tools.lr_find import choose_max_lr
 from recipes.tools.sweep.results import SweepResult, format_value, short_key, write_results
 from recipes.tools.sweep.space import ParamSpec, trial_config
+from recipes.tools.sweep.stop import StopSignals, SweepInterrupted, quiet_failed_trials
 from recipes.tools.sweep.storage import check_same_sweep, open_study
 
 __all__ = ["COUNTED", "IN_FLIGHT", "SweepInterrupted", "run_sweep"]
@@ -29,10 +32,6 @@ __all__ = ["COUNTED", "IN_FLIGHT", "SweepInterrupted", "run_sweep"]
 #: What counts towards a sweep's ``--trials``: a trial that failed (its worker died) is replaced.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
-
-
-class SweepInterrupted(Exception):
-    """A trial was stopped by Ctrl-C or SIGTERM: the trial is marked failed and this worker stops."""
 
 
 def run_sweep(recipe: str, base: Config, space: list[ParamSpec], *, n_trials: int, out: Path, storage: str | None,
@@ -45,11 +44,38 @@ def run_sweep(recipe: str, base: Config, space: list[ParamSpec], *, n_trials: in
     ``finish(run_dir)`` runs after each trial (e.g. ``recipes.report.finish_run``), ``draw(result)`` at the end
     (the page: ``recipes.report.sweep_page.draw_sweep``).
 
+    SIGTERM or Ctrl-C stops the worker at any moment with :class:`SweepInterrupted` (see ``stop.py``). A
+    trial stopped mid-run keeps its last.pt and is marked failed with its run recorded; the next worker on
+    the study (the same command again) gives its parameters to a new trial that resumes that run directory
+    exactly, and the stopped one is left out of the table: each trial counts once.
+
     Raises:
         ConfigError: bad arguments, an unusable storage, or a study started with other arguments.
-        SweepInterrupted: Ctrl-C or SIGTERM stopped a trial (marked failed; re-run to continue).
+        SweepInterrupted: SIGTERM or Ctrl-C (its ``signum``); re-run the same command to continue.
     """
+    _check_space(space, n_trials, auto_max_lr)
     out_stream = stream or sys.stdout
+    identity = {"recipe": recipe, "space": [p.describe() for p in space],
+                "fixed": {k: str(v) for k, v in (fixed or {}).items()}, "max_lr_auto": auto_max_lr, "pruner": pruner}
+    with StopSignals() as stop, quiet_failed_trials(SweepInterrupted):
+        with stop.interruptible("sweep stopped before its first trial; re-run the same command to start it"):
+            stop.hold("before-trials")
+            if storage is None:  # the default SQLite file lives in the sweep directory
+                out.mkdir(parents=True, exist_ok=True)
+            storage_url = storage or f"sqlite:///{(out / 'sweep.db').resolve()}"
+            study = open_study(study_name or base.name, storage_url, seed=base.train.seed, pruner=pruner,
+                               n_trials=n_trials, heartbeat_interval=heartbeat_interval)
+            out.mkdir(parents=True, exist_ok=True)  # only now: an unusable storage leaves no empty directory
+            check_same_sweep(study, identity)
+        worker = _Worker(study, recipe, base, space, n_trials, out, auto_max_lr, out_stream, finish, stop)
+        worker.run(heartbeat_interval)
+        with stop.interruptible(f"the sweep's page was not drawn ({n_trials} trials done); re-run the same "
+                                "command to draw it"):
+            stop.hold("page")
+            return write_results(study, recipe, base, out, n_trials=n_trials, stream=out_stream, draw=draw)
+
+
+def _check_space(space: list[ParamSpec], n_trials: int, auto_max_lr: bool) -> None:
     if n_trials < 1:
         raise ConfigError(f"--trials must be >= 1, not {n_trials}")
     if not space:
@@ -59,71 +85,123 @@ def run_sweep(recipe: str, base: Config, space: list[ParamSpec], *, n_trials: in
         raise ConfigError(f"--param names a key twice: {', '.join(sorted({k for k in keys if keys.count(k) > 1}))}")
     if auto_max_lr and "schedule.max_lr" in keys:
         raise ConfigError("--max-lr auto chooses max_lr itself; drop --param max_lr, or drop --max-lr auto")
-    if storage is None:  # the default SQLite file lives in the sweep directory
-        out.mkdir(parents=True, exist_ok=True)
-    storage_url = storage or f"sqlite:///{(out / 'sweep.db').resolve()}"
-    study = open_study(study_name or base.name, storage_url, seed=base.train.seed, pruner=pruner, n_trials=n_trials,
-                       heartbeat_interval=heartbeat_interval)
-    out.mkdir(parents=True, exist_ok=True)  # only now: an unusable storage leaves no empty directory
-    identity = {"recipe": recipe, "space": [p.describe() for p in space], "fixed": {k: str(v) for k, v in (fixed or {}).items()},
-                "max_lr_auto": auto_max_lr, "pruner": pruner}
-    check_same_sweep(study, identity)
 
-    def objective(trial: optuna.Trial) -> float:
-        ahead = [t for t in study.get_trials(deepcopy=False, states=COUNTED + IN_FLIGHT) if t.number < trial.number]
-        if len(ahead) >= n_trials:  # another worker took the last place between our count and our ask
+
+@dataclass
+class _Worker:
+    """One worker's loop over the study's trials (see :func:`run_sweep`)."""
+
+    study: optuna.Study
+    recipe: str
+    base: Config
+    space: list[ParamSpec]
+    n_trials: int
+    out: Path
+    auto_max_lr: bool
+    stream: TextIO
+    finish: Callable[[Path], Any] | None
+    stop: StopSignals
+
+    def run(self, heartbeat_interval: int) -> None:
+        """Trials until ``n_trials`` are complete or pruned; waits while the rest run in other workers."""
+        waiting_for: list[int] = []
+        while True:
+            _fail_stale(self.study)
+            _requeue_stopped(self.study)
+            trials = self.study.get_trials(deepcopy=False)
+            done = sum(t.state in COUNTED for t in trials)
+            in_flight = [t.number for t in trials if t.state == TrialState.RUNNING]
+            queued = sum(t.state == TrialState.WAITING for t in trials)  # stopped trials to resume: run here
+            if done >= self.n_trials:
+                return
+            where = f"{done} of {self.n_trials} trials done; re-run the same command to continue the sweep"
+            if not queued and done + len(in_flight) >= self.n_trials:  # the rest runs elsewhere: wait, in case
+                if in_flight != waiting_for:  # a worker dies; say why this one sits idle, once per set of trials
+                    waiting_for = in_flight
+                    print(f"waiting for trial{'s' if len(in_flight) != 1 else ''} {', '.join(map(str, in_flight))} "
+                          f"in other workers; a worker that died is noticed when its last heartbeat is "
+                          f"{3 * heartbeat_interval} s old, and its trial is then run here", file=self.stream, flush=True)
+                with self.stop.interruptible(f"worker stopped while waiting for other workers ({where})"):
+                    time.sleep(max(1, heartbeat_interval // 2))
+                continue
+            with self.stop.interruptible(f"sweep stopped between trials ({where})"):
+                if done:
+                    self.stop.hold("between-trials")
+            self.study.optimize(self._objective, n_trials=1, catch=(_Surplus,), gc_after_trial=True)
+            if self.stop.signum is not None:
+                done = sum(t.state in COUNTED for t in self.study.get_trials(deepcopy=False))
+                self.stop.check(f"sweep stopped after a trial ({done} of {self.n_trials} trials done; re-run the same "
+                                "command to continue the sweep)")
+
+    def _objective(self, trial: optuna.Trial) -> float:
+        ahead = [t for t in self.study.get_trials(deepcopy=False, states=COUNTED + IN_FLIGHT) if t.number < trial.number]
+        if len(ahead) >= self.n_trials:  # another worker took the last place between our count and our ask
             trial.set_user_attr("surplus", True)
             raise _Surplus
-        params = {p.key: p.suggest(trial) for p in space}
-        cfg = trial_config(base, params)
-        if auto_max_lr:
-            cfg = _auto_max_lr(study, base, cfg, out_stream)
-        run_dir = make_run_dir(cfg, _trial_dir(out, trial.number))  # locked; refused if it holds files already
-        trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("config", flatten_config(cfg))
+        params = {p.key: p.suggest(trial) for p in self.space}  # a requeued trial's are the stopped one's
+        stopped_dir = trial.user_attrs.get("run_dir")  # set only on a trial that resumes a stopped one
         pruning = OptunaPruning(trial)
-        with released_after(run_dir):  # the trial's run and report are written under its lock, then it is let go
-            run = train(cfg, run_dir, quiet=True, stream=io.StringIO(), extra_handlers={"optuna_pruning": pruning})
-            if pruning.pruned:
-                append_jsonl(run.events_path, {"event": "pruned", "epoch": pruning.pruned_epoch,
-                                               "trial": trial.number, "study": study.study_name})
-            if finish is not None:
-                finish(run.run_dir)
-        summary = run.handlers["summary"]
-        best = summary.best_val_accuracy
+        if stopped_dir is not None:
+            run_dir = Path(stopped_dir)
+            with released_after(run_dir):  # resume locks it; its run and report are written, then it is let go
+                run = resume(run_dir, quiet=True, stream=io.StringIO(), extra_handlers={"optuna_pruning": pruning})
+                self._after_run(trial, run, pruning)
+        else:
+            cfg = trial_config(self.base, params)
+            if self.auto_max_lr:
+                cfg = _auto_max_lr(self.study, self.base, cfg, self.stream)
+            run_dir = make_run_dir(cfg, _trial_dir(self.out, trial.number))  # locked; refused if it holds files
+            trial.set_user_attr("run_dir", str(run_dir))
+            with released_after(run_dir):  # the trial's run and report are written under its lock, then let go
+                run = train(cfg, run_dir, quiet=True, stream=io.StringIO(), extra_handlers={"optuna_pruning": pruning})
+                self._after_run(trial, run, pruning)
+        return self._result(trial, run, pruning, params)
+
+    def _after_run(self, trial: optuna.Trial, run: Any, pruning: OptunaPruning) -> None:
+        """Under the trial's lock: note a signal its run stopped on, record a prune, draw its report."""
+        self.stop.note(run.stop_signal)
+        if pruning.pruned:
+            append_jsonl(run.events_path, {"event": "pruned", "epoch": pruning.pruned_epoch,
+                                           "trial": trial.number, "study": self.study.study_name})
+        if self.finish is not None and run.status != "interrupted":  # the resumed run draws a stopped one's
+            self.finish(run.run_dir)
+
+    def _result(self, trial: optuna.Trial, run: Any, pruning: OptunaPruning, params: dict[str, Any]) -> float:
+        """Record the trial's run in its user attrs, say it in one line; its value, or pruned, or stopped."""
+        best = run.handlers["summary"].best_val_accuracy
         epochs = int(run.trainer.state.epoch)
-        trial.set_user_attr("epochs_run", epochs)
-        trial.set_user_attr("status", run.status)
-        trial.set_user_attr("best_val_accuracy", best)
-        shown = ", ".join(f"{short_key(k)}={format_value(v)}" for k, v in params.items())
+        for key, value in (("config", flatten_config(run.config)), ("epochs_run", epochs), ("status", run.status),
+                           ("best_val_accuracy", best)):
+            trial.set_user_attr(key, value)
+        resumed = f" (resumes trial {trial.user_attrs['resumes']})" if "resumes" in trial.user_attrs else ""
+        shown = ", ".join(f"{short_key(k)}={format_value(v)}" for k, v in params.items()) + resumed
         if pruning.pruned:
             print(f"trial {trial.number:3d}: {shown}: pruned after epoch {pruning.pruned_epoch} "
-                  f"(val_accuracy {format_value(best)})", file=out_stream, flush=True)
+                  f"(val_accuracy {format_value(best)})", file=self.stream, flush=True)
             raise optuna.TrialPruned()
-        if run.status == "interrupted":  # Ctrl-C or SIGTERM: this worker stops; the trial is not a result
-            raise SweepInterrupted(f"trial {trial.number} was stopped; re-run the same command to continue the sweep")
+        if run.status == "interrupted":  # SIGTERM or Ctrl-C: last.pt is saved; the next worker resumes it
+            trial.set_user_attr("interrupted", True)
+            s = run.trainer.state
+            raise SweepInterrupted(f"{self.stop.name}: trial {trial.number} stopped at iteration {s.iteration} "
+                                   f"(epoch {s.epoch}), its checkpoint saved; re-run the same command to resume it "
+                                   "and continue the sweep", self.stop.signum or run.stop_signal)
         print(f"trial {trial.number:3d}: {shown}: best val_accuracy {format_value(best)} "
-              f"({epochs} epochs, {run.status})", file=out_stream, flush=True)
+              f"({epochs} epochs, {run.status})", file=self.stream, flush=True)
         return float(best) if best is not None else 0.0
 
-    waiting_for: list[int] = []
-    while True:
-        _fail_stale(study)
-        trials = study.get_trials(deepcopy=False)
-        done = sum(t.state in COUNTED for t in trials)
-        in_flight = [t.number for t in trials if t.state in IN_FLIGHT]
-        if done >= n_trials:
-            break
-        if done + len(in_flight) >= n_trials:  # the rest is running elsewhere: wait, in case a worker dies
-            if in_flight != waiting_for:  # say why this worker sits idle, once per set of trials it waits for
-                waiting_for = in_flight
-                print(f"waiting for trial{'s' if len(in_flight) != 1 else ''} {', '.join(map(str, in_flight))} in "
-                      f"other workers; a worker that died is noticed when its last heartbeat is "
-                      f"{3 * heartbeat_interval} s old, and its trial is then run here", file=out_stream, flush=True)
-            time.sleep(max(1, heartbeat_interval // 2))
-            continue
-        study.optimize(objective, n_trials=1, catch=(_Surplus,), gc_after_trial=True)
-    return write_results(study, recipe, base, out, n_trials=n_trials, stream=out_stream, draw=draw)
+
+def _requeue_stopped(study: optuna.Study) -> None:
+    """Give each trial a signal stopped (failed, recorded ``interrupted``) a new trial with its parameters and
+    its run directory (when it holds a last.pt), which resumes it; once per stopped trial."""
+    trials = study.get_trials(deepcopy=False)
+    taken = {t.user_attrs.get("resumes") for t in trials}
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in taken:
+            run_dir = t.user_attrs.get("run_dir")
+            attrs = {"resumes": t.number}
+            if run_dir is not None and RunDir(run_dir).last.is_file():
+                attrs["run_dir"] = run_dir
+            study.enqueue_trial(t.params, user_attrs=attrs, skip_if_exists=False)
 
 
 class _Surplus(Exception):

@@ -182,3 +182,60 @@ def test_two_workers_share_a_study_and_one_dying_mid_trial_leaves_it_consistent(
     run_dirs = [t.user_attrs["run_dir"] for t in study.trials if "run_dir" in t.user_attrs]
     assert len(run_dirs) == len(set(run_dirs))  # no trial run twice
     assert len(json.loads((out / "sweep.json").read_text())["trials"]) >= n
+
+
+SWEEP = ["sweep", "digits", "--trials", "2", "--epochs", "2", "--set", "data.image_size=16", "--set", "train.log_every=1"]
+MOMENTS = {
+    "before-trials": "SIGTERM: sweep stopped before its first trial; re-run the same command to start it",
+    "mid-trial": "SIGTERM: trial 0 stopped at iteration ",
+    "between-trials": "SIGTERM: sweep stopped between trials (1 of 2 trials done; re-run the same command to continue",
+    "page": "SIGTERM: the sweep's page was not drawn (2 trials done); re-run the same command to draw it",
+}
+
+
+def _stop_at(moment: str, out, sig: int = signal.SIGTERM):
+    """``kiln sweep`` stopped by ``sig`` at ``moment``: mid-trial when trial 0's steps.jsonl has 5 records, else
+    where the sweep holds (KILN_SWEEP_HOLD, said on stderr). Returns (exit status, stderr lines)."""
+    from tests.runs import ENV, wait_for
+
+    proc = start(*SWEEP, "--out", out, env=None if moment == "mid-trial" else {**ENV, "KILN_SWEEP_HOLD": moment})
+    if moment == "mid-trial":
+        steps = out / "trials" / "000" / "steps.jsonl"
+        wait_for(lambda: steps.exists() and len(steps.read_text().splitlines()) >= 6, proc, what="5 steps of trial 0")
+    else:
+        lines: list[str] = []
+        wait_for(lambda: lines.append(proc.stderr.readline()) or "holding at" in lines[-1], proc,
+                 what=f"the sweep holding at {moment}")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, [line for line in err.splitlines() if "holding at" not in line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_sigterm_at_any_moment_is_one_line_and_143_and_the_same_command_continues(tmp_path, moment):
+    out = tmp_path / "sweep"
+    code, err = _stop_at(moment, out)
+    assert code == 143 and len(err) == 1 and err[0].startswith(f"kiln: {MOMENTS[moment]}"), err
+    again = kiln(*SWEEP, "--out", out)
+    assert again.returncode == 0, again.stderr
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{out / 'sweep.db'}")
+    assert not [t for t in study.trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
+    rows = json.loads((out / "sweep.json").read_text())["trials"]
+    assert len(rows) == 2 and {r["state"] for r in rows} == {"complete"}  # each trial counted once
+    assert (out / "sweep.html").exists()
+    if moment == "mid-trial":  # the stopped trial's run went on from its last.pt, with its own parameters
+        stopped = study.trials[0]
+        resumer = next(t for t in study.trials if t.user_attrs.get("resumes") == 0)
+        assert stopped.state == optuna.trial.TrialState.FAIL and resumer.params == stopped.params
+        assert resumer.user_attrs["run_dir"] == stopped.user_attrs["run_dir"]
+        events = [json.loads(line) for line in (out / "trials" / "000" / "events.jsonl").read_text().splitlines()]
+        assert [e["event"] for e in events].count("resume") == 1
+        assert next(e for e in events if e["event"] == "resume")["iteration"] > 0
+        assert f"trial   {resumer.number}: " in again.stdout and "(resumes trial 0)" in again.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_trial_is_one_line_and_130(tmp_path):
+    code, err = _stop_at("mid-trial", tmp_path / "sweep", signal.SIGINT)
+    assert code == 130 and len(err) == 1 and err[0].startswith("kiln: SIGINT: trial 0 stopped at iteration "), err
