@@ -19,7 +19,7 @@ from engine.precision_names import PRECISIONS
 __all__ = [
     "Config", "CheckpointConfig", "DataConfig", "GuardConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
     "TrainConfig", "ConfigError", "DataError", "apply_overrides", "config_to_dict", "config_from_dict", "field_paths",
-    "hparams", "with_max_lr", "with_class_count", "OPTION_KEYS", "LEGACY_KEYS", "KILN_MODELS", "SECTIONS",
+    "hparams", "resolve_key", "with_max_lr", "with_class_count", "OPTION_KEYS", "LEGACY_KEYS", "KILN_MODELS", "SECTIONS",
 ]
 
 
@@ -289,7 +289,8 @@ def field_paths(cfg: Config) -> list[str]:
     return [f"{s}.{f.name}" for s in SECTIONS for f in fields(getattr(cfg, s))]
 
 
-def _resolve_key(cfg: Config, key: str) -> tuple[str, str]:
+def resolve_key(cfg: Config, key: str) -> tuple[str, str]:
+    """``(section, field)`` of ``key``, dotted, bare or renamed (LEGACY_KEYS); else ConfigError, with a did-you-mean."""
     key = LEGACY_KEYS.get(key, key)
     paths = field_paths(cfg)
     if key in paths:
@@ -353,7 +354,7 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
         if key in ("name", "description"):
             changes.setdefault("", {})[key] = str(value)
             continue
-        section, name = _resolve_key(cfg, key)
+        section, name = resolve_key(cfg, key)
         annotation = {f.name: f.type for f in fields(getattr(cfg, section))}[name]
         changes.setdefault(section, {})[name] = _coerce(value, annotation, f"{section}.{name}")
     try:

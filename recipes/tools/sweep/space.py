@@ -11,7 +11,7 @@ import optuna
 from optuna.samplers import BaseSampler, TPESampler
 from optuna.trial import TrialState
 
-from recipes.config import Config, ConfigError, apply_overrides, field_paths, with_max_lr
+from recipes.config import Config, ConfigError, apply_overrides, resolve_key, with_max_lr
 
 __all__ = ["ParamSpec", "TrialSeededTPE", "default_space", "parse_param", "trial_config"]
 
@@ -43,11 +43,10 @@ class ParamSpec:
 
 
 def _resolve(cfg: Config, key: str, sample: Any) -> str:
-    """The ``section.field`` path of ``key`` (dotted or bare), checked by applying ``sample`` to it."""
-    paths = field_paths(cfg)
-    matches = [key] if key in paths else [p for p in paths if p.split(".", 1)[1] == key]
-    apply_overrides(cfg, {key: sample})  # an unknown or ambiguous key, or a bad value: ConfigError
-    return matches[0]
+    """The ``section.field`` path of ``key`` (dotted, bare or renamed), checked by applying ``sample`` to it."""
+    path = ".".join(resolve_key(cfg, key))  # an unknown or ambiguous key: ConfigError
+    apply_overrides(cfg, {path: sample})  # a bad value: ConfigError
+    return path
 
 
 def parse_param(spec: str, cfg: Config) -> ParamSpec:

@@ -30,6 +30,7 @@ def test_param_specs_take_bare_and_dotted_keys():
     assert parse_param("train.label_smoothing=0:0.3", DIGITS) == ParamSpec("train.label_smoothing", "float", 0.0, 0.3)
     assert parse_param("batch_size=choice:32,64,128", DIGITS) == ParamSpec("data.batch_size", "choice", choices=(32, 64, 128))
     assert parse_param("batch_size=16:64", DIGITS).kind == "int"  # an integer field gets integer draws
+    assert parse_param("train.nan_lr_factor=0.1:0.5", DIGITS).key == "guard.lr_factor"  # a renamed key, as --set
 
 
 @pytest.mark.parametrize("spec, message", [
