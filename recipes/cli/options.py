@@ -1,19 +1,23 @@
-"""What the commands share: ``--set`` parsing, the one place where options meet a recipe, ``--max-lr``'s
-type, and ``--help`` in sections."""
+"""What the commands share: ``--set`` parsing, the one place where options meet a recipe, the flags of config
+keys (built from the keys' declarations), ``--max-lr``'s type, and ``--help`` in sections."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
-from recipes.config import OPTION_KEYS, Config, ConfigError, apply_overrides
+from callbacks.nan_diagnosis import POLICIES
+from engine.precision_names import PRECISIONS
+from recipes.config import OPTION_KEYS, Config, ConfigError, apply_overrides, config_docs
 from recipes.recipe_files import load_recipe
 
-__all__ = ["MaxLR", "SectionedCommand", "complete_recipe", "overrides", "parse_sets", "recipe_argument", "recipe_or_run",
-           "resolve_config", "set_option"]
+__all__ = ["MaxLR", "SectionedCommand", "complete_recipe", "config_option", "config_options", "option_help", "overrides",
+           "parse_sets", "recipe_argument", "recipe_or_run", "resolve_config", "set_option"]
 
 
 def parse_sets(pairs: Sequence[str]) -> dict[str, str]:
@@ -110,6 +114,59 @@ class MaxLR(click.ParamType):
             return float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)  # type: ignore[arg-type]
+
+
+#: What click needs beyond a flagged key's field, whose type, default and help (its ``#:`` comment) make the
+#: rest of the flag: a type other than the field's, or a metavar.
+CLICK_SETTINGS: dict[str, dict[str, Any]] = {
+    "max_lr": {"type": MaxLR()}, "precision": {"type": click.Choice(PRECISIONS)},
+    "on_nan": {"type": click.Choice(POLICIES)}, "data_dir": {"type": click.Path()},
+    "weights": {"type": click.Path(dir_okay=False)}, "ema": {"metavar": "DECAY"}, "mixup": {"metavar": "ALPHA"},
+    "cutmix": {"metavar": "ALPHA"}, "early_stop": {"metavar": "PATIENCE"}, "accumulation_steps": {"metavar": "K"},
+}
+
+
+@functools.cache
+def _docs() -> dict[str, str]:
+    return config_docs()
+
+
+def option_help(key: str) -> str:
+    """The help of config key ``key``'s flag: its ``#:`` comment as a sentence."""
+    doc = _docs()[key]
+    return doc[:1].upper() + doc[1:] + ("" if doc.endswith(".") else ".")
+
+
+def _field(key: str) -> dataclasses.Field:
+    section, name = key.split(".")
+    section_class = next(f.default_factory for f in dataclasses.fields(Config) if f.name == section)
+    return next(f for f in dataclasses.fields(section_class) if f.name == name)  # type: ignore[arg-type]
+
+
+def config_option(name: str, **settings: Any) -> Callable:
+    """The ``--NAME`` flag of config key ``OPTION_KEYS[NAME]``: its type from the key's field, its help from the
+    field's ``#:`` comment (:func:`option_help`), None when not given (the recipe's value stands). A boolean key
+    true by default gets a ``--NAME/--no-NAME`` pair, one false by default a flag that turns it on. ``settings``
+    go to ``click.option`` over :data:`CLICK_SETTINGS`."""
+    key, flag = OPTION_KEYS[name], "--" + name.replace("_", "-")
+    field = _field(key)
+    kwargs = {"help": option_help(key), **CLICK_SETTINGS.get(name, {}), **settings}
+    if field.type == "bool":
+        if field.default:
+            return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, **kwargs)
+        return click.option(flag, name, is_flag=True, default=None, **kwargs)
+    kwargs.setdefault("type", {"int": int, "float": float, "str": str}[str(field.type)])
+    return click.option(flag, name, **kwargs)
+
+
+def config_options(*names: str) -> Callable:
+    """:func:`config_option` for each of ``names`` (flags in ``OPTION_KEYS``)."""
+    def decorate(command: Callable) -> Callable:
+        for name in reversed(names):
+            command = config_option(name)(command)
+        return command
+
+    return decorate
 
 
 class SectionedCommand(click.Command):

@@ -20,10 +20,11 @@ from recipes.config import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    flatten_config,
 )
 from recipes.run.rundir import RunDir
 
-__all__ = ["CHECKPOINT_FORMAT", "RunMeta", "find_last_checkpoint", "flatten_config", "load_checkpoint", "run_changing_differences",
+__all__ = ["CHECKPOINT_FORMAT", "RunMeta", "find_last_checkpoint", "load_checkpoint", "run_changing_differences",
            "with_run_precision"]
 
 CHECKPOINT_FORMAT = 1
@@ -112,22 +113,6 @@ def _check_readable(path: Path) -> None:
             pass
     except OSError as e:
         raise ConfigError(os_error_line(e, path)) from None
-
-
-def flatten_config(cfg: Config) -> dict[str, Any]:
-    """Every key of ``cfg`` as ``{"section.key": value}`` (JSON values), for comparing two configs key by key."""
-    return _flatten(config_to_dict(cfg))
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def run_changing_differences(saved: Config, requested: Config) -> list[str]:

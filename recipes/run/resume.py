@@ -12,9 +12,9 @@ from ignite.handlers import Checkpoint
 from callbacks import OneCycle
 from callbacks.files import append_jsonl, truncate_jsonl
 from recipes import RECIPES
-from recipes.config import Config, ConfigError, apply_overrides
+from recipes.config import Config, ConfigError, apply_overrides, flatten_config
 from recipes.run.build import Assembly, build, write_config
-from recipes.run.checkpoints import (find_last_checkpoint, flatten_config, load_checkpoint, run_changing_differences,
+from recipes.run.checkpoints import (find_last_checkpoint, load_checkpoint, run_changing_differences,
                                      with_run_precision)
 from recipes.run.lock import RunLock
 from recipes.run.rundir import LOCK, RunDir, cut_torn_records, read_json, read_summary, run_config

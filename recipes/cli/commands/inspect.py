@@ -9,7 +9,7 @@ import yaml
 
 from recipes import RECIPES
 from recipes.cli.folders import output_folder, writable_or_none
-from recipes.cli.options import recipe_argument, recipe_or_run, resolve_config, set_option
+from recipes.cli.options import config_option, config_options, recipe_argument, recipe_or_run, resolve_config, set_option
 from recipes.config import config_docs, config_to_dict
 
 __all__ = ["eval_", "recipes", "report", "schedule", "show"]
@@ -56,10 +56,8 @@ def _explained_yaml(data: dict, docs: dict[str, str]) -> str:
 
 @click.command()
 @recipe_argument
-@click.option("--epochs", type=int, help="Passes over the training data.")
-@click.option("--batch-size", type=int, help="Images per batch.")
-@click.option("--lr", type=float, help="LR the one-cycle starts from.")
-@click.option("--max-lr", type=float, help="Peak LR of the one-cycle schedule.")
+@config_options("epochs", "batch_size", "lr")
+@config_option("max_lr", type=float, help="Peak LR of the one-cycle schedule.")  # a number here: no range test
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for schedule.png and schedule.json (default: runs/RECIPE-schedule-TIMESTAMP).")
 @set_option

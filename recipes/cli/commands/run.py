@@ -6,10 +6,8 @@ from pathlib import Path
 
 import click
 
-from callbacks.nan_diagnosis import POLICIES
-from engine.precision_names import PRECISIONS
-from recipes.cli.options import MaxLR, SectionedCommand, recipe_argument, resolve_config, set_option
-from recipes.config import ConfigError
+from recipes.cli.options import SectionedCommand, config_options, recipe_argument, resolve_config, set_option
+from recipes.config import OPTION_KEYS, ConfigError
 from recipes.words import plural
 
 __all__ = ["TRAIN_SECTIONS", "resume", "train"]
@@ -31,43 +29,7 @@ TRAIN_SECTIONS = {
 
 @click.command(cls=SectionedCommand, sections=TRAIN_SECTIONS)
 @recipe_argument
-@click.option("--epochs", type=int, help="Passes over the training data.")
-@click.option("--batch-size", type=int, help="Images per batch.")
-@click.option("--lr", type=float, help="LR the one-cycle starts from (AdamW).")
-@click.option("--max-lr", type=MaxLR(), help="Peak LR of the one-cycle schedule, or `auto`: run the LR range "
-              "test first and train at its suggestion (recorded in config.json and events.jsonl).")
-@click.option("--weight-decay", type=float, help="AdamW decoupled weight decay.")
-@click.option("--label-smoothing", type=float, help="Cross-entropy label smoothing, in [0, 1).")
-@click.option("--clip-norm", type=float, help="Clip the total gradient norm to this (0: measure only).")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Autocast precision (auto: bf16 on a GPU or a CPU with AMX, else fp32 on the CPU).")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, help="Seed of the split, init, batch order and per-step randomness.")
-@click.option("--data-dir", type=click.Path(), help="Where the data set lives (cifar10: the folder holding "
-              "cifar-10-batches-py/; imagefolder: train/ and val/ class folders).")
-@click.option("--download", is_flag=True, default=None, help="cifar10: fetch the data set into --data-dir with "
-              "torchvision's downloader if it is missing (needs a network).")
-@click.option("--model", help="Network: small_cnn, resnet9, resnet18_32, or a torchvision classification model "
-              "(resnet18, mobilenet_v3_small, efficientnet_b0, convnext_tiny, ...).")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Initial weights from this local file (a state "
-              "dict; loaded with weights_only; nothing is downloaded).")
-@click.option("--image-size", type=int, help="Images are resized/cropped to this side.")
-@click.option("--val-fraction", type=float, help="Share held out for validation when the data has no val split.")
-@click.option("--num-workers", type=int, help="DataLoader worker processes (image folders).")
-@click.option("--on-nan", type=click.Choice(POLICIES),
-              help="On NaN/Inf, an exploding loss or an fp16 loss-scale collapse: drop the update, roll back "
-                   "and lower the LR (default), or stop (exit status 3).")
-@click.option("--ema", type=float, metavar="DECAY", help="Keep an EMA of the weights with this decay (e.g. 0.999); "
-              "validation, best-* checkpoints and `kiln eval` use it. 0: off.")
-@click.option("--mixup", type=float, metavar="ALPHA", help="MixUp training batches, Beta(ALPHA, ALPHA) (e.g. 0.2). 0: off.")
-@click.option("--cutmix", type=float, metavar="ALPHA", help="CutMix training batches, Beta(ALPHA, ALPHA) (e.g. 1.0). "
-              "With --mixup too, each batch gets one of them. 0: off.")
-@click.option("--early-stop", type=int, metavar="PATIENCE", help="Stop after PATIENCE epochs without a val_accuracy "
-              "gain (min gain: --set train.early_stop_min_delta=D). 0: off.")
-@click.option("--accumulation-steps", type=int, metavar="K", help="Batches per optimizer step (gradient accumulation).")
-@click.option("--channels-last/--no-channels-last", default=None, help="Train and evaluate in the channels_last "
-              "(NHWC) memory format (the default: faster convolutions and pooling, on CPUs too).")
-@click.option("--compile", is_flag=True, default=None, help="torch.compile the training forward (backend: --set "
-              "train.compile_backend=NAME); falls back to eager with a warning if compiling fails.")
+@config_options(*OPTION_KEYS)  # a flag for every key OPTION_KEYS names, declared with the key
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/RECIPE-TIMESTAMP).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no epoch lines; only the final lines.")
 @click.option("--no-report", "report", flag_value=False, default=True, help="Skip the end-of-run report (the "

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from recipes.cli.folders import output_folder
-from recipes.cli.options import MaxLR, overrides, recipe_argument, recipe_or_run, resolve_config, set_option
+from recipes.cli.options import config_option, overrides, recipe_argument, recipe_or_run, resolve_config, set_option
 from recipes.config import ConfigError
 
 __all__ = ["lr_find", "sweep"]
@@ -53,8 +53,8 @@ def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, divide_b
 @click.option("--param", "params", multiple=True, metavar="KEY=SPEC", help="Search KEY (max_lr, weight_decay, "
               "label_smoothing, batch_size, or any section.key) over log:LOW:HIGH, LOW:HIGH, int:LOW:HIGH or "
               "choice:A,B,... (repeatable; default: max_lr, weight_decay, label_smoothing, batch_size around the recipe's).")
-@click.option("--epochs", type=int, help="Epochs of every trial.")
-@click.option("--max-lr", type=MaxLR(), help="A fixed max_lr, or `auto`: the LR range test, once per batch size.")
+@config_option("epochs", help="Epochs of every trial.")
+@config_option("max_lr", help="A fixed max_lr for every trial, or `auto`: the LR range test, once per batch size.")
 @click.option("--storage", help="Optuna storage URL (SQLAlchemy: sqlite:///f.db, postgresql://...; default: "
               "sqlite in --out). Workers on one storage and --study share the study.")
 @click.option("--study", "study_name", help="Study name (default: the recipe's name).")

@@ -13,9 +13,8 @@ import yaml
 from optuna.trial import TrialState
 
 from callbacks.files import write_atomic, write_json_atomic
-from recipes.config import Config
+from recipes.config import Config, flatten_config
 from recipes.recipe_files import is_recipe_file, load_recipe
-from recipes.run.checkpoints import flatten_config
 from recipes.run.rundir import PLOTS
 
 __all__ = ["SweepResult", "format_table", "format_value", "short_key", "trial_rows", "write_results"]

@@ -16,9 +16,8 @@ from optuna.trial import TrialState
 
 from callbacks import OptunaPruning
 from callbacks.files import append_jsonl
-from recipes.config import Config, ConfigError, apply_overrides
+from recipes.config import Config, ConfigError, apply_overrides, flatten_config
 from recipes.run import make_run_dir, resume, train
-from recipes.run.checkpoints import flatten_config
 from recipes.run.lock import released_after
 from recipes.run.rundir import RunDir
 from recipes.tools.lr_find import choose_max_lr

@@ -211,6 +211,20 @@ def test_train_help_lists_every_option_once_in_sections_that_fit_a_screen():
         assert len(listed) == 1, (flag, listed)
 
 
+def test_every_flag_of_a_config_key_says_in_help_what_the_key_declares():
+    from recipes.config import OPTION_KEYS, config_docs
+
+    text = " ".join(CliRunner().invoke(cli, ["train", "--help"], terminal_width=100).output.split())
+    guide = (Path(__file__).resolve().parents[3] / "docs" / "training.md").read_text()
+    docs = config_docs()
+    for name, key in OPTION_KEYS.items():
+        flag = "--" + name.replace("_", "-")
+        doc = docs[key]
+        help_text = " ".join((doc[:1].upper() + doc[1:]).split())  # the field's #: comment, as a sentence
+        assert f"{flag} " in text and help_text in text, (flag, help_text)
+        assert f"`{flag}" in guide, f"docs/training.md's table of options lacks {flag}"
+
+
 def test_shell_completion_offers_recipe_names_and_recipe_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.yaml").write_text("base: digits\n")
