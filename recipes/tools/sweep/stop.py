@@ -8,7 +8,8 @@ work that should end cleanly (a trial's report, the study's bookkeeping) the sig
 worker stops at the next point between trials.
 
 ``KILN_SWEEP_HOLD=MOMENT`` (tests only) makes the worker print ``kiln: holding at MOMENT`` on stderr and
-wait there for a signal: ``before-trials``, ``between-trials`` or ``page``. Tests stop a sweep at those
+wait there for a signal: ``before-trials``, ``between-trials``, ``pruned`` (a trial just pruned, before its
+report) or ``page``. Tests stop a sweep at those
 moments without guessing at timings.
 """
 from __future__ import annotations

@@ -130,7 +130,8 @@ class _Worker:
             if self.stop.signum is not None:
                 done = sum(t.state in COUNTED for t in self.study.get_trials(deepcopy=False))
                 self.stop.check(f"sweep stopped after a trial ({done} of {self.n_trials} trials done; re-run the same "
-                                "command to continue the sweep)")
+                                + ("command to continue the sweep)" if done < self.n_trials else
+                                   "command to write the results and the page)"))
 
     def _objective(self, trial: optuna.Trial) -> float:
         ahead = [t for t in self.study.get_trials(deepcopy=False, states=COUNTED + IN_FLIGHT) if t.number < trial.number]
@@ -162,7 +163,9 @@ class _Worker:
         if pruning.pruned:
             append_jsonl(run.events_path, {"event": "pruned", "epoch": pruning.pruned_epoch,
                                            "trial": trial.number, "study": self.study.study_name})
-        if self.finish is not None and run.status != "interrupted":  # the resumed run draws a stopped one's
+            self.stop.hold("pruned")
+        stopped = run.status == "interrupted" and not pruning.pruned  # a pruned run ends "interrupted" too
+        if self.finish is not None and not stopped:  # a stopped run's report is drawn when it is resumed
             self.finish(run.run_dir)
 
     def _result(self, trial: optuna.Trial, run: Any, pruning: OptunaPruning, params: dict[str, Any]) -> float:

@@ -194,12 +194,12 @@ MOMENTS = {
 }
 
 
-def _stop_at(moment: str, out, sig: int = signal.SIGTERM):
+def _stop_at(moment: str, out, sig: int = signal.SIGTERM, sweep: tuple[str, ...] = tuple(SWEEP)):
     """``kiln sweep`` stopped by ``sig`` at ``moment``: mid-trial when trial 0's steps.jsonl has 5 records, else
     where the sweep holds (KILN_SWEEP_HOLD, said on stderr). Returns (exit status, stderr lines)."""
     from tests.runs import ENV, wait_for
 
-    proc = start(*SWEEP, "--out", out, env=None if moment == "mid-trial" else {**ENV, "KILN_SWEEP_HOLD": moment})
+    proc = start(*sweep, "--out", out, env=None if moment == "mid-trial" else {**ENV, "KILN_SWEEP_HOLD": moment})
     if moment == "mid-trial":
         steps = out / "trials" / "000" / "steps.jsonl"
         wait_for(lambda: steps.exists() and len(steps.read_text().splitlines()) >= 6, proc, what="5 steps of trial 0")
@@ -240,3 +240,20 @@ def test_sigterm_at_any_moment_is_one_line_and_143_and_the_same_command_continue
 def test_ctrl_c_mid_trial_is_one_line_and_130(tmp_path):
     code, err = _stop_at("mid-trial", tmp_path / "sweep", signal.SIGINT)
     assert code == 130 and len(err) == 1 and err[0].startswith("kiln: SIGINT: trial 0 stopped at iteration "), err
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_trial_is_pruned_counts_it_once_and_the_same_command_finishes(tmp_path):
+    # with this seed and fp32 on any CPU, trial 3 falls below the median of trials 0-2 after its first epoch
+    sweep = ("sweep", "digits", "--trials", "4", "--epochs", "3", "--set", "data.image_size=16",
+             "--set", "train.precision=fp32")
+    out = tmp_path / "sweep"
+    code, err = _stop_at("pruned", out, sweep=sweep)
+    assert code == 143 and err == ["kiln: SIGTERM: sweep stopped after a trial (4 of 4 trials done; re-run the same "
+                                   "command to write the results and the page)"], err
+    again = kiln(*sweep, "--out", out)
+    assert again.returncode == 0, again.stderr
+    rows = json.loads((out / "sweep.json").read_text())["trials"]
+    assert [r["state"] for r in rows] == ["complete", "complete", "complete", "pruned"] and rows[-1]["number"] == 3
+    assert (out / "trials" / "003" / "report.html").exists()  # the pruned trial's report, drawn despite the signal
+
