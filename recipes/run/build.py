@@ -216,7 +216,8 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
 
 def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
               resume_from_iteration: int | None) -> Assembly:
-    """:func:`build`, once the run directory is locked."""
+    """:func:`build`, once the run directory is locked. One long function on purpose: the run is assembled in
+    one pass, top to bottom, in the attach order :func:`build` documents."""
     t = cfg.train
     device, precision = resolve_runtime(cfg)
     rank, world_size = idist.get_rank(), idist.get_world_size()

@@ -168,7 +168,8 @@ def lr_range_test(
     asked, as in a real run) for ``num_iter`` iterations with the LR rising from ``start_lr`` to
     ``end_lr``; it stops early once the smoothed loss exceeds ``diverge_th`` times its best. Afterwards
     the model's parameters and buffers, the optimizer's state and LRs, the model's train/eval mode and
-    the global torch RNG are restored exactly.
+    the global torch RNG are restored exactly. (Long for its signature and this docstring: every knob of the
+    test is an argument, so the CLI, ``--max-lr auto`` and a notebook call the same function.)
 
     Raises:
         ConfigError: bad arguments, or a curve the rule cannot use (see :func:`suggest_max_lr`).
