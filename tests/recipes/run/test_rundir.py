@@ -107,3 +107,19 @@ def test_kiln_resume_on_a_torn_summary_says_so_in_one_line_and_the_resumed_run_w
     assert more.returncode == 0 and more.stderr.splitlines() == [note], more.stderr
     summary, note = read_summary(finished)
     assert note is None and summary["status"] == "completed" and summary["epochs_completed"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, status", [
+    (("eval", "{run}/checkpoints/last.pt"), 0),  # reads the checkpoint, not the summary
+    (("lr-find", "{run}", "--num-iter", "20"), 0),  # reads config.json
+    (("schedule", "{run}", "--out", "{run}-schedule"), 0),
+    (("train", "digits", "--out", "{run}"), 2),  # refused as for any run with checkpoints: one line
+])
+def test_every_other_command_on_a_torn_summary_goes_on_or_refuses_in_one_line(finished, command, status):
+    RunDir(finished).summary.write_text(RunDir(finished).summary.read_text()[:20])
+    done = kiln(*(arg.format(run=finished) for arg in command))
+    assert done.returncode == status, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    if status:
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("kiln: error: "), done.stderr
