@@ -11,7 +11,8 @@ import pytest
 from tests.forkserver import ForkedKiln
 from tests.runs import FAST, assert_same_run, start, wait_for_iteration
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("KILN_TESTS_SPAWN") == "1",
+                                                  reason="KILN_TESTS_SPAWN=1 starts every command from scratch")]
 
 
 def _train(out, *extra: str):
