@@ -195,7 +195,7 @@ def _shard(data: Any, rank: int, world_size: int) -> Any:
 
 
 def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: TextIO | None = None,
-          resume_from_iteration: int | None = None) -> Assembly:
+          resume_from_iteration: int | None = None, extra_handlers: dict[str, Any] | None = None) -> Assembly:
     """Assemble a run of ``cfg`` writing into ``run_dir`` (created), without starting it.
 
     First this process takes the run directory's lock (:class:`RunLock`; rank 0 under data parallelism),
@@ -205,17 +205,19 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
 
     Handlers are attached in this order, written once here: AMP, GradClip, OneCycle, Validation,
     MetricsLog, TensorBoard, RunSummary, (when on) EMA, MixUpCutMix, EarlyStop, then NanGuard, Checkpointer,
-    GracefulStop, Progress. None depends on that order for correctness: each acts on the step or epoch
-    event that guarantees what it needs.
+    GracefulStop, Progress, then ``extra_handlers`` (name -> handler; they join ``run.handlers``: e.g.
+    ``kiln sweep``'s OptunaPruning). None depends on that order for correctness: each acts on the step or
+    epoch event that guarantees what it needs.
     """
     if idist.get_rank() == 0:
         RunLock.take(run_dir)
     with discarded_on_failure(run_dir):  # a run that failed before it began leaves no run directory behind
-        return _assemble(cfg, Path(run_dir), quiet=quiet, stream=stream, resume_from_iteration=resume_from_iteration)
+        return _assemble(cfg, Path(run_dir), quiet=quiet, stream=stream, resume_from_iteration=resume_from_iteration,
+                         extra_handlers=extra_handlers or {})
 
 
 def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
-              resume_from_iteration: int | None) -> Assembly:
+              resume_from_iteration: int | None, extra_handlers: dict[str, Any]) -> Assembly:
     """:func:`build`, once the run directory is locked. One long function on purpose: the run is assembled in
     one pass, top to bottom, in the attach order :func:`build` documents."""
     t = cfg.train
@@ -306,6 +308,7 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
         events_path=events_path)
     handlers["graceful_stop"] = GracefulStop()
     handlers["progress"] = Progress(quiet=quiet, stream=stream, line_seconds=t.progress_seconds, evaluator=evaluator)
+    handlers.update(extra_handlers)
     for name, handler in handlers.items():
         if writes or name != "summary":  # the summary object exists on every rank for its checkpointed state
             handler.attach(trainer)

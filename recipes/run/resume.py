@@ -145,10 +145,8 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
         run.status = "completed"
         return run
 
-    run = build(cfg, run_dir, quiet=quiet, stream=stream, resume_from_iteration=iteration)
-    for name, handler in (extra_handlers or {}).items():
-        handler.attach(run.trainer)
-        run.handlers[name] = handler
+    run = build(cfg, run_dir, quiet=quiet, stream=stream, resume_from_iteration=iteration,
+                extra_handlers=extra_handlers)
     objects = run.to_save()
     objects.pop("kiln")
     for name in ("ema", "ema_model", "early_stop"):  # switched on by a --force'd config change: they start afresh

@@ -135,10 +135,7 @@ def train(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
     config.json is written, just before training starts (``--max-lr auto`` records its range test there).
     The plots, report.html and findings are not drawn here: ``recipes.report.finish_run(run.run_dir)``.
     """
-    run = build(cfg, run_dir, quiet=quiet, stream=stream)
-    for name, handler in (extra_handlers or {}).items():
-        handler.attach(run.trainer)
-        run.handlers[name] = handler
+    run = build(cfg, run_dir, quiet=quiet, stream=stream, extra_handlers=extra_handlers)
     write_config(run)
     if before_run is not None:
         before_run(run)
