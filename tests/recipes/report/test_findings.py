@@ -52,6 +52,24 @@ def _options(command):
     return pairs
 
 
+@pytest.mark.parametrize("after, fires", [(0.83, False), (1.6, True), (None, True)])
+def test_a_loss_spike_is_one_the_next_logged_loss_has_not_recovered_from(tmp_path, after, fires):
+    """The default digits run in fp32 logs 0.85, 0.86, 0.89, 0.85, then one hard batch at 1.75, then 0.83:
+    a blip, not progress undone. Still high at the next log (or the last one logged), it is a spike."""
+    from recipes.report.rundata import RunData
+
+    config = {"name": "digits", "data": {"dataset": "digits"}, "train": {"epochs": 1}, "schedule": {"max_lr": 0.01},
+              "runtime": {"class_names": [str(i) for i in range(10)]}}
+    losses = [0.85, 0.86, 0.89, 0.85, 1.75] + ([after] if after is not None else [])
+    steps = [{"iteration": 10 * (i + 1), "loss": v, "lr": 0.01} for i, v in enumerate(losses)]
+    metrics = [{"epoch": 1, "iteration": 10 * len(steps), "val_accuracy": 0.9, "train_loss": 0.9}]
+    found = {f.kind: f for f in find_issues(RunData(tmp_path, config, metrics, steps, [], None, None))}
+    assert ("loss_spikes" in found) is fires
+    if fires:
+        assert found["loss_spikes"].evidence == ["iteration 50: loss 1.75 = 2.0x the median of the logged values "
+                                                 "before it (lr 0.01)"]
+
+
 @pytest.mark.parametrize("accuracies, fires", [([0.217], True), ([0.30, 0.36], True), ([0.30, 0.40], False)])
 def test_a_validation_accuracy_at_chance_is_a_finding(tmp_path, accuracies, fires):
     """3 classes: chance is 1/3; a best val_accuracy up to 1.1x that is no better than a guess."""
