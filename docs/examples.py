@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ROOT", "Block", "Result", "markdown_files", "parse", "normalise", "matches", "run_page"]

@@ -106,8 +106,9 @@ class _Worker:
         waiting_for: list[int] = []
         while True:
             _fail_stale(self.study)
-            _requeue_stopped(self.study)
             trials = self.study.get_trials(deepcopy=False)
+            if _requeue_stopped(self.study, trials):
+                trials = self.study.get_trials(deepcopy=False)
             done = sum(t.state in COUNTED for t in trials)
             in_flight = [t.number for t in trials if t.state == TrialState.RUNNING]
             queued = sum(t.state == TrialState.WAITING for t in trials)  # stopped trials to resume: run here
@@ -192,11 +193,12 @@ class _Worker:
         return float(best) if best is not None else 0.0
 
 
-def _requeue_stopped(study: optuna.Study) -> None:
-    """Give each trial a signal stopped (failed, recorded ``interrupted``) a new trial with its parameters and
-    its run directory (when it holds a last.pt), which resumes it; once per stopped trial."""
-    trials = study.get_trials(deepcopy=False)
+def _requeue_stopped(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> bool:
+    """Give each of ``trials`` a signal stopped (failed, recorded ``interrupted``) a new trial with its parameters
+    and its run directory (when it holds a last.pt), which resumes it; once per stopped trial. Returns whether
+    any was given one (the study's trials are then to be read again)."""
     taken = {t.user_attrs.get("resumes") for t in trials}
+    requeued = False
     for t in trials:
         if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in taken:
             run_dir = t.user_attrs.get("run_dir")
@@ -204,6 +206,8 @@ def _requeue_stopped(study: optuna.Study) -> None:
             if run_dir is not None and RunDir(run_dir).last.is_file():
                 attrs["run_dir"] = run_dir
             study.enqueue_trial(t.params, user_attrs=attrs, skip_if_exists=False)
+            requeued = True
+    return requeued
 
 
 class _Surplus(Exception):
