@@ -52,18 +52,20 @@ from recipes.models import parameter_groups, small_cnn  # noqa: E402
 
 __all__ = ["measure", "main"]
 
-_HANDLERS = ("_on_started", "_on_forward", "_on_backward", "_on_before_step",
-             "_on_step_completed", "_on_iteration_completed")
+#: The handler methods of NanGuard's parts (detector, policy, fp16 monitor), each timed where it exists.
+_HANDLERS = ("_on_started", "_on_before_step", "_on_step_completed", "_on_iteration_completed")
 
 
 class TimedNanGuard(NanGuard):
-    """NanGuard with a stopwatch around each of its handlers (benchmark only)."""
+    """NanGuard with a stopwatch around each handler of its parts (benchmark only)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.seconds = 0.0
-        for name in _HANDLERS:
-            setattr(self, name, self._timed(getattr(self, name)))
+        for part in (self.detector, self.policy, self.monitor):
+            for name in _HANDLERS:
+                if part is not None and hasattr(part, name):
+                    setattr(part, name, self._timed(getattr(part, name)))
 
     def _timed(self, handler):
         def timed(engine):

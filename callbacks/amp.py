@@ -48,9 +48,8 @@ class AMP:
             raise ValueError(f"init_scale must be > 0, not {init_scale}")
         if growth_interval < 1:
             raise ValueError(f"growth_interval must be >= 1, not {growth_interval}")
-        self.scaler = torch.amp.GradScaler(
-            torch.device(device).type, init_scale=init_scale, growth_interval=growth_interval
-        )
+        self.device = torch.device(device)
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=init_scale, growth_interval=growth_interval)
         self.skipped_steps = 0
 
     def attach(self, engine: Engine) -> list[RemovableEventHandle]:
@@ -59,7 +58,7 @@ class AMP:
         if precision is None or not precision.needs_scaler:
             return []
         engine.state.scaler = self.scaler
-        engine.state.loss_scale = torch.full((), self.scaler.get_scale(), device=self.scaler._device)
+        engine.state.loss_scale = torch.full((), self.scaler.get_scale(), device=self.device)
         engine.state.skipped_steps = self.skipped_steps
         return [engine.add_event_handler(StepEvents.OPTIMIZER_STEP_COMPLETED, self)]
 

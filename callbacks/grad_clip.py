@@ -7,7 +7,7 @@ import torch
 from ignite.engine import Engine
 from ignite.engine.events import RemovableEventHandle
 
-from callbacks._tensors import step_grad_norms
+from callbacks.tensor_norms import step_grad_norms
 from engine.events import StepEvents
 
 __all__ = ["GradClip"]
@@ -20,7 +20,7 @@ class GradClip:
 
     Writes the total gradient norm *before* clipping to ``state.grad_norm`` as a device tensor (no host
     sync); a non-finite norm is recorded as is (the optimizer step or a guard deals with it). With the
-    2-norm, the per-parameter norms are shared with NanGuard (``callbacks._tensors.step_grad_norms``), so
+    2-norm, the per-parameter norms are shared with NanGuard (``callbacks.tensor_norms.step_grad_norms``), so
     a step measures its gradients once; the clipping is ``clip_grad_norm_``'s own arithmetic.
 
     Events: BEFORE_OPTIMIZER_STEP. Writes ``state.grad_norm`` (and ``state.grad_norms``, shared); mutates

@@ -24,8 +24,10 @@ class StepEvents(EventEnum):
           BACKWARD_COMPLETED                  raw grads exist; under fp16 still multiplied by the loss scale.
                                               AMP unscales here.
           BEFORE_OPTIMIZER_STEP               grads are true-scale: clip, measure, check here.
-                                              A handler may set state.skip_step = True to drop the update.
-          scaler.step(optimizer) / optimizer.step()   (skipped on inf grads or skip_step)
+                                              A handler may set state.skip_step = True to drop the update,
+                                              or state.drop_update (a device flag: no host read) when
+                                              state.drops_on_device (engine.amp_protocol).
+          scaler.step(optimizer) / optimizer.step()   (skipped on inf grads, skip_step or drop_update)
           OPTIMIZER_STEP_COMPLETED            state.step_skipped, state.loss_scale, state.optimizer_step
                                               are current: schedulers, EMA, scale monitors go here.
           optimizer.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from ignite.engine import Engine, Events
 
+from engine.amp_protocol import drops_on_device, scale_tensor, step_unless
 from engine.data_position import position_data
 from engine.events import STEP_EVENT_COUNTERS, EpochEvents, StepEvents, fire_step_event, is_epoch_end
 from engine.precision import Precision, resolve_for_model
@@ -57,6 +58,9 @@ def create_trainer(
         loss (Tensor): this batch's loss, detached fp32 (FORWARD_COMPLETED onwards).
         grad_norm (Tensor | None): pre-clip total grad norm; written by ``callbacks.GradClip``.
         skip_step (bool): a BEFORE_OPTIMIZER_STEP handler may set it to drop this update.
+        drop_update (Tensor | None): a BEFORE_OPTIMIZER_STEP handler may set a 0-dim float device flag,
+            only when ``state.drops_on_device`` (torch's fused optimizers, no loss scaler): 1.0 drops this
+            update on the device, with no host read (``engine.amp_protocol``). Reset to None every step.
         step_skipped (bool | Tensor): whether the last optimizer step was skipped (inf grads or
             skip_step). Under a loss scaler it is a 0-dim bool tensor on the device (the scaler decides
             there; reading it is a host sync), else a Python bool.
@@ -134,7 +138,7 @@ def create_trainer(
         state.accumulating = not closes_window
         if closes_window:
             state.optimizer_step += 1
-            state.skip_step = False
+            state.skip_step, state.drop_update = False, None
             fire_step_event(engine, StepEvents.BACKWARD_COMPLETED)
             if scaler is not None:
                 scaler.unscale_(optimizer)  # true-scale grads before anyone clips or measures them
@@ -154,6 +158,8 @@ def create_trainer(
     state.loss = None
     state.grad_norm = None
     state.skip_step = False
+    state.drop_update = None
+    state.drops_on_device = drops_on_device(optimizer)
     state.step_skipped = False
     state.loss_scale = None
     state.skipped_steps = 0
@@ -185,14 +191,13 @@ def create_trainer(
 def _optimizer_step(state: Any, optimizer: torch.optim.Optimizer, scaler: Any) -> None:
     """Step (or skip) and record ``step_skipped`` and ``loss_scale`` before OPTIMIZER_STEP_COMPLETED."""
     if scaler is None:
-        if not state.skip_step:
-            optimizer.step()
+        if not state.skip_step:  # with a drop_update flag of 1.0 the update stays out of the weights
+            step_unless(optimizer, state.drop_update) if state.drop_update is not None else optimizer.step()
         state.step_skipped = state.skip_step
         return
-    # The scale stays on the device: get_scale() would read it on the host (a sync per step on a GPU).
-    before = scaler._get_scale_async().clone()  # update() changes the scale tensor in place
+    before = scale_tensor(scaler)  # on the device: get_scale() would read it on the host (a sync per step)
     if not state.skip_step:
         scaler.step(optimizer)  # skips the update by itself when the unscaled grads hold inf/NaN
     scaler.update()  # backs the scale off exactly when the unscaled grads held inf/NaN
-    state.loss_scale = scaler._get_scale_async().clone()  # a tensor of its own: records keep it by reference
+    state.loss_scale = scale_tensor(scaler)  # a tensor of its own: records keep it by reference
     state.step_skipped = True if state.skip_step else state.loss_scale < before

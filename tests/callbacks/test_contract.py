@@ -60,6 +60,7 @@ class Setting:
     acted: Callable[[Any, World], bool]
     precision: str = "fp32"
     poison: bool = False  # feed a batch with a NaN so that skip counters have something to count
+    amp: bool = False  # the world's trainer has callbacks.AMP's loss scaler (fp16)
     finish: Callable[[Any], None] = lambda handler: None  # e.g. flush files before probing them
 
 
@@ -67,6 +68,14 @@ def _nan_guard(w: World):
     from callbacks.nan_guard import NanGuard
 
     return NanGuard(w.model, w.optimizer, policy="skip", check_every=1)
+
+
+def _monitor(w: World):
+    return callbacks.LossScaleMonitor(callbacks.DivergenceDetector(w.model, w.optimizer, mode="scaled"))
+
+
+def _policy(w: World):  # its detector, not attached, still reads the batch losses the step keeps
+    return callbacks.RollbackPolicy(callbacks.DivergenceDetector(w.model, w.optimizer), check_every=1)
 
 
 SETTINGS: dict[str, Setting] = {
@@ -80,6 +89,10 @@ SETTINGS: dict[str, Setting] = {
             w.run_dir / "checkpoints", {"model": w.model, "optimizer": w.optimizer, "trainer": w.trainer},
             every_iterations=3, every_minutes=0, keep_best=1),
         acted=lambda h, w: (w.run_dir / "checkpoints" / "last.pt").exists(),
+    ),
+    "DivergenceDetector": Setting(
+        make=lambda w: callbacks.DivergenceDetector(w.model, w.optimizer, mode="immediate"),
+        acted=lambda h, w: bool(h.history.since(-1)),
     ),
     "EMA": Setting(
         make=lambda w: callbacks.EMA(w.model, decay=0.9),
@@ -96,6 +109,11 @@ SETTINGS: dict[str, Setting] = {
     "GradClip": Setting(
         make=lambda w: callbacks.GradClip(w.model.parameters(), max_norm=0.1),
         acted=lambda h, w: w.trainer.state.grad_norm is not None,
+    ),
+    "LossScaleMonitor": Setting(
+        make=_monitor,
+        acted=lambda h, w: h.state_dict()["scale_found"],  # it saw the scaler make a step
+        precision="fp16", amp=True,
     ),
     "MetricsLog": Setting(
         make=lambda w: callbacks.MetricsLog(w.run_dir / "metrics.jsonl", w.run_dir / "steps.jsonl", every=1),
@@ -121,6 +139,10 @@ SETTINGS: dict[str, Setting] = {
     "Progress": Setting(
         make=lambda w: callbacks.Progress(stream=io.StringIO()),
         acted=lambda h, w: h.stream.getvalue() != "",
+    ),
+    "RollbackPolicy": Setting(
+        make=_policy,
+        acted=lambda h, w: h.snapshot is not None,
     ),
     "RunSummary": Setting(
         make=lambda w: callbacks.RunSummary(w.run_dir / "summary.json"),
@@ -167,6 +189,8 @@ def _world(tmp_path: Path, setting: Setting, seed: int = 0) -> World:
     if setting.poison:
         batches[1][0][0, 0, 0, 0] = float("nan")
     world = World(model, optimizer, trainer, run_dir, batches)
+    if setting.amp:
+        callbacks.AMP(device="cpu").attach(trainer)
     # the world's own validation makes the epoch events fire, for the loggers that listen to them
     Validation(create_evaluator(model, {"accuracy": Accuracy()}), batches[:1]).attach(trainer)
     world.notes["sigterm_before"].append(signal.getsignal(signal.SIGTERM))

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-from callbacks import AMP, GradClip, NanGuard, OneCycle
-from callbacks._snapshot import Snapshot
+from callbacks import AMP, DivergenceDetector, GradClip, NanGuard, OneCycle, RollbackPolicy
+from callbacks.snapshot import Snapshot
 from engine import create_trainer
 from engine.records import epoch_record
 from tests.conftest import TinyCNN, random_batches
@@ -155,7 +155,7 @@ def watch_snapshots(run: Run) -> list[bool]:
     """After every iteration: is every tensor NanGuard would restore finite?"""
     seen: list[bool] = []
     run.trainer.add_event_handler(Events.ITERATION_COMPLETED,
-                                  lambda e: seen.append(_all_finite(run.guard._snapshot.state)))
+                                  lambda e: seen.append(_all_finite(run.guard.policy.snapshot.state)))
     return seen
 
 
@@ -425,7 +425,7 @@ def test_the_values_kept_on_the_device_between_reads_hold_no_autograd_graph(tmp_
     """Kept across steps, a graph would chain every step's to the next: memory grew 1.4 GB in a digits run."""
     run = make_run(tmp_path, policy, epochs=1)
     start(run)
-    kept = [t for step in run.guard._history.since(-1) for t in step[3:] if isinstance(t, torch.Tensor)]
+    kept = [t for step in run.guard.detector.history.since(-1) for t in step[3:] if isinstance(t, torch.Tensor)]
     kept += run.trainer.state.batch_losses
     assert kept and not any(t.requires_grad for t in kept)
 
@@ -433,11 +433,11 @@ def test_the_values_kept_on_the_device_between_reads_hold_no_autograd_graph(tmp_
 def test_the_snapshot_is_a_deep_copy(tmp_path):
     run = make_run(tmp_path, "rollback", epochs=1)
     start(run)
-    kept = {k: v.clone() for k, v in run.guard._snapshot.state["model"].items()}
+    kept = {k: v.clone() for k, v in run.guard.policy.snapshot.state["model"].items()}
     with torch.no_grad():
         for p in run.model.parameters():
             p.add_(1.0)
-    assert all(torch.equal(kept[k], v) for k, v in run.guard._snapshot.state["model"].items())
+    assert all(torch.equal(kept[k], v) for k, v in run.guard.policy.snapshot.state["model"].items())
 
 
 def test_a_restore_leaves_the_snapshot_as_it_was_taken():
@@ -531,3 +531,26 @@ def test_a_scaler_other_than_the_trainers_is_refused_at_start(precision, scaler)
     NanGuard(model, optimizer, scaler=given).attach(trainer)
     with pytest.raises(ValueError, match="the one the trainer steps with"):
         trainer.run(random_batches(count=2, batch_size=4, seed=3), max_epochs=1)
+
+
+def test_the_parts_compose_without_nan_guard_and_refuse_a_policy_attached_before_its_detector(tmp_path):
+    """A researcher may compose the parts: a detector and a stop policy, no fp16 monitor. The policy acts on
+    what the detector found in this step, so it must come after it: the wrong order fails loudly."""
+    def parts(order: str) -> tuple[Engine, RollbackPolicy]:
+        model = TinyCNN()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        trainer = create_trainer(model, optimizer, F.cross_entropy)
+        detector = DivergenceDetector(model, optimizer, mode="immediate")
+        policy = RollbackPolicy(detector, policy="skip", events_path=tmp_path / f"{order}.jsonl")
+        for handler in ((detector, policy) if order == "right" else (policy, detector)):
+            handler.attach(trainer)
+        return trainer, policy
+
+    batches = random_batches(count=4, batch_size=8, seed=3)
+    batches[2][0][0, 0, 0, 0] = float("nan")
+    trainer, policy = parts("right")
+    trainer.run(batches, max_epochs=1)
+    assert policy.nan_skips == 1 and json.loads((tmp_path / "right.jsonl").read_text())["iteration"] == 3
+    trainer, policy = parts("wrong")
+    with pytest.raises(RuntimeError, match="attach the DivergenceDetector before the policy"):
+        trainer.run(batches, max_epochs=1)

@@ -210,7 +210,7 @@ def test_skip_reads_one_flag_per_step_under_fp32_and_bf16_only(tmp_path, precisi
     per_iteration = collections.Counter(r.iteration for r in stray)
     quiet_iterations = [i for i in range(1, EPOCHS * run.epoch_length + 1) if not _allowed(i, run.epoch_length)]
     assert sorted(per_iteration) == quiet_iterations and set(per_iteration.values()) == {1}, _describe(stray)
-    assert all(r.kiln_frames[0].startswith("callbacks/nan_guard.py:") and r.made_in("_on_before_step")
+    assert all(r.kiln_frames[0].startswith("callbacks/divergence_detector.py:") and r.made_in("_on_before_step")
                for r in stray), _describe(stray)
 
 
