@@ -1,11 +1,9 @@
 """TensorBoard: scalar logging to tensorboardX event files through ignite's TensorboardLogger."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ from ignite.engine import Engine, Events
 from ignite.engine.events import RemovableEventHandle
 from ignite.handlers.tensorboard_logger import TensorboardLogger
 
+from callbacks.tensorboard_files import shut_down_on_os_error, write_out
 from engine.events import EpochEvents, ensure_epoch_events
 from engine.records import epoch_record, step_record
 
@@ -176,7 +175,7 @@ class TensorBoard:
         if self._closed:
             return
         self._closed = True
-        with _shut_down_on_os_error(self.logger.writer, self.log_dir):
+        with shut_down_on_os_error(self.logger.writer, self.log_dir):
             if self.hparams is not None:
                 self._write_hparams()
             self.logger.close()
@@ -187,9 +186,9 @@ class TensorBoard:
         written, and no traceback comes later from its thread or its exit hook) and the OSError names
         ``log_dir``."""
         try:
-            with _shut_down_on_os_error(self.logger.writer, self.log_dir):
+            with shut_down_on_os_error(self.logger.writer, self.log_dir):
                 for file_writer in list((self.logger.writer.all_writers or {}).values()):
-                    _write_out(file_writer)
+                    write_out(file_writer)
             self._flushed_at = time.monotonic()
         except OSError:
             self._closed = True  # nothing more is written, not even by close()
@@ -202,7 +201,7 @@ class TensorBoard:
         from tensorboardX.summary import hparams as hparams_summaries
 
         writer = SummaryWriter(logdir=str(self.log_dir / "hparams"))
-        with _shut_down_on_os_error(writer, self.log_dir / "hparams"):
+        with shut_down_on_os_error(writer, self.log_dir / "hparams"):
             for summary in hparams_summaries(self.hparams, dict(self._final)):
                 writer.file_writer.add_summary(summary)
             for key, value in self._final.items():
@@ -223,72 +222,3 @@ def confusion_image(matrix: torch.Tensor, cell: int = 12) -> np.ndarray:
     white, blue = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
     image = (white + shares[..., None] * (blue - white)).round().astype(np.uint8)
     return image.repeat(cell, axis=0).repeat(cell, axis=1)
-
-
-@contextlib.contextmanager
-def _shut_down_on_os_error(writer: Any, log_dir: Path) -> Iterator[None]:
-    """On an OSError inside: shut ``writer`` (a tensorboardX SummaryWriter) down and re-raise it naming ``log_dir``.
-
-    A failed write leaves events in tensorboardX's buffers that every later flush, its thread and its
-    exit hook would try (and fail) to write again, each with a traceback: each event file's record
-    writer is swapped for one that writes nothing, its thread is stopped, and the real file is closed.
-    """
-    try:
-        yield
-    except OSError as e:
-        for file_writer in list((getattr(writer, "all_writers", None) or {}).values()):
-            _discard_events(file_writer)
-        if e.filename is None:
-            e.filename = str(log_dir)
-        raise
-
-
-def _write_out(file_writer: Any) -> None:
-    """Write every event queued so far to one tensorboardX FileWriter's file, and flush it.
-
-    tensorboardX's own ``flush()`` flushes the file but not its queue: the events its thread has not
-    taken yet (the latest ones) stay in memory, and a run killed right after a checkpoint would lose
-    points that precede it. The thread is stopped (the queue is first-in first-out, so it writes
-    everything queued before the stop), the file flushed, and a new thread started, as tensorboardX's
-    ``reopen`` does.
-    """
-    event_file_writer = getattr(file_writer, "event_writer", None)
-    worker = getattr(event_file_writer, "_worker", None)
-    if worker is None or getattr(event_file_writer, "_closed", True) or not worker.is_alive():
-        file_writer.flush()  # another tensorboardX layout, or nothing left to drain
-        return
-    worker.stop()
-    event_file_writer._worker = type(worker)(event_file_writer._event_queue, event_file_writer._ev_writer,
-                                             event_file_writer._flush_secs)
-    event_file_writer._worker.start()
-    event_file_writer.flush()
-
-
-def _discard_events(file_writer: Any) -> None:
-    """Make one tensorboardX FileWriter write nothing more, stop its thread and close its file."""
-    events_writer = getattr(getattr(file_writer, "event_writer", None), "_ev_writer", None)
-    records = getattr(events_writer, "_py_recordio_writer", None)
-    if records is None:  # another tensorboardX layout: leave it as it is
-        return
-    events_writer._py_recordio_writer = _NoRecords()
-    event_file_writer = file_writer.event_writer
-    worker = getattr(event_file_writer, "_worker", None)
-    if worker is not None and worker.is_alive():
-        event_file_writer.close()  # stops its thread (its flushes write nothing now)
-    else:  # its thread died of the failed write: nothing to stop, and its exit hook must not wait for it
-        event_file_writer._closed = True
-    with contextlib.suppress(OSError):  # its buffered events cannot be written; the file is closed all the same
-        records.close()
-
-
-class _NoRecords:
-    """A tensorboardX record writer that writes nothing (see :func:`_discard_events`)."""
-
-    def write(self, data: bytes) -> None:
-        """Drop ``data``."""
-
-    def flush(self) -> None:
-        """Nothing to flush."""
-
-    def close(self) -> None:
-        """Nothing to close."""

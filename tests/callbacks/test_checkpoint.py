@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ignite.engine import Events
 
 from callbacks import Checkpointer, Validation
-from callbacks.checkpoint import AtomicDiskSaver, NonFiniteCheckpointError
+from callbacks.atomic_saver import AtomicDiskSaver, NonFiniteCheckpointError
 from engine import create_evaluator, create_trainer
 from engine.events import EpochEvents
 
@@ -113,7 +113,7 @@ def test_removal_waits_until_the_new_file_is_written(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from callbacks.checkpoint import AtomicDiskSaver
+    from callbacks.atomic_saver import AtomicDiskSaver
     saver = AtomicDiskSaver(sys.argv[1])
     i = 0
     while True:
