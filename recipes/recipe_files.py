@@ -14,14 +14,14 @@ lowest first: the base recipe, the file, ``--set``, explicit options.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from recipes.config import LEGACY_KEYS, SECTIONS, Config, ConfigError, apply_overrides
+from recipes.config import SECTIONS, Config, ConfigError, apply_overrides
+from recipes.config.keys import closest, did_you_mean, resolve_key
 
 __all__ = ["is_recipe_file", "load_recipe", "load_recipe_file", "flatten_recipe"]
 
@@ -51,9 +51,7 @@ def _valid_keys(cfg: Config, section: str) -> list[str]:
 
 
 def _unknown(where: str, key: str, candidates: list[str], listed: list[str], what: str) -> ConfigError:
-    close = difflib.get_close_matches(key, candidates, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"{where}: unknown key {key!r}{hint} ({what}: {', '.join(listed)})")
+    return ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, candidates)} ({what}: {', '.join(listed)})")
 
 
 def flatten_recipe(data: Mapping[str, Any], base: Config, where: str = "recipe file") -> dict[str, Any]:
@@ -68,12 +66,12 @@ def flatten_recipe(data: Mapping[str, Any], base: Config, where: str = "recipe f
     flat: dict[str, Any] = {}
 
     def add(section: str, key: str, value: Any) -> None:
-        if f"{section}.{key}" in LEGACY_KEYS:  # a key renamed since the file was written
-            section, key = LEGACY_KEYS[f"{section}.{key}"].split(".")
-        valid = _valid_keys(base, section)
-        if key not in valid:
+        try:  # a key renamed since the file was written resolves to its new name
+            section, key = resolve_key(base, f"{section}.{key}", bare=False)
+        except ConfigError:  # in a file's words: the section's valid keys
+            valid = _valid_keys(base, section)
             raise _unknown(where, f"{section}.{key}", [f"{section}.{k}" for k in valid] + paths, valid,
-                           f"valid keys of {section}")
+                           f"valid keys of {section}") from None
         flat[f"{section}.{key}"] = value
 
     for key, value in data.items():
@@ -94,9 +92,8 @@ def flatten_recipe(data: Mapping[str, Any], base: Config, where: str = "recipe f
         else:
             bare = [p for p in paths if p.split(".", 1)[1] == key]
             if len(bare) != 1:  # a misspelt field name without its section, e.g. epohcs: the closest field
-                leaf = (key.rsplit(".", 1)[-1] if "." in key else key)
-                close = difflib.get_close_matches(leaf, [p.split(".", 1)[1] for p in paths], n=1)
-                bare = [p for p in paths if close and p.split(".", 1)[1] == close[0]]
+                close = closest(key.rsplit(".", 1)[-1], [p.split(".", 1)[1] for p in paths])
+                bare = [p for p in paths if close and p.split(".", 1)[1] == close]
             if len(bare) == 1:  # a field name without its section: say which section it belongs to
                 field_name = bare[0].split(".", 1)[1]
                 raise ConfigError(f"{where}: unknown key {key!r}; did you mean {bare[0]!r}? "

@@ -13,7 +13,8 @@ from recipes.config import sections
 from recipes.config.sections import FILE_DATASETS, SECTIONS, Config, ConfigError
 
 __all__ = ["OPTION_KEYS", "LEGACY_KEYS", "apply_overrides", "config_docs", "config_from_dict", "config_to_dict",
-           "field_paths", "flatten_config", "hparams", "json_safe", "resolve_key", "with_class_count", "with_max_lr"]
+           "closest", "did_you_mean", "field_paths", "flatten_config", "hparams", "json_safe", "resolve_key", "with_class_count",
+           "with_max_lr"]
 
 
 #: ``kiln train`` option -> config key. The CLI builds its flags from it and the findings turn keys back
@@ -44,19 +45,44 @@ def field_paths(cfg: Config) -> list[str]:
     return [f"{s}.{f.name}" for s in SECTIONS for f in fields(getattr(cfg, s))]
 
 
-def resolve_key(cfg: Config, key: str) -> tuple[str, str]:
-    """``(section, field)`` of ``key``, dotted, bare or renamed (LEGACY_KEYS); else ConfigError, with a did-you-mean."""
+def resolve_key(cfg: Config, key: str, *, bare: bool = True) -> tuple[str, str]:
+    """``(section, field)`` of ``key``: dotted, renamed (LEGACY_KEYS) or, with ``bare``, a field name alone
+    when one section has it; else ConfigError, with a did-you-mean.
+
+    Every reader of a key goes through here: ``--set``, recipe files, sweeps' ``--param``, old config.json.
+
+    Example:
+        >>> from recipes import get_recipe
+        >>> resolve_key(get_recipe("digits"), "max_lr"), resolve_key(get_recipe("digits"), "train.on_nan")
+        (('schedule', 'max_lr'), ('guard', 'on_nan'))
+    """
     key = LEGACY_KEYS.get(key, key)
     paths = field_paths(cfg)
     if key in paths:
         section, name = key.split(".", 1)
         return section, name
-    matches = [p for p in paths if p.split(".", 1)[1] == key]
+    matches = [p for p in paths if p.split(".", 1)[1] == key] if bare else []
     if len(matches) == 1:
         return tuple(matches[0].split(".", 1))  # type: ignore[return-value]
-    close = difflib.get_close_matches(key, paths + [p.split(".", 1)[1] for p in paths], n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(key, paths + [p.split(".", 1)[1] for p in paths])
     raise ConfigError(f"unknown config key {key!r}{hint} (see `kiln show {cfg.name}` for the keys)")
+
+
+def closest(word: str, candidates: list[str]) -> str | None:
+    """The candidate closest to a misspelt ``word`` (None when none is close): the one did-you-mean of kiln's keys.
+
+    Example:
+        >>> closest("epohcs", ["train.epochs", "epochs"]), closest("zzz", ["epochs"])
+        ('epochs', None)
+    """
+    close = difflib.get_close_matches(word, candidates, n=1)
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, candidates: list[str]) -> str:
+    """``"; did you mean 'X'?"`` with the :func:`closest` candidate, or "" when none is close."""
+    close = closest(word, candidates)
+    return f"; did you mean {close!r}?" if close else ""
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
