@@ -17,12 +17,13 @@ else:
     model = torch.jit.load(model_file, map_location="cpu", _extra_files=extra)
 meta = json.loads(extra["kiln.json"])
 p = meta["preprocessing"]
+how = F.InterpolationMode(p.get("interpolation", "bilinear"))  # bicubic for some pretrained weights
 for image in images:
     x = F.to_tensor(Image.open(image).convert(p["mode"]))
     if p["resize"] is None:
-        x = F.resize(x, [p["size"], p["size"]], antialias=True)
+        x = F.resize(x, [p["size"], p["size"]], interpolation=how, antialias=True)
     else:
-        x = F.center_crop(F.resize(x, p["resize"], antialias=True), p["size"])
+        x = F.center_crop(F.resize(x, p["resize"], interpolation=how, antialias=True), p["size"])
     x = F.normalize(x, p["mean"], p["std"])
     with torch.no_grad():
         probabilities = model(x.unsqueeze(0)).softmax(dim=1)[0]  # a batch of one: any export takes it

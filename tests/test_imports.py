@@ -25,7 +25,7 @@ WINGS: list[tuple[str, tuple[str, ...]]] = [
     ("report", ("recipes.report.*",)),
     ("tools", ("recipes.tools.*",)),
     ("run", ("recipes.run.*",)),
-    ("data, models", ("recipes.data.*", "recipes.models")),
+    ("data, models", ("recipes.data.*", "recipes.models", "recipes.pretrained")),
     ("recipe registry", ("recipes", "recipes.digits", "recipes.cifar10", "recipes.synthetic", "recipes.imagefolder",
                          "recipes.fashion_mnist", "recipes.mnist", "recipes.recipe_files")),
     ("config", ("recipes.config", "recipes.config.*", "recipes.words")),

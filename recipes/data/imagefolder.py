@@ -19,6 +19,7 @@ from recipes.config import Config
 from recipes.data.base import Data, DataError
 from recipes.data.batches import EpochBatchSampler, LoaderBatches, mix_seed, split_indices
 from recipes.data.preprocess import Preprocessing
+from recipes.pretrained import NamedWeights, named_weights
 
 log = logging.getLogger("kiln")
 
@@ -81,28 +82,35 @@ class SeededSamples(torch.utils.data.Dataset):
             return self.transform(image), label
 
 
-def imagefolder_preprocessing(image_size: int) -> Preprocessing:
-    """An image folder's evaluation transform: RGB, shorter side to ``int(image_size * 1.14)``, a center crop of
-    ``image_size``, ImageNet's mean and std (what torchvision's classification models are trained with)."""
+def imagefolder_preprocessing(image_size: int, weights: NamedWeights | None = None) -> Preprocessing:
+    """An image folder's evaluation transform at ``image_size``: with named pretrained ``weights``, theirs (their
+    resize ratio, interpolation, mean and std); else RGB, shorter side to ``int(image_size * 1.14)``, a center
+    crop, ImageNet's mean and std (what torchvision's classification models are trained with)."""
+    if weights is not None:
+        return weights.preprocessing(image_size)
     return Preprocessing(mode="RGB", size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                          resize=int(image_size * 1.14))
 
 
-def imagefolder_transforms(image_size: int, augment: str = "crop+flip") -> tuple[Callable, Callable]:
-    """``(train, eval)`` transforms: the standard ImageNet-style ones at ``image_size``.
+def imagefolder_transforms(cfg: Config) -> tuple[Callable, Callable]:
+    """``(train, eval)`` transforms at ``data.image_size``: the standard ImageNet-style ones, or those of the
+    named pretrained weights ``model.weights`` (``recipes.pretrained``).
 
     Train: RandomResizedCrop(image_size) (``augment`` crop or crop+flip), RandomHorizontalFlip
-    (crop+flip), ToTensor, Normalize(ImageNet mean and std); with ``augment`` none, the eval transform.
-    Eval: :func:`imagefolder_preprocessing` (resize, center crop and normalize on the float image), the
-    transform ``kiln predict`` and exported models document.
+    (crop+flip), ToTensor, Normalize, with the evaluation transform's interpolation, mean and std; with
+    ``augment`` none, the eval transform. Eval: :func:`imagefolder_preprocessing` (resize, center crop and
+    normalize on the float image), the transform ``kiln predict`` and exported models document.
     """
     from torchvision import transforms as T
 
-    evaluation = imagefolder_preprocessing(image_size)
-    if augment == "none":
+    d = cfg.data
+    evaluation = imagefolder_preprocessing(d.image_size, named_weights(cfg.model.name, cfg.model.weights))
+    if d.augment == "none":
         return evaluation, evaluation
-    train = [T.RandomResizedCrop(image_size)] + ([T.RandomHorizontalFlip()] if augment == "crop+flip" else [])
-    return T.Compose(train + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]), evaluation
+    interpolation = T.InterpolationMode(evaluation.interpolation)
+    train = [T.RandomResizedCrop(d.image_size, interpolation=interpolation)]
+    train += [T.RandomHorizontalFlip()] if d.augment == "crop+flip" else []
+    return T.Compose(train + [T.ToTensor(), T.Normalize(evaluation.mean, evaluation.std)]), evaluation
 
 
 def _image_folder(root: Path, two_classes: bool = True) -> Any:
@@ -252,12 +260,12 @@ def imagefolder_data(cfg: Config, device: torch.device) -> Data:
             raise DataError(f"{train_dir} holds {len(train_set)} image; at least 2 are needed to split off a val set")
         val_set = train_set
         train_idx, val_idx = (t.tolist() for t in split_indices(len(train_set), d.val_fraction, seed))
-    train_tf, _ = imagefolder_transforms(d.image_size, d.augment)
+    train_tf, evaluation = imagefolder_transforms(cfg)
     train_sampler = SampleEpochBatchSampler(len(train_idx), d.batch_size, shuffle=True, seed=seed)
     train_loader = torch.utils.data.DataLoader(SeededSamples(train_set, train_idx, train_tf, seed=seed),
                                                batch_sampler=train_sampler, **_loader_args(cfg, device))
     return Data(LoaderBatches(train_loader, seed=seed), _eval_batches(val_set, val_idx, cfg, device), 3,
-                len(train_set.classes), list(train_set.classes), imagefolder_preprocessing(d.image_size))
+                len(train_set.classes), list(train_set.classes), evaluation)
 
 
 def _loader_args(cfg: Config, device: torch.device) -> dict[str, Any]:
@@ -269,7 +277,7 @@ def _loader_args(cfg: Config, device: torch.device) -> dict[str, Any]:
 
 def _eval_batches(dataset: Any, indices: Sequence[int], cfg: Config, device: torch.device) -> LoaderBatches:
     """``indices`` of ``dataset`` in order, through the eval transform, in batches of at least 64."""
-    _, eval_tf = imagefolder_transforms(cfg.data.image_size, cfg.data.augment)
+    _, eval_tf = imagefolder_transforms(cfg)
     sampler = EpochBatchSampler(len(indices), max(cfg.data.batch_size, 64), shuffle=False)
     return LoaderBatches(torch.utils.data.DataLoader(SeededSamples(dataset, indices, eval_tf), batch_sampler=sampler,
                                                      **_loader_args(cfg, device)))
@@ -287,5 +295,4 @@ def imagefolder_eval_data(cfg: Config, device: torch.device) -> Data:
     dataset = _image_folder(val_dir or train_dir)
     _screen_images([dataset], cfg.data.skip_bad_images)
     batches = _eval_batches(dataset, range(len(dataset)), cfg, device)
-    return Data(batches, batches, 3, len(dataset.classes), list(dataset.classes),
-                imagefolder_preprocessing(cfg.data.image_size))
+    return Data(batches, batches, 3, len(dataset.classes), list(dataset.classes), imagefolder_transforms(cfg)[1])

@@ -7,7 +7,8 @@ the IDX sets normalise with it; an image folder's evaluation transform *is* it),
 The steps, on one image (a PIL image, or a float tensor already in [0, 1]):
 
 1. ``image.convert(mode)`` (``"L"``: one channel, ``"RGB"``: three), then ``to_tensor``: C x H x W, in [0, 1];
-2. resize, bilinear with antialiasing on the float tensor (torchvision's ``F.resize``):
+2. resize with antialiasing on the float tensor (torchvision's ``F.resize``), ``interpolation`` bilinear
+   (kiln's default) or bicubic (pretrained weights that were trained so):
    ``resize`` None: the whole image to ``size`` x ``size`` (left alone when it already is);
    ``resize`` N: the shorter side to N, then a center crop of ``size`` x ``size``;
 3. ``(x - mean) / std`` per channel (torchvision's ``F.normalize``).
@@ -21,7 +22,10 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Preprocessing"]
+__all__ = ["Preprocessing", "INTERPOLATIONS"]
+
+#: How an image may be resized (``F.interpolate`` modes; torchvision's InterpolationMode values).
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -41,10 +45,13 @@ class Preprocessing:
     mean: tuple[float, ...]  #: per channel, subtracted after scaling to [0, 1]
     std: tuple[float, ...]  #: per channel, divided by after the mean
     resize: int | None = None  #: shorter side before a center crop of ``size``; None: the whole image to size x size
+    interpolation: str = "bilinear"  #: one of :data:`INTERPOLATIONS`
 
     def __post_init__(self) -> None:
         if self.mode not in ("L", "RGB"):
             raise ValueError(f"mode must be L or RGB, not {self.mode!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if len(self.mean) != self.channels or len(self.std) != self.channels:
@@ -66,8 +73,8 @@ class Preprocessing:
         if self.resize is None:
             if tuple(x.shape[-2:]) == (self.size, self.size):
                 return x
-            return _interpolate(x, (self.size, self.size))
-        return _center_crop(_interpolate(x, _shorter_side_to(x.shape[-2:], self.resize)), self.size)
+            return _interpolate(x, (self.size, self.size), self.interpolation)
+        return _center_crop(_interpolate(x, _shorter_side_to(x.shape[-2:], self.resize), self.interpolation), self.size)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Step 3 on a float image or batch in [0, 1] (``C x H x W`` or ``N x C x H x W``)."""
@@ -86,14 +93,16 @@ class Preprocessing:
         """The inverse of :meth:`to_dict`; a ValueError names a missing or bad field."""
         try:
             return cls(mode=str(data["mode"]), size=int(data["size"]), mean=tuple(data["mean"]), std=tuple(data["std"]),
-                       resize=None if data.get("resize") is None else int(data["resize"]))
+                       resize=None if data.get("resize") is None else int(data["resize"]),
+                       interpolation=str(data.get("interpolation", "bilinear")))  # older records: bilinear
         except (KeyError, TypeError) as e:
             raise ValueError(f"preprocessing record lacks or garbles {e}") from None
 
     def describe(self) -> str:
         """In words, e.g. ``RGB, shorter side to 36, center crop 32x32, mean (0.485, ...) std (...)``."""
-        size = (f"shorter side to {self.resize}, center crop {self.size}x{self.size}" if self.resize is not None
-                else f"resized to {self.size}x{self.size}")
+        how = f" ({self.interpolation})" if self.interpolation != "bilinear" else ""
+        size = (f"shorter side to {self.resize}{how}, center crop {self.size}x{self.size}" if self.resize is not None
+                else f"resized to {self.size}x{self.size}{how}")
         numbers = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
         return f"{self.mode}, {size}, mean {numbers(self.mean)} std {numbers(self.std)}"
 
@@ -117,10 +126,10 @@ def to_tensor(image: Any) -> torch.Tensor:
     return x.float().div(255.0)
 
 
-def _interpolate(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear, antialiased: what torchvision's ``F.resize`` does to a float tensor."""
+def _interpolate(x: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+    """Antialiased ``mode`` resizing: what torchvision's ``F.resize`` does to a float tensor."""
     batch = x.unsqueeze(0) if x.ndim == 3 else x
-    out = F.interpolate(batch, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    out = F.interpolate(batch, size=tuple(size), mode=mode, align_corners=False, antialias=True)
     return out[0] if x.ndim == 3 else out
 
 

@@ -27,7 +27,7 @@ from recipes.run.compiled import CompiledForward
 from recipes.run.inference import inference_record
 from recipes.run.lock import RunLock, discarded_on_failure
 from recipes.run.rundir import LOCK, RUN_FILES, RunDir
-from recipes.run.parts import (load_initial_weights, make_data, make_loss, make_model, make_optimizer, make_schedule,
+from recipes.run.parts import (initial_weights_file, load_initial_weights, make_data, make_loss, make_model, make_optimizer, make_schedule,
                                resolve_runtime)
 
 __all__ = ["Assembly", "build", "make_run_dir", "versions", "write_config"]
@@ -226,6 +226,9 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
     writes = rank == 0
     quiet = quiet or not writes
 
+    weights_file = None
+    if cfg.model.weights and not RunDir(run_dir).last.exists():  # a resumed run has its weights
+        weights_file = initial_weights_file(cfg)  # named weights fetched now, before the data are loaded
     torch.manual_seed(t.seed)
     data = make_data(cfg, device)
     cfg = with_class_count(cfg, data.num_classes)  # config.json and checkpoints say how many classes there are
@@ -234,9 +237,9 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
         _shard(train_data, rank, world_size)
         _shard(val_data, rank, world_size)
     model = make_model(cfg, data.in_channels, num_classes)
-    weights_note = None
-    if cfg.model.weights and not RunDir(run_dir).last.exists():  # a resumed run has its weights
-        weights_note = load_initial_weights(model, cfg.model.weights)
+    weights_note, initial_weights = None, None
+    if weights_file is not None:
+        weights_note, initial_weights = load_initial_weights(model, *weights_file)
     model = model.to(device)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -293,9 +296,11 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
         events_path=events_path)
     run = Assembly(cfg, run_dir, device, precision, model, optimizer, trainer, evaluator, train_data, val_data, handlers,
                    class_names=data.class_names, world_size=world_size,
-                   inference=inference_record(cfg, data.in_channels, num_classes, data.preprocessing))
+                   inference=inference_record(cfg, data.in_channels, num_classes, data.preprocessing,
+                                              initial_weights=initial_weights))
     if weights_note is not None and writes:
-        append_jsonl(run.events_path, {"event": "weights", "path": cfg.model.weights, "note": weights_note})
+        append_jsonl(run.events_path, {"event": "weights", "path": cfg.model.weights, "note": weights_note,
+                                       **initial_weights})
         if not quiet:
             print(f"kiln: {weights_note}", file=stream or sys.stdout)
     c = cfg.checkpoint

@@ -28,7 +28,7 @@ from engine import Precision
 from recipes.config import Config, ConfigError, apply_overrides
 from recipes.data import DataError
 from recipes.data.cifar10 import CIFAR10_PREPROCESSING
-from recipes.data.imagefolder import imagefolder_preprocessing
+from recipes.data.imagefolder import imagefolder_transforms
 from recipes.data.preprocess import Preprocessing
 from recipes.models import build_model
 from recipes.run.checkpoints import load_checkpoint, with_run_precision
@@ -40,19 +40,23 @@ __all__ = ["Trained", "load", "inference_record", "ONE_CHANNEL_DATASETS"]
 ONE_CHANNEL_DATASETS = ("digits", "fashion-mnist", "mnist")
 
 
-def inference_record(cfg: Config, in_channels: int, num_classes: int, preprocessing: Preprocessing) -> dict[str, Any]:
+def inference_record(cfg: Config, in_channels: int, num_classes: int, preprocessing: Preprocessing,
+                     initial_weights: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint says about using its model (plain data, ``weights_only``-safe).
 
     ``{"model": {"name", "in_channels", "num_classes", "image_size", "channels"}`` (the arguments of
     ``recipes.models.build_model``), ``"preprocessing"`` (:meth:`Preprocessing.to_dict`),
-    ``"input": {"channels", "size"}``, ``"channels_last"``}.
+    ``"input": {"channels", "size"}``, ``"channels_last"``, and with ``model.weights``,
+    ``"initial_weights"``: ``{"name", "file", "sha256", "head_replaced"}`` (where training started from)}.
     """
+    extra = {"initial_weights": initial_weights} if initial_weights is not None else {}
     return {
         "model": {"name": cfg.model.name, "in_channels": in_channels, "num_classes": num_classes,
                   "image_size": cfg.data.image_size, "channels": list(cfg.model.channels)},
         "preprocessing": preprocessing.to_dict(),
         "input": {"channels": in_channels, "size": preprocessing.size},
         "channels_last": bool(cfg.train.channels_last),
+        **extra,
     }
 
 
@@ -141,7 +145,7 @@ def _recovered_record(cfg: Config, class_names: Sequence[str], path: str | Path)
     if dataset == "cifar10":
         preprocessing = CIFAR10_PREPROCESSING
     elif dataset == "imagefolder":
-        preprocessing = imagefolder_preprocessing(cfg.data.image_size)
+        preprocessing = imagefolder_transforms(cfg)[1]
     else:
         cpu_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0))
         try:

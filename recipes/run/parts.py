@@ -6,7 +6,7 @@ they train the same model on the same data with the same optimizer.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -16,9 +16,10 @@ from recipes import data as datasets
 from recipes.config import Config, ConfigError
 from recipes.data import Data
 from recipes.models import build_model, load_weights, parameter_groups
+from recipes.pretrained import named_weights, sha256_of
 
 __all__ = ["resolve_runtime", "make_data", "make_model", "make_optimizer", "make_loss", "make_schedule",
-           "load_initial_weights", "TrainingParts", "training_parts"]
+           "initial_weights_file", "load_initial_weights", "TrainingParts", "training_parts"]
 
 
 def resolve_runtime(cfg: Config) -> tuple[torch.device, Precision]:
@@ -49,12 +50,24 @@ def make_model(cfg: Config, in_channels: int, num_classes: int) -> torch.nn.Modu
         raise ConfigError(f"model {cfg.model.name}: {e}") from None
 
 
-def load_initial_weights(model: torch.nn.Module, path: str) -> str:
-    """``model.weights``: load a local state dict into ``model``; returns what was loaded, in words."""
+def initial_weights_file(cfg: Config) -> tuple[str, str | None]:
+    """``model.weights`` as ``(file, weights name or None)``: a local file, or the file of the torchvision weights
+    it names, in torch hub's cache (downloaded there if missing). ConfigError, one line: neither a file nor a
+    name of the model's weights, or named weights whose file is missing and cannot be downloaded."""
+    named = named_weights(cfg.model.name, cfg.model.weights)
+    return (str(named.fetch()), named.name) if named is not None else (cfg.model.weights, None)
+
+
+def load_initial_weights(model: torch.nn.Module, path: str, name: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Load a weights file (:func:`initial_weights_file`) into ``model``; returns what was loaded, in words, and
+    the record of where the run started from: ``{"name", "file", "sha256", "head_replaced"}``."""
     try:
-        return load_weights(model, path)
+        note = load_weights(model, path)
     except ValueError as e:
         raise ConfigError(f"--weights: {e}") from None
+    if name is not None:
+        note = note.replace(f"from {path}", f"{name} from {path}", 1)
+    return note, {"name": name, "file": str(path), "sha256": sha256_of(path), "head_replaced": "except" in note}
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:

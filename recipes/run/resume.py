@@ -161,6 +161,9 @@ def resume(source: str | Path, *, epochs: int | None = None, new_schedule: bool 
     trainer_state["max_epochs"] = cfg.train.epochs
     checkpoint = {**checkpoint, "trainer": trainer_state}
     Checkpoint.load_objects(objects, checkpoint)
+    started_from = (checkpoint.get("kiln") or {}).get("inference", {}).get("initial_weights")
+    if started_from is not None:  # the weights the run started from, loaded before this resume: still its record
+        run.inference["initial_weights"] = started_from
     if run.writes:
         cut_torn_records(run_dir, run.events_path, iteration)  # a crash mid-append: before anything is appended
         for path in (RunDir(run_dir).metrics, RunDir(run_dir).steps):

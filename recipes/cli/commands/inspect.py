@@ -32,9 +32,15 @@ def show(recipe: str, sets: tuple[str, ...], explain: bool) -> None:
 
     With a line `base: RECIPE` added, the output is a recipe file: edit it and run `kiln train FILE.yaml`.
     """
+    from recipes.pretrained import weights_comment
+
     cfg = resolve_config(recipe, sets)
     data = config_to_dict(cfg)
     click.echo(_explained_yaml(data, config_docs()) if explain else yaml.safe_dump(data, sort_keys=False).rstrip())
+    comment = weights_comment(cfg.model.name, cfg.model.weights, cfg.data.image_size,
+                              applies=cfg.data.dataset == "imagefolder")
+    if comment is not None:  # comments: the output stays a recipe file's body
+        click.echo(comment)
 
 
 def _explained_yaml(data: dict, docs: dict[str, str]) -> str:
