@@ -12,13 +12,13 @@ from engine.lazy import lazy_exports
 
 #: Each handler and the module that defines it.
 _MODULES = {"AMP": "amp", "Checkpointer": "checkpoint", "DivergenceDetector": "divergence_detector",
-            "EarlyStop": "early_stop", "EMA": "ema", "GracefulStop": "graceful_stop", "GradClip": "grad_clip",
+            "EarlyStop": "early_stop", "EMA": "ema", "FineTune": "fine_tune", "GracefulStop": "graceful_stop", "GradClip": "grad_clip",
             "LossScaleMonitor": "loss_scale_monitor", "MetricsLog": "metrics_log", "MixUpCutMix": "mix",
             "NanGuard": "nan_guard", "OneCycle": "one_cycle", "OptunaPruning": "optuna_pruning", "Progress": "progress",
             "RollbackPolicy": "rollback_policy", "RunSummary": "run_summary", "TensorBoard": "tensorboard",
             "Validation": "validation"}
 
-__all__ = ["AMP", "Checkpointer", "DivergenceDetector", "EarlyStop", "EMA", "GracefulStop", "GradClip",
+__all__ = ["AMP", "Checkpointer", "DivergenceDetector", "EarlyStop", "EMA", "FineTune", "GracefulStop", "GradClip",
            "LossScaleMonitor", "MetricsLog", "MixUpCutMix", "NanGuard", "OneCycle", "OptunaPruning", "Progress",
            "RollbackPolicy", "RunSummary", "TensorBoard", "Validation"]
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from callbacks.divergence_detector import DivergenceDetector
     from callbacks.early_stop import EarlyStop
     from callbacks.ema import EMA
+    from callbacks.fine_tune import FineTune
     from callbacks.graceful_stop import GracefulStop
     from callbacks.grad_clip import GradClip
     from callbacks.loss_scale_monitor import LossScaleMonitor

@@ -44,7 +44,8 @@ class OneCycle:
     State: the scheduler's state and the unread skip count, kept across resume.
 
     Args:
-        optimizer: the optimizer whose LR it sets (its LR is set to ``max_lr / div_factor`` at once).
+        optimizer: the optimizer whose LR it sets (its LR is set to ``max_lr / div_factor`` at once). A param
+            group with an ``lr_scale`` peaks at ``max_lr`` times it (discriminative LRs, e.g. a fine-tuned body).
         max_lr: the peak LR.
         total_steps: optimizer steps in the whole run.
         pct_start: fraction of the steps spent warming up.
@@ -82,6 +83,7 @@ class OneCycle:
             raise ValueError(f"sync_every must be >= 1, not {sync_every}")
         self.optimizer = optimizer
         self.sync_every = sync_every
+        self.lr_factor = 1.0  # what scale_lr applied so far: a restarted cycle keeps it
         self._shape = dict(max_lr=max_lr, pct_start=pct_start, div_factor=div_factor,
                            final_div_factor=final_div_factor, anneal_strategy=anneal_strategy,
                            cycle_momentum=cycle_momentum)
@@ -96,7 +98,11 @@ class OneCycle:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, not {total_steps}")
         self.total_steps = total_steps
-        self.scheduler = OneCycleLR(self.optimizer, total_steps=total_steps, **self._shape)
+        shape = dict(self._shape, max_lr=self._shape["max_lr"] * self.lr_factor)
+        scales = [group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
+        if any(scale != 1.0 for scale in scales):  # discriminative LRs: a group's peak is max_lr x its lr_scale
+            shape["max_lr"] = [shape["max_lr"] * scale for scale in scales]
+        self.scheduler = OneCycleLR(self.optimizer, total_steps=total_steps, **shape)
         self._position = 0  # optimizer steps taken, less the skipped ones known on the host
         self._unread: torch.Tensor | None = None  # skips flagged on the device since the last sync
         self._unread_loaded = 0  # the unread count a checkpoint carried, moved back at the next sync
@@ -156,6 +162,7 @@ class OneCycle:
         """
         if not factor > 0:
             raise ValueError(f"factor must be > 0, not {factor}")
+        self.lr_factor *= factor
         for group in self.optimizer.param_groups:
             for key in ("lr", "initial_lr", "max_lr", "min_lr"):
                 if key in group:
@@ -169,7 +176,7 @@ class OneCycle:
         unread = self._unread_loaded + (int(self._unread) if self._unread is not None else 0)
         return {"scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps,
                 "position": self._position, "unread_skips": unread,
-                "steps_past_end": max(0, self._position - (self.total_steps - 1))}
+                "steps_past_end": max(0, self._position - (self.total_steps - 1)), "lr_factor": self.lr_factor}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -179,3 +186,4 @@ class OneCycle:
         self._position = int(state.get("position", self.scheduler.last_epoch + past_end))
         self._unread, self._unread_loaded = None, int(state.get("unread_skips", 0))
         self._warned_end = self._position - (self.total_steps - 1) >= 2
+        self.lr_factor = float(state.get("lr_factor", 1.0))

@@ -5,7 +5,7 @@ from typing import Sequence
 
 from torch import nn
 
-__all__ = ["small_cnn", "resnet18_32", "resnet9", "build_model", "parameter_groups", "load_weights",
+__all__ = ["small_cnn", "resnet18_32", "resnet9", "build_model", "parameter_groups", "head_parameters", "load_weights",
            "torchvision_models"]
 
 
@@ -55,16 +55,33 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
     raise ValueError(f"unknown model {name!r}")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
-    """AdamW parameter groups: no weight decay on biases and norm weights (1-D tensors) unless asked."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if decay_norm_and_bias or p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool,
+                     body_lr_factor: float | None = None) -> list[dict]:
+    """AdamW parameter groups: no weight decay on biases and norm weights (1-D tensors) unless asked.
+
+    With ``body_lr_factor`` (fine-tuning), the classifier's parameters (:func:`head_parameters`) come first, in
+    groups named ``head``, and the rest in groups named ``body`` with ``lr_scale`` = ``body_lr_factor``: the
+    schedule peaks there at that fraction of the head's LR (discriminative LRs).
+    """
+    head = {id(p) for p in head_parameters(model)} if body_lr_factor is not None else set()
+    parts = [("head", [p for p in model.parameters() if id(p) in head], 1.0)] if head else []
+    parts.append(("body", [p for p in model.parameters() if id(p) not in head], body_lr_factor or 1.0))
+    groups = []
+    for name, params, scale in parts:
+        decay = [p for p in params if p.requires_grad and (decay_norm_and_bias or p.ndim > 1)]
+        no_decay = [p for p in params if p.requires_grad and not (decay_norm_and_bias or p.ndim > 1)]
+        tags = {"name": name, "lr_scale": scale} if head else {}
+        groups.append({"params": decay, "weight_decay": weight_decay, **tags})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, **tags})
     return groups
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The classifier's parameters: those of the model's last ``nn.Linear`` (what ``--weights`` replaces when
+    the classes differ); none if it has no linear layer."""
+    head = _head_name(model)
+    return list(model.get_submodule(head).parameters()) if head is not None else []
 
 
 def resnet18_32(num_classes: int = 10, in_channels: int = 3) -> nn.Module:

@@ -52,7 +52,7 @@ class NamedWeights:
         """Where torchvision keeps it: ``torch.hub.get_dir()/checkpoints/<file_name>``."""
         import torch
 
-        return Path(torch.hub.get_dir()) / "checkpoints" / self.file_name
+        return Path(torch.hub.get_dir()) / "checkpoints" / self.file_name  # not a run directory's: torch hub's
 
     def preprocessing(self, image_size: int) -> Preprocessing:
         """The weights' own evaluation transform at ``image_size``: their resize-to-crop ratio, interpolation,

@@ -31,6 +31,7 @@ from recipes.config.sections import (
                                  ConfigError,
                                  DataConfig,
                                  DataError,
+                                 FinetuneConfig,
                                  GuardConfig,
                                  ModelConfig,
                                  OptimConfig,
@@ -39,7 +40,7 @@ from recipes.config.sections import (
 )
 
 __all__ = [
-    "Config", "CheckpointConfig", "DataConfig", "GuardConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
+    "Config", "CheckpointConfig", "DataConfig", "FinetuneConfig", "GuardConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
     "TrainConfig", "ConfigError", "DataError", "apply_overrides", "config_docs", "config_to_dict", "config_from_dict",
     "field_paths", "flatten_config", "hparams", "json_safe", "resolve_key", "with_max_lr", "with_class_count",
     "OPTION_KEYS", "LEGACY_KEYS", "DATASETS", "FILE_DATASETS", "KILN_MODELS", "SECTIONS",

@@ -10,7 +10,7 @@ from callbacks.nan_diagnosis import POLICIES
 from engine.precision_names import PRECISIONS
 
 __all__ = ["Config", "CheckpointConfig", "DataConfig", "GuardConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
-           "TrainConfig", "ConfigError", "DataError", "DATASETS", "FILE_DATASETS", "KILN_MODELS", "SECTIONS"]
+           "TrainConfig", "FinetuneConfig", "ConfigError", "DataError", "DATASETS", "FILE_DATASETS", "KILN_MODELS", "SECTIONS"]
 
 
 class ConfigError(ValueError):
@@ -107,7 +107,10 @@ class ModelConfig:
     #: mobilenet_v3_small, efficientnet_b0, convnext_tiny, ...)
     name: str = "small_cnn"
     channels: tuple[int, ...] = (32, 64, 128)  #: small_cnn: output channels of each conv block
-    weights: str = ""  #: a local file of initial weights (a state dict, loaded with weights_only); nothing is downloaded
+    #: initial weights: a local file (a state dict or a kiln checkpoint, loaded with weights_only), or a name of
+    #: the torchvision model's pretrained weights (DEFAULT, IMAGENET1K_V1, ...) from torch hub's cache (downloaded
+    #: there if missing); an image folder's inputs are then made as the weights were trained
+    weights: str = ""
 
     def __post_init__(self) -> None:
         _check_model_name(self.name)
@@ -228,6 +231,22 @@ class GuardConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning pretrained weights: the body frozen while the new head learns, then everything, the body slower."""
+
+    #: epochs with the pretrained body frozen (only the head, and with train_bn the norm layers, train on a
+    #: one-cycle of their own) before everything trains on a second one-cycle; 0: off; -1: 1 when --weights
+    #: replaced the classifier (other classes than the weights'), else 0
+    freeze_epochs: int = -1
+    body_lr_factor: float = 0.1  #: once unfrozen, the body's peak LR is the head's peak times this
+    train_bn: bool = True  #: the frozen body's norm layers (BatchNorm, LayerNorm, ...) still train their weights
+
+    def __post_init__(self) -> None:
+        _check(self.freeze_epochs >= -1, f"finetune.freeze_epochs must be >= 0 (or -1: auto), not {self.freeze_epochs}")
+        _check(0 < self.body_lr_factor <= 1, f"finetune.body_lr_factor must be in (0, 1], not {self.body_lr_factor}")
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """When RUN_DIR/checkpoints/last.pt and best-*.pt are written."""
 
@@ -253,6 +272,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
@@ -265,4 +285,4 @@ class Config:
         return self.schedule.max_lr / self.optim.lr
 
 
-SECTIONS = ("data", "model", "optim", "schedule", "train", "guard", "checkpoint")
+SECTIONS = ("data", "model", "optim", "schedule", "train", "guard", "finetune", "checkpoint")

@@ -27,8 +27,9 @@ from recipes.run.compiled import CompiledForward
 from recipes.run.inference import inference_record
 from recipes.run.lock import RunLock, discarded_on_failure
 from recipes.run.rundir import LOCK, RUN_FILES, RunDir
-from recipes.run.parts import (initial_weights_file, load_initial_weights, make_data, make_loss, make_model, make_optimizer, make_schedule,
-                               resolve_runtime)
+from recipes.run.parts import (initial_weights_file, load_initial_weights, make_data, make_fine_tune, make_loss,
+                               make_model, make_optimizer, make_schedule, resolve_freeze_epochs, resolve_runtime,
+                               what_trains)
 
 __all__ = ["Assembly", "build", "make_run_dir", "versions", "write_config"]
 
@@ -203,9 +204,9 @@ def build(cfg: Config, run_dir: str | Path, *, quiet: bool = False, stream: Text
     written, is a one-line ConfigError. If the assembly fails before anything is written, the lock and
     the directories it made are removed again.
 
-    Handlers are attached in this order, written once here: AMP, GradClip, OneCycle, Validation,
-    MetricsLog, TensorBoard, RunSummary, (when on) EMA, MixUpCutMix, EarlyStop, then NanGuard, Checkpointer,
-    GracefulStop, Progress, then ``extra_handlers`` (name -> handler; they join ``run.handlers``: e.g.
+    Handlers are attached in this order, written once here: AMP, GradClip, OneCycle, Validation, RunSummary,
+    (when fine-tuning) FineTune, MetricsLog, TensorBoard, (when on) EMA, MixUpCutMix, EarlyStop, then NanGuard,
+    Checkpointer, GracefulStop, Progress, then ``extra_handlers`` (name -> handler; they join ``run.handlers``: e.g.
     ``kiln sweep``'s OptunaPruning). None depends on that order for correctness: each acts on the step or
     epoch event that guarantees what it needs.
     """
@@ -240,6 +241,11 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
     weights_note, initial_weights = None, None
     if weights_file is not None:
         weights_note, initial_weights = load_initial_weights(model, *weights_file)
+    if not RunDir(run_dir).last.exists():  # a new run: "auto" made concrete, so a resume keeps what it chose
+        cfg = resolve_freeze_epochs(cfg, bool(initial_weights and initial_weights["head_replaced"]))
+    if cfg.finetune.freeze_epochs > 0 and world_size > 1:
+        raise ConfigError("finetune.freeze_epochs: a frozen body is for one process for now (DDP must see every "
+                          "parameter train); set --set finetune.freeze_epochs=0 with --nproc-per-node")
     model = model.to(device)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -268,6 +274,9 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
         "validation": Validation(evaluator, val_data),
         "summary": RunSummary(paths.summary),
     }
+    fine_tune = make_fine_tune(cfg, model, handlers["schedule"], len(train_data))
+    if fine_tune is not None:
+        handlers["fine_tune"] = fine_tune
     if writes:  # one process writes the run's records
         handlers["metrics_log"] = MetricsLog(paths.metrics, paths.steps, every=t.log_every)
         run_hparams = {**hparams(cfg), "runtime.world_size": world_size,
@@ -303,6 +312,8 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
                                        **initial_weights})
         if not quiet:
             print(f"kiln: {weights_note}", file=stream or sys.stdout)
+    if (cfg.model.weights or fine_tune is not None) and writes and not quiet:  # what a fine-tune trains, and when
+        print(f"kiln: {what_trains(cfg, model, fine_tune)}", file=stream or sys.stdout)
     c = cfg.checkpoint
     best_to_save = {"model": model, "kiln": run.meta()}
     if ema is not None:  # best-* are ranked by the EMA's val_accuracy: they hold the EMA weights too

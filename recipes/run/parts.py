@@ -10,16 +10,17 @@ from typing import Any, NamedTuple
 
 import torch
 
-from callbacks import OneCycle
+from callbacks import FineTune, OneCycle
 from engine import Precision, resolve_device, resolve_precision
 from recipes import data as datasets
-from recipes.config import Config, ConfigError
+from recipes.config import Config, ConfigError, apply_overrides
 from recipes.data import Data
-from recipes.models import build_model, load_weights, parameter_groups
+from recipes.models import build_model, head_parameters, load_weights, parameter_groups
 from recipes.pretrained import named_weights, sha256_of
 
 __all__ = ["resolve_runtime", "make_data", "make_model", "make_optimizer", "make_loss", "make_schedule",
-           "initial_weights_file", "load_initial_weights", "TrainingParts", "training_parts"]
+           "initial_weights_file", "load_initial_weights", "resolve_freeze_epochs", "make_fine_tune", "what_trains", "TrainingParts",
+           "training_parts"]
 
 
 def resolve_runtime(cfg: Config) -> tuple[torch.device, Precision]:
@@ -71,9 +72,11 @@ def load_initial_weights(model: torch.nn.Module, path: str, name: str | None = N
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW over ``model``'s parameters (no decay on biases and norm weights unless asked), fused."""
+    """AdamW over ``model``'s parameters (no decay on biases and norm weights unless asked), fused; when
+    fine-tuning (``finetune.freeze_epochs`` > 0), the head's groups first and the body's at its LR factor."""
+    factor = cfg.finetune.body_lr_factor if cfg.finetune.freeze_epochs > 0 else None
     return torch.optim.AdamW(
-        parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norm_and_bias),
+        parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norm_and_bias, body_lr_factor=factor),
         lr=cfg.optim.lr, betas=(0.9, cfg.optim.beta2), eps=cfg.optim.eps,
         fused=True,  # one kernel per step, on the CPU too (foreach AdamW: 2-7x slower there)
     )
@@ -85,17 +88,77 @@ def make_loss(cfg: Config) -> torch.nn.Module:
 
 
 def make_schedule(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_epoch: int) -> OneCycle:
-    """The recipe's one-cycle schedule on ``optimizer`` over ``train.epochs`` epochs of ``batches_per_epoch``.
+    """The recipe's one-cycle schedule on ``optimizer`` over ``train.epochs`` epochs of ``batches_per_epoch``
+    (when fine-tuning, over the frozen epochs: :func:`make_fine_tune` starts the second cycle).
 
     It starts at ``optim.lr`` (``div_factor = max_lr / lr``), peaks at ``schedule.max_lr`` after
     ``pct_start`` of the optimizer steps and ends at ``lr / final_div_factor``.
     """
     t, s = cfg.train, cfg.schedule
-    return OneCycle(optimizer, max_lr=s.max_lr, total_steps=OneCycle.total_steps_for(t.epochs, batches_per_epoch,
+    epochs = cfg.finetune.freeze_epochs if cfg.finetune.freeze_epochs > 0 else t.epochs
+    return OneCycle(optimizer, max_lr=s.max_lr, total_steps=OneCycle.total_steps_for(epochs, batches_per_epoch,
                                                                                       t.accumulation_steps),
                     pct_start=s.pct_start, div_factor=cfg.div_factor, final_div_factor=s.final_div_factor,
                     anneal_strategy=s.anneal_strategy, cycle_momentum=s.cycle_momentum,
                     sync_every=cfg.guard.check_every)  # fp16 skips are read where NanGuard reads
+
+
+def resolve_freeze_epochs(cfg: Config, head_replaced: bool) -> Config:
+    """``finetune.freeze_epochs`` -1 (auto) made concrete for a new run: 1 when ``--weights`` replaced the classifier
+    and the run has a second epoch, else 0; a value that leaves the body no epoch to train is a ConfigError."""
+    f, epochs = cfg.finetune.freeze_epochs, cfg.train.epochs
+    if f == -1:
+        return apply_overrides(cfg, {"finetune.freeze_epochs": 1 if head_replaced and epochs > 1 else 0})
+    if f >= epochs:
+        raise ConfigError(f"finetune.freeze_epochs ({f}) must be less than train.epochs ({epochs}): "
+                          "the pretrained body would never train")
+    return cfg
+
+
+def make_fine_tune(cfg: Config, model: torch.nn.Module, schedule: OneCycle, batches_per_epoch: int) -> FineTune | None:
+    """The fine-tune phases (``finetune.freeze_epochs`` > 0): the body frozen (less its norm layers' weights with
+    ``train_bn``), then a second one-cycle over the remaining epochs; None when off."""
+    f = cfg.finetune
+    if f.freeze_epochs <= 0:
+        return None
+    head = {id(p) for p in head_parameters(model)}
+    norms = {id(p) for m in model.modules() if isinstance(m, _NORM_LAYERS) for p in m.parameters(recurse=False)}
+    frozen = [p for p in model.parameters() if id(p) not in head and not (f.train_bn and id(p) in norms)]
+    steps = OneCycle.total_steps_for(cfg.train.epochs - f.freeze_epochs, batches_per_epoch,
+                                     cfg.train.accumulation_steps)
+    return FineTune(frozen, schedule, f.freeze_epochs, steps)
+
+
+def what_trains(cfg: Config, model: torch.nn.Module, fine_tune: FineTune | None) -> str:
+    """One line on what the run trains: the parameter count, and when fine-tuning how many train in each phase
+    and each group's peak LR (as Lightning's model summary and fastai's ``summary`` say).
+
+    Example:
+        >>> from recipes import get_recipe
+        >>> what_trains(get_recipe("digits"), torch.nn.Linear(10, 2), None)
+        'small_cnn: 22 parameters, all training, peak LR 0.01'
+    """
+    total = sum(p.numel() for p in model.parameters())
+    peak = cfg.schedule.max_lr
+    if fine_tune is None:
+        return f"{cfg.model.name}: {_count(total)} parameters, all training, peak LR {peak:g}"
+    frozen = sum(p.numel() for p in fine_tune.frozen)
+    f, epochs = cfg.finetune.freeze_epochs, cfg.train.epochs
+    first = "epoch 1" if f == 1 else f"epochs 1-{f}"
+    then = f"epoch {epochs}" if f + 1 == epochs else f"epochs {f + 1}-{epochs}"
+    return (f"{cfg.model.name}: {_count(total)} parameters; {first}: {_count(total - frozen)} train (the head"
+            f"{' and norm layers' if cfg.finetune.train_bn else ''}, body frozen), peak LR {peak:g}; {then}: all, "
+            f"peak LR head {peak:g}, body {peak * cfg.finetune.body_lr_factor:g}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e4 else str(n)
+
+
+#: The normalisation layers whose weights a frozen body still trains with ``finetune.train_bn``.
+_NORM_LAYERS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+                torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d,
+                torch.nn.InstanceNorm3d)
 
 
 class TrainingParts(NamedTuple):

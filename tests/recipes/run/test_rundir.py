@@ -20,10 +20,16 @@ NAMES = {rundir.CONFIG, rundir.SUMMARY, *rundir.RECORDS, rundir.LR_FIND, rundir.
          rundir.CHECKPOINTS, rundir.LOCK, RunDir(".").last.name, *rundir.RUN_PLOTS, *rundir.CHECKPOINT_PLOTS}
 
 
+#: A line that spells another tool's folder of the same name (torch hub's checkpoints/) says so with this.
+ANOTHER_TOOLS = "# not a run directory's:"
+
+
 def _spelled_names(path: Path) -> list[str]:
     """``line: name`` for each string constant of ``path`` that is a run-directory file name (docstrings, help
-    text and dict keys aside: a JSON record may have a key "plots")."""
-    tree = ast.parse(path.read_text())
+    text, dict keys and lines marked :data:`ANOTHER_TOOLS` aside: a JSON record may have a key "plots")."""
+    text = path.read_text()
+    marked = {i for i, line in enumerate(text.splitlines(), 1) if ANOTHER_TOOLS in line}
+    tree = ast.parse(text)
     skip = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
@@ -32,8 +38,8 @@ def _spelled_names(path: Path) -> list[str]:
                 skip.add(id(first.value))  # a docstring
         if isinstance(node, ast.Dict):
             skip.update(id(k) for k in node.keys if k is not None)
-    return [f"{node.lineno}: {node.value}" for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and node.value in NAMES and id(node) not in skip]
+    return [f"{node.lineno}: {node.value}" for node in ast.walk(tree) if isinstance(node, ast.Constant)
+            and node.value in NAMES and id(node) not in skip and node.lineno not in marked]
 
 
 def test_no_module_but_rundir_spells_a_run_directory_file_name():
