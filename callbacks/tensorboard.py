@@ -30,7 +30,8 @@ logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 class TensorBoard:
     """Write scalars for TensorBoard under ``log_dir``; every point is at x = the trainer's iteration.
 
-    Tags: ``train/loss``, ``train/accuracy`` (of that batch, from the step's outputs), ``train/lr``,
+    Tags: ``train/loss``, ``train/accuracy`` (of that batch, from the step's outputs), ``train/lr`` (and with
+    named param groups ``train/lr_head``, ``train/lr_body``),
     ``train/grad_norm``, ``train/loss_scale`` and ``train/step_skipped`` (fp16), every ``every`` iterations; ``epoch/train_loss``, ``val/loss``,
     ``val/accuracy``, ``epoch/images_per_second``, ``epoch/lr`` (and every other scalar of the epoch
     record, e.g. ``epoch/loss_scale``, ``epoch/skipped_steps``) and the image ``val/confusion_matrix``
@@ -114,7 +115,8 @@ class TensorBoard:
             return
         self._logged_at = engine.state.iteration
         record = step_record(engine.state)
-        self._add_scalars({f"train/{key}": record[key] for key in _STEP_KEYS if record.get(key) is not None},
+        keys = [*_STEP_KEYS, *(key for key in record if key.startswith("lr_"))]  # lr_head, lr_body: per group
+        self._add_scalars({f"train/{key}": record[key] for key in keys if record.get(key) is not None},
                           engine.state.iteration)
         # tensorboardX's own flush comes every 2 minutes; each flush fsyncs (hundreds of us, far more on a
         # network disk), so not at every point either: every flush_seconds, and after each validation

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["batch_accuracy", "epoch_record", "step_record", "to_float"]
+__all__ = ["batch_accuracy", "epoch_record", "named_param_groups", "step_record", "to_float"]
 
 
 def to_float(value: Any) -> float | None:
@@ -78,6 +78,22 @@ def _read(values: dict[str, Any]) -> dict[str, Any]:
     return {k: to_float(v) if not isinstance(v, (bool, type(None))) else v for k, v in values.items()}
 
 
+def named_param_groups(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    """The first param group of each ``name`` the optimizer's groups have (a fine-tune's head and body), in order.
+
+    Example:
+        >>> w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))
+        >>> opt = torch.optim.SGD([{"params": [w], "name": "head"}, {"params": [b], "name": "body"}], lr=0.1)
+        >>> list(named_param_groups(opt))
+        ['head', 'body']
+    """
+    named: dict[str, dict[str, Any]] = {}
+    for group in optimizer.param_groups:
+        if "name" in group:
+            named.setdefault(group["name"], group)
+    return named
+
+
 def step_record(state: Any) -> dict[str, Any]:
     """One line of steps.jsonl, taken every N iterations: the current loss, the batch's accuracy, lr, grad
     norm, loss scale. Its device values are read in one transfer, and once per step: the record is kept
@@ -97,6 +113,8 @@ def step_record(state: Any) -> dict[str, Any]:
         "step_skipped": state.step_skipped if scaled else None,  # a device flag under fp16: read here, every N steps
     })
     record: dict[str, Any] = {"iteration": state.iteration, "epoch": state.epoch, "loss": values["loss"], "lr": state.lr}
+    for name, lr in (getattr(state, "group_lrs", None) or {}).items():  # a fine-tune's head and body
+        record[f"lr_{name}"] = lr
     if values["accuracy"] is not None:
         record["accuracy"] = values["accuracy"]
     grad_norm = values["grad_norm"]

@@ -11,6 +11,7 @@ from engine.amp_protocol import drops_on_device, scale_tensor, step_unless
 from engine.data_position import position_data
 from engine.events import STEP_EVENT_COUNTERS, EpochEvents, StepEvents, fire_step_event, is_epoch_end
 from engine.precision import Precision, resolve_for_model
+from engine.records import named_param_groups
 from engine.rng import iteration_seed, seed_generators
 from engine.train_loss import TrainLossEngine
 
@@ -49,12 +50,13 @@ def create_trainer(
 
     The step owns the order (autocast, loss, scaled backward, unscale, optimizer step, zero_grad);
     handlers attached to the step events own the policy (clipping, schedules, guards, logging).
-    The function is long on purpose: the step's order reads top to bottom in one place.
+    Long on purpose: the step's order reads top to bottom in one place.
 
     ``engine.state`` fields this engine defines (handlers read these, and write only the ones marked):
         precision (Precision): the resolved precision policy.
         scaler (GradScaler | None): the loss scaler the step uses; installed by ``callbacks.AMP``.
         lr (float): LR of param group 0 used by this iteration's optimizer step.
+        group_lrs (dict): with named param groups (a fine-tune's head and body), each name's LR, as ``lr``.
         loss (Tensor): this batch's loss, detached fp32 (FORWARD_COMPLETED onwards).
         grad_norm (Tensor | None): pre-clip total grad norm; written by ``callbacks.GradClip``.
         skip_step (bool): a BEFORE_OPTIMIZER_STEP handler may set it to drop this update.
@@ -71,12 +73,9 @@ def create_trainer(
         optimizer_step (int): optimizer steps attempted so far (skipped ones included); checkpointed.
         accumulating (bool): gradients of an unfinished accumulation window are pending (a checkpoint
             taken now could not resume exactly).
-        batch_losses, batch_sizes: this epoch's batch losses (0-dim fp32 device tensors, as
-            ``state.loss``) and sample counts, one per iteration since the epoch started or the run
-            resumed; appending costs no device work. Guards may read them. The engine is a
-            :class:`~engine.train_loss.TrainLossEngine`: ``state.metrics["train_loss"]`` is their
-            sample-weighted mean at EPOCH_COMPLETED, exact across a resume and ranks (non-finite
-            losses left out: guards report them).
+        batch_losses, batch_sizes: this epoch's batch losses (as ``state.loss``) and sample counts since the
+            epoch started or the run resumed (no device work per step; guards read them). The engine, a
+            :class:`~engine.train_loss.TrainLossEngine`, averages the finite ones into ``metrics["train_loss"]``.
         epoch_samples, epoch_samples_timed: samples of the epoch so far, and those trained by this
             process (for throughput after a mid-epoch resume).
         step_record: the last ``engine.records.step_record`` taken (read once per step for every logger).
@@ -106,6 +105,8 @@ def create_trainer(
         raise ValueError(f"accumulation_steps must be >= 1, not {accumulation_steps}")
     device, precision = resolve_for_model(model, device, precision)
 
+    named_groups = named_param_groups(optimizer)  # a fine-tune's head and body: their LRs go into state.group_lrs
+
     def train_step(engine: Engine, batch: Any) -> StepOutput:
         state = engine.state
         if not model.training:  # the evaluator put it in eval mode (a per-step train() costs 30-130 us)
@@ -116,6 +117,8 @@ def create_trainer(
         if seed is not None:
             seed_generators(iteration_seed(seed, state.iteration), device)
         state.lr = optimizer.param_groups[0]["lr"]  # the LR this iteration's step uses
+        if named_groups:
+            state.group_lrs = {name: group["lr"] for name, group in named_groups.items()}
         position = (state.iteration - 1) % state.epoch_length
         window_start = position - position % accumulation_steps
         window = min(accumulation_steps, state.epoch_length - window_start)

@@ -85,6 +85,9 @@ def _command(run: RunData, changes: dict[str, Any], verb: str = "train") -> str:
                 for key, value in values.items():
                     if key in base_dict[section] and base_dict[section][key] != value:
                         overrides[f"{section}.{key}"] = value
+    if base is not None and base.finetune.freeze_epochs == -1 and _auto_freeze(run) == overrides.get(
+            "finetune.freeze_epochs"):
+        overrides.pop("finetune.freeze_epochs")  # what "auto" chose: the same command chooses it again
     if (run.config.get("lr_find") or {}).get("max_lr") == "auto":
         overrides.pop("optim.lr", None)
         overrides["schedule.max_lr"] = "auto"
@@ -100,6 +103,19 @@ def _command(run: RunData, changes: dict[str, Any], verb: str = "train") -> str:
         else:
             parts.append(f"--set {key}={fmt(value)}")
     return " ".join(parts)
+
+
+def _auto_freeze(run: RunData) -> int | None:
+    """The ``finetune.freeze_epochs`` that "auto" gives the run (from the weights it started from), if it has a config."""
+    from recipes.config import ConfigError, apply_overrides, config_from_dict
+    from recipes.run.parts import resolve_freeze_epochs
+
+    try:
+        cfg = apply_overrides(config_from_dict(run.config), {"finetune.freeze_epochs": -1})
+    except ConfigError:  # a config kiln cannot read back: no command to shorten
+        return None
+    started = run.config.get("runtime", {}).get("initial_weights") or {}
+    return resolve_freeze_epochs(cfg, bool(started.get("head_replaced"))).finetune.freeze_epochs
 
 
 def _chance_loss(run: RunData) -> float:

@@ -169,6 +169,9 @@ def _plot_lr(run: RunData) -> Figure | None:
     if steps:
         ax.plot([s["iteration"] for s in steps], [s["lr"] for s in steps], "o-", color=_TRAIN, ms=3, lw=1.5,
                 label=f"logged (every {run.log_every} iterations)")
+    for key in sorted({k for s in steps for k in s if k.startswith("lr_") and s[k] != s["lr"]}):  # a fine-tune's body
+        ax.plot([s["iteration"] for s in steps if key in s], [s[key] for s in steps if key in s], "o--", ms=2, lw=1,
+                color=_VAL, label=f"logged, {key[3:]} group")
     max_lr = run.config.get("schedule", {}).get("max_lr")
     if max_lr:
         ax.axhline(max_lr, color=_WARN, lw=0.8, ls=":", label=f"max_lr = {max_lr:.2g}")
@@ -329,7 +332,8 @@ def _clip(value: float) -> float:
 
 def plot_schedule(series: ScheduleSeries, path: str | Path, title: str = "") -> Path:
     """schedule.png: see :func:`schedule_figure`; the default title gives the step count."""
-    title = title or (f"{series.recipe}: one-cycle schedule, {series.epochs} epochs x {series.steps_per_epoch} "
+    kind = "fine-tune (two one-cycles)" if series.unfreeze_step is not None else "one-cycle"
+    title = title or (f"{series.recipe}: {kind} schedule, {series.epochs} epochs x {series.steps_per_epoch} "
                       f"steps = {series.total_steps} optimizer steps")
     return _save(schedule_figure(series, title), Path(path))
 
@@ -342,25 +346,34 @@ def schedule_figure(series: ScheduleSeries, title: str = "") -> Figure:
     fig.suptitle(title or "one-cycle schedule", fontsize=12)
     steps = series.steps
     peak = series.peak_step
-    for ax in (ax_lr, ax_m):
-        ax.grid(True, alpha=0.3)
-        ax.axvspan(steps[0], peak, color=_WARN, alpha=0.08)
-        ax.axvspan(peak, steps[-1], color=_TRAIN, alpha=0.06)
-        ax.axvline(peak, color="k", lw=1, ls="--")
-    ax_lr.plot(steps, series.lr, color=_TRAIN, lw=2, label="learning rate")
-    ax_lr.set_ylabel("learning rate (param group 0)")
-    ax_lr.set_ylim(0, max(series.lr) * 1.18)
-    ax_lr.yaxis.set_major_formatter(_formatter(lambda v, _: f"{v:.2g}"))
     top = max(series.lr) * 1.08
-    ax_lr.text((steps[0] + peak) / 2, top, f"warm-up\nsteps {steps[0]}-{peak}", ha="center", va="center", fontsize=9)
-    ax_lr.text((peak + steps[-1]) / 2, top, f"cool-down ({series.anneal_strategy})\nsteps {peak}-{steps[-1]}",
-               ha="center", va="center", fontsize=9)
+    for phase in series.phases:  # one warm-up and cool-down per cycle (a fine-tune has two)
+        first, last, warm = phase["first_step"], phase["last_step"], phase["name"].endswith("warm-up")
+        for ax in (ax_lr, ax_m):
+            ax.axvspan(first, last, color=_WARN if warm else _TRAIN, alpha=0.08 if warm else 0.06)
+            if warm:
+                ax.axvline(last, color="k", lw=1, ls="--")
+        name = (phase["name"] if warm else f"{phase['name']} ({series.anneal_strategy})").replace("frozen ", "frozen\n")
+        ax_lr.text((first + last) / 2, top, f"{name}\nsteps {first}-{last}", ha="center", va="center", fontsize=9)
+    ax_lr.plot(steps, series.lr, color=_TRAIN, lw=2, label="learning rate" if series.unfreeze_step is None else "head")
+    ax_lr.set_ylabel("learning rate (param group 0)" if series.unfreeze_step is None else "learning rate")
+    ax_lr.set_ylim(0, max(series.lr) * (1.18 if series.unfreeze_step is None else 1.3))
+    ax_lr.yaxis.set_major_formatter(_formatter(lambda v, _: f"{v:.2g}"))
     ax_lr.annotate(f"peak {max(series.lr):.2g}\nat step {peak}", (peak, max(series.lr)),
                    xytext=(8, -28), textcoords="offset points", fontsize=9)
     ax_lr.annotate(f"start {series.lr[0]:.2g}", (steps[0], series.lr[0]), xytext=(4, 6),
                    textcoords="offset points", fontsize=9)
     ax_lr.annotate(f"final {series.lr[-1]:.1e}", (steps[-1], series.lr[-1]), xytext=(-70, 10),
                    textcoords="offset points", fontsize=9)
+    if series.unfreeze_step is not None:  # a fine-tune: the second cycle, with the body at its LR factor
+        start = series.unfreeze_step
+        for ax in (ax_lr, ax_m):
+            ax.axvline(start, color="k", lw=1.5, ls=":")
+        ax_lr.plot(steps[start - 1:], [lr * series.body_lr_factor for lr in series.lr[start - 1:]], color=_TRAIN,
+                   lw=1.5, ls="--", label=f"body (x{series.body_lr_factor:g})")
+        ax_lr.annotate(f"unfreeze at step {start}", (start, top / 1.08 * 0.6), xytext=(6, 0),
+                       textcoords="offset points", fontsize=9)
+        ax_lr.legend(loc="center right", fontsize=8)
     if series.momentum:
         ax_m.plot(steps, series.momentum, color=_VAL, lw=2, label=series.momentum_name)
         ax_m.set_ylabel(f"AdamW {series.momentum_name} (momentum)")

@@ -19,8 +19,8 @@ from recipes.models import build_model, head_parameters, load_weights, parameter
 from recipes.pretrained import named_weights, sha256_of
 
 __all__ = ["resolve_runtime", "make_data", "make_model", "make_optimizer", "make_loss", "make_schedule",
-           "initial_weights_file", "load_initial_weights", "resolve_freeze_epochs", "make_fine_tune", "what_trains", "TrainingParts",
-           "training_parts"]
+           "initial_weights_file", "load_initial_weights", "resolve_freeze_epochs", "planned_freeze_epochs",
+           "make_fine_tune", "frozen_parameters", "what_trains", "TrainingParts", "training_parts"]
 
 
 def resolve_runtime(cfg: Config) -> tuple[torch.device, Precision]:
@@ -121,12 +121,28 @@ def make_fine_tune(cfg: Config, model: torch.nn.Module, schedule: OneCycle, batc
     f = cfg.finetune
     if f.freeze_epochs <= 0:
         return None
-    head = {id(p) for p in head_parameters(model)}
-    norms = {id(p) for m in model.modules() if isinstance(m, _NORM_LAYERS) for p in m.parameters(recurse=False)}
-    frozen = [p for p in model.parameters() if id(p) not in head and not (f.train_bn and id(p) in norms)]
     steps = OneCycle.total_steps_for(cfg.train.epochs - f.freeze_epochs, batches_per_epoch,
                                      cfg.train.accumulation_steps)
-    return FineTune(frozen, schedule, f.freeze_epochs, steps)
+    return FineTune(frozen_parameters(cfg, model), schedule, f.freeze_epochs, steps)
+
+
+def frozen_parameters(cfg: Config, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What a fine-tune's first phase does not train: all but the head and (``finetune.train_bn``) norm layers."""
+    head = {id(p) for p in head_parameters(model)}
+    norms = {id(p) for m in model.modules() if isinstance(m, _NORM_LAYERS) for p in m.parameters(recurse=False)}
+    return [p for p in model.parameters() if id(p) not in head and not (cfg.finetune.train_bn and id(p) in norms)]
+
+
+def planned_freeze_epochs(cfg: Config, data: Data) -> Config:
+    """:func:`resolve_freeze_epochs` before a run loads its weights (``kiln schedule``): whether ``--weights`` will
+    replace the head, from the named weights' class count or by loading the file into the model."""
+    if cfg.finetune.freeze_epochs != -1 or not cfg.model.weights:
+        return resolve_freeze_epochs(cfg, False)
+    named = named_weights(cfg.model.name, cfg.model.weights)
+    if named is not None:
+        return resolve_freeze_epochs(cfg, named.num_classes != data.num_classes)
+    _, record = load_initial_weights(make_model(cfg, data.in_channels, data.num_classes), cfg.model.weights)
+    return resolve_freeze_epochs(cfg, record["head_replaced"])
 
 
 def what_trains(cfg: Config, model: torch.nn.Module, fine_tune: FineTune | None) -> str:
@@ -173,10 +189,18 @@ class TrainingParts(NamedTuple):
 
 
 def training_parts(cfg: Config) -> TrainingParts:
-    """The model (same seed, so the same initial weights as the run), optimizer, loss, data, device and
-    precision that :func:`recipes.run.build` makes for ``cfg``, without handlers or a run directory."""
+    """The model (same seed and ``--weights``, so the same initial weights as the run), optimizer, loss, data,
+    device and precision that :func:`recipes.run.build` makes for ``cfg``, without handlers or a run directory.
+    For a fine-tune the body is frozen, as the run's first phase trains it."""
     device, precision = resolve_runtime(cfg)
+    weights = initial_weights_file(cfg) if cfg.model.weights else None
     torch.manual_seed(cfg.train.seed)  # the same initial weights as the run that build() assembles
     data = make_data(cfg, device)
-    model = make_model(cfg, data.in_channels, data.num_classes).to(device)
+    model = make_model(cfg, data.in_channels, data.num_classes)
+    record = load_initial_weights(model, *weights)[1] if weights is not None else None
+    cfg = resolve_freeze_epochs(cfg, bool(record and record["head_replaced"]))
+    model = model.to(device)
+    if cfg.finetune.freeze_epochs > 0:  # a fine-tune's first phase: the range test tries the head's LR alone
+        for p in frozen_parameters(cfg, model):
+            p.requires_grad_(False)
     return TrainingParts(model, make_optimizer(cfg, model), make_loss(cfg), data, device, precision)

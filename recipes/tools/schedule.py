@@ -3,7 +3,9 @@
 The series comes from the very scheduler a run uses (``recipes.run.parts.make_schedule``: a
 ``callbacks.OneCycle`` around torch's ``OneCycleLR``), stepped on a one-parameter AdamW the way the trainer steps it, so the plot shows
 exactly what training will do: warm-up from ``lr`` to ``max_lr`` over ``pct_start`` of the steps,
-then the cool-down to ``lr / final_div_factor``, with AdamW's beta1 cycled the other way.
+then the cool-down to ``lr / final_div_factor``, with AdamW's beta1 cycled the other way. A fine-tune
+(``finetune.freeze_epochs``) has two cycles: the head's while the body is frozen, then everything's from the
+unfreeze, the body at ``finetune.body_lr_factor`` of the head's LR.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import torch
 
 from callbacks.files import write_json_atomic
 from recipes.config import Config
-from recipes.run.parts import make_data, make_schedule
+from callbacks import OneCycle
+from recipes.run.parts import make_data, make_schedule, planned_freeze_epochs
 from recipes.run.rundir import RunDir
 
 __all__ = ["ScheduleSeries", "schedule_series", "batches_per_epoch", "save_schedule", "format_schedule"]
@@ -47,16 +50,24 @@ class ScheduleSeries:
     steps: list[int]
     lr: list[float]
     momentum: list[float]  #: empty when the momentum is not cycled
+    unfreeze_step: int | None = None  #: a fine-tune's first step with everything training (its second cycle)
+    body_lr_factor: float | None = None  #: a fine-tune's body LR, as a fraction of the head's (the lr series)
 
     @property
     def phases(self) -> list[dict[str, Any]]:
-        """Warm-up and cool-down as ``{"name", "first_step", "last_step", "lr_from", "lr_to"}``."""
-        return [
-            {"name": "warm-up", "first_step": self.steps[0], "last_step": self.peak_step,
-             "lr_from": self.lr[0], "lr_to": self.lr[self.peak_step - 1]},
-            {"name": "cool-down", "first_step": self.peak_step, "last_step": self.steps[-1],
-             "lr_from": self.lr[self.peak_step - 1], "lr_to": self.lr[-1]},
-        ]
+        """Warm-up and cool-down (of each cycle: a fine-tune's frozen one first) as ``{"name", "first_step",
+        "last_step", "lr_from", "lr_to"}``."""
+        if self.unfreeze_step is None:
+            return self._cycle("", self.steps[0], self.peak_step, self.steps[-1])
+        second = max(range(self.unfreeze_step, self.steps[-1] + 1), key=lambda k: self.lr[k - 1])
+        return (self._cycle("frozen ", self.steps[0], self.peak_step, self.unfreeze_step - 1)
+                + self._cycle("", self.unfreeze_step, second, self.steps[-1]))
+
+    def _cycle(self, prefix: str, first: int, peak: int, last: int) -> list[dict[str, Any]]:
+        return [{"name": f"{prefix}warm-up", "first_step": first, "last_step": peak,
+                 "lr_from": self.lr[first - 1], "lr_to": self.lr[peak - 1]},
+                {"name": f"{prefix}cool-down", "first_step": peak, "last_step": last,
+                 "lr_from": self.lr[peak - 1], "lr_to": self.lr[last - 1]}]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data: the settings, the phases and the per-step series."""
@@ -94,29 +105,38 @@ def schedule_series(cfg: Config, batches: int | None = None) -> ScheduleSeries:
         (230, 58, True)
     """
     if batches is None:
-        batches = batches_per_epoch(cfg)
+        data = make_data(cfg, torch.device("cpu"))
+        batches, cfg = len(data.train), planned_freeze_epochs(cfg, data)  # a fine-tune's "auto" as the run decides
     t, s = cfg.train, cfg.schedule
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([param], lr=cfg.optim.lr, betas=(0.9, cfg.optim.beta2))
     schedule = make_schedule(cfg, optimizer, batches)
-    total = schedule.total_steps
+    cycles = [schedule.total_steps]  # a fine-tune's second cycle starts at the unfreeze (callbacks.FineTune)
+    frozen = cfg.finetune.freeze_epochs
+    if frozen > 0:
+        cycles.append(OneCycle.total_steps_for(t.epochs - frozen, batches, t.accumulation_steps))
     lrs, momenta = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for step in range(total):
-            group = optimizer.param_groups[0]
-            lrs.append(float(group["lr"]))
-            momenta.append(float(group["betas"][0]))
-            optimizer.step()  # no gradient: a no-op that keeps torch's step-order check satisfied
-            if schedule.scheduler.last_epoch + 1 < total:  # exactly what OneCycle does per optimizer step
-                schedule.scheduler.step()
-    peak = max(range(total), key=lambda i: lrs[i]) + 1
+        for i, steps in enumerate(cycles):
+            if i:
+                schedule.restart(steps)
+            for _ in range(steps):
+                group = optimizer.param_groups[0]
+                lrs.append(float(group["lr"]))
+                momenta.append(float(group["betas"][0]))
+                optimizer.step()  # no gradient: a no-op that keeps torch's step-order check satisfied
+                if schedule.scheduler.last_epoch + 1 < steps:  # exactly what OneCycle does per optimizer step
+                    schedule.scheduler.step()
+    total = sum(cycles)
+    peak = max(range(cycles[0]), key=lambda i: lrs[i]) + 1
+    fine_tune = {"unfreeze_step": cycles[0] + 1, "body_lr_factor": cfg.finetune.body_lr_factor} if frozen > 0 else {}
     return ScheduleSeries(
         recipe=cfg.name, epochs=t.epochs, batches_per_epoch=batches, accumulation_steps=t.accumulation_steps,
         steps_per_epoch=math.ceil(batches / t.accumulation_steps), total_steps=total, max_lr=s.max_lr,
         initial_lr=lrs[0], final_lr=lrs[-1], pct_start=s.pct_start, anneal_strategy=s.anneal_strategy,
         momentum_name="beta1", peak_step=peak, steps=list(range(1, total + 1)), lr=lrs,
-        momentum=momenta if s.cycle_momentum else [],
+        momentum=momenta if s.cycle_momentum else [], **fine_tune,
     )
 
 
@@ -135,9 +155,13 @@ def format_schedule(series: ScheduleSeries) -> str:
     m = series.momentum
     lines = [f"one-cycle schedule of {series.recipe}: {series.total_steps} optimizer steps "
              f"({series.epochs} epochs x {series.steps_per_epoch} steps)"]
+    if series.unfreeze_step is not None:
+        lines[0] += (f"; fine-tune: the body frozen until step {series.unfreeze_step}, then a second cycle "
+                     f"(the body's LR x{series.body_lr_factor:g})")
+    width = max(len(phase["name"]) for phase in series.phases)
     for phase in series.phases:
         first, last = phase["first_step"], phase["last_step"]
-        text = (f"  {phase['name']:<10} steps {first:>5}-{last:<5}  lr {phase['lr_from']:.2e} -> {phase['lr_to']:.2e}")
+        text = (f"  {phase['name']:<{width}} steps {first:>5}-{last:<5}  lr {phase['lr_from']:.2e} -> {phase['lr_to']:.2e}")
         if m:
             text += f"   {series.momentum_name} {m[first - 1]:.3f} -> {m[last - 1]:.3f}"
         lines.append(text)

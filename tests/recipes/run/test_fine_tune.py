@@ -16,6 +16,8 @@ from recipes import get_recipe
 from recipes.config import ConfigError, apply_overrides
 from recipes.models import build_model, head_parameters
 from recipes.run import build, execute
+from recipes.run.parts import training_parts
+from recipes.tools.schedule import schedule_series
 from tests.runs import FAST, assert_same_run, kiln, shared_run, start, wait_for_iteration
 
 FINE_TUNE = ["--set", "finetune.freeze_epochs=1"]
@@ -58,6 +60,23 @@ def test_the_body_waits_while_the_head_learns_then_trains_slower_on_a_second_cyc
     assert head_lr[epoch_length + 1] == pytest.approx(cfg.schedule.max_lr / cfg.div_factor)  # a new cycle starts
     assert max(head_lr[i] for i in phase2) == pytest.approx(cfg.schedule.max_lr, rel=0.01)
     assert all(body_lr[i] == pytest.approx(0.1 * head_lr[i]) for i in phase2)  # finetune.body_lr_factor
+    preview = schedule_series(cfg, batches=epoch_length)  # kiln schedule draws what the run did, both cycles
+    assert preview.unfreeze_step == epoch_length + 1 and len(preview.phases) == 4
+    assert preview.lr == pytest.approx([head_lr[i] for i in range(1, 2 * epoch_length + 1)], rel=1e-12)
+
+
+def test_the_range_test_of_a_fine_tune_loads_the_weights_and_trains_the_head_alone(tmp_path):
+    path = tmp_path / "weights.pt"
+    weights = build_model("small_cnn", 1, 5, 16, (32, 64, 128)).state_dict()
+    torch.save(weights, path)
+    parts = training_parts(_config(**{"finetune.freeze_epochs": -1, "model.weights": str(path)}))
+    trained = [n for n, p in parts.model.named_parameters() if any(p is q for g in parts.optimizer.param_groups
+                                                                   for q in g["params"])]
+    head = {id(p) for p in head_parameters(parts.model)}
+    assert all(id(dict(parts.model.named_parameters())[n]) in head or dict(parts.model.named_parameters())[n].ndim == 1
+               for n in trained)  # the head and the norm layers' weights (train_bn), nothing else
+    conv = next(n for n, p in parts.model.named_parameters() if p.ndim == 4)
+    assert torch.equal(parts.model.state_dict()[conv], weights[conv])  # from the weights, as the run starts
 
 
 def test_auto_freezes_one_epoch_only_when_the_weights_head_is_replaced(tmp_path):
