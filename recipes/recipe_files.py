@@ -91,7 +91,9 @@ def flatten_recipe(data: Mapping[str, Any], base: Config, where: str = "recipe f
             add(section, name, value)
         else:
             bare = [p for p in paths if p.split(".", 1)[1] == key]
-            if len(bare) != 1:  # a misspelt field name without its section, e.g. epohcs: the closest field
+            if len(bare) != 1 and closest(key, [*_TOP_LEVEL, *SECTIONS]):  # a misspelt section, e.g. trian
+                bare = []
+            elif len(bare) != 1:  # a misspelt field name without its section, e.g. epohcs: the closest field
                 close = closest(key.rsplit(".", 1)[-1], [p.split(".", 1)[1] for p in paths])
                 bare = [p for p in paths if close and p.split(".", 1)[1] == close]
             if len(bare) == 1:  # a field name without its section: say which section it belongs to

@@ -74,6 +74,11 @@ def _monitor(w: World):
     return callbacks.LossScaleMonitor(callbacks.DivergenceDetector(w.model, w.optimizer, mode="scaled"))
 
 
+def _fine_tune(w: World):  # the first conv frozen for an epoch, then a second cycle of 3 steps (the first has 6)
+    schedule = callbacks.OneCycle(w.optimizer, max_lr=0.1, total_steps=EPOCHS * len(w.batches))
+    return callbacks.FineTune(w.model[0].parameters(), schedule, freeze_epochs=1, phase2_steps=3)
+
+
 def _policy(w: World):  # its detector, not attached, still reads the batch losses the step keeps
     return callbacks.RollbackPolicy(callbacks.DivergenceDetector(w.model, w.optimizer), check_every=1)
 
@@ -101,6 +106,10 @@ SETTINGS: dict[str, Setting] = {
     "EarlyStop": Setting(
         make=lambda w: callbacks.EarlyStop(patience=5, score_name="val_accuracy"),
         acted=lambda h, w: h.state_dict()["best_score"] is not None,
+    ),
+    "FineTune": Setting(
+        make=_fine_tune,
+        acted=lambda h, w: h.schedule.total_steps == 3,  # it unfroze and restarted the schedule
     ),
     "GracefulStop": Setting(
         make=lambda w: callbacks.GracefulStop(),

@@ -19,9 +19,10 @@ import torchvision
 from recipes.config import ConfigError
 from recipes.data.preprocess import Preprocessing
 from recipes.pretrained import named_weights
-from recipes.run import load
+from recipes.run import evaluate_checkpoint, load
 from tests.recipes import kiln_in_process as kiln
 from tests.recipes.data.test_imagefolder import write_image_folder
+from tests.recipes.tools.test_export import KILN_PACKAGES, SNIPPETS, hidden_python, kiln_predict_top1, run_kiln
 
 NO_NETWORK = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
 
@@ -40,22 +41,31 @@ def folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"), {"train": 6, "val": 2}, size=(40, 48))
 
 
-def test_named_weights_load_offline_from_torch_hub_cache_with_their_own_preprocessing(torch_home, folder, tmp_path,
-                                                                                      capsys):
-    weights = named_weights("efficientnet_b0", "IMAGENET1K_V1")
-    path = torch_home / "hub" / "checkpoints" / "efficientnet_b0_rwightman-7f5810bc.pth"
-    assert weights.path == path  # torchvision's own file name, in torch hub's folder
+@pytest.fixture(scope="module")
+def pretrained_run(folder, tmp_path_factory) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """``kiln train imagefolder --model efficientnet_b0 --weights IMAGENET1K_V1``, offline, from a file this test
+    placed where torchvision keeps it: the run directory, the weights file and the weights."""
+    root = tmp_path_factory.mktemp("pretrained")
+    path = root / "torch-home" / "hub" / "checkpoints" / "efficientnet_b0_rwightman-7f5810bc.pth"
     path.parent.mkdir(parents=True)
     with torch.random.fork_rng():
         torch.manual_seed(123)  # a known pattern, unlike any random start kiln would make
         made = torchvision.models.efficientnet_b0(num_classes=1000).state_dict()
     torch.save(made, path)
-    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(root / "torch-home"))
+        for key, value in NO_NETWORK.items():
+            patch.setenv(key, value)
+        assert named_weights("efficientnet_b0", "IMAGENET1K_V1").path == path  # torchvision's name and folder
+        assert kiln("train", "imagefolder", "--data-dir", str(folder), "--model", "efficientnet_b0", "--weights",
+                    "IMAGENET1K_V1", "--image-size", "32", "--batch-size", "6", "--num-workers", "0", "--epochs",
+                    "1", "--quiet", "--no-report", "--out", str(root / "run")) == 0
+    return root / "run", path, made
 
-    run = tmp_path / "run"
-    assert kiln("train", "imagefolder", "--data-dir", str(folder), "--model", "efficientnet_b0", "--weights",
-                "IMAGENET1K_V1", "--image-size", "32", "--batch-size", "6", "--num-workers", "0", "--epochs", "1",
-                "--quiet", "--no-report", "--out", str(run)) == 0
+
+def test_named_weights_load_offline_from_torch_hub_cache_with_their_own_preprocessing(pretrained_run):
+    run, path, made = pretrained_run
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     runtime = json.loads((run / "config.json").read_text())["runtime"]
     assert runtime["initial_weights"] == {"name": "EfficientNet_B0_Weights.IMAGENET1K_V1", "file": str(path),
                                           "sha256": sha256, "head_replaced": True}
@@ -70,6 +80,26 @@ def test_named_weights_load_offline_from_torch_hub_cache_with_their_own_preproce
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     note = next(e["note"] for e in events if e["event"] == "weights")
     assert note.startswith(f"loaded weights EfficientNet_B0_Weights.IMAGENET1K_V1 from {path} except the classifier")
+
+
+def test_predict_and_an_export_reproduce_eval_with_the_weights_preprocessing(pretrained_run, folder, tmp_path):
+    """No flag: the checkpoint's record carries the bicubic resize, the ratio, mean and std to predict and to the
+    exported file, whose torch-only loader (docs/load_without_kiln.py) applies them with kiln hidden."""
+    run, _, _ = pretrained_run
+    last = run / "checkpoints" / "last.pt"
+    images = sorted((folder / "val").rglob("*.png"))
+    code, out, err = run_kiln("predict", str(last), str(folder / "val"), "--format", "json", "--workers", "0")
+    assert code == 0, err
+    rows, result = json.loads(out), evaluate_checkpoint(last)  # both in the precision the run validated in
+    correct = sum(row["label"] == row["predictions"][0]["class"] for row in rows)
+    assert len(rows) == result["samples"] == len(images) and correct == round(result["accuracy"] * len(images))
+    predicted = kiln_predict_top1(last, images)  # fp32, as the exported file runs
+    exported = tmp_path / "model.ts"
+    code, _, err = run_kiln("export", str(last), "--format", "torchscript", "--out", str(exported))
+    assert code == 0, err
+    done = hidden_python(KILN_PACKAGES, [[str(SNIPPETS["torchscript"]), str(exported), *map(str, images)]], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()[1:]] == predicted
 
 
 def test_named_weights_without_their_file_and_network_are_one_line_naming_file_and_folder(torch_home, folder,
