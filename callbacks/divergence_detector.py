@@ -94,8 +94,7 @@ class DivergenceDetector:
     def _on_started(self, engine: Engine) -> None:
         self._reset()
 
-    def _reset(self) -> None:
-        """Forget the last run's steps (the first loss is kept)."""
+    def _reset(self) -> None:  # the last run's steps go; the first loss stays
         self._zero = torch.zeros((), device=self.device)
         self._loss_max = self._zero  # the largest finite loss of the window the last check read (device)
         self._loss_ref = None if self.first_loss is None else torch.tensor(self.first_loss, device=self.device)

@@ -25,13 +25,10 @@ log = logging.getLogger("kiln")
 
 
 class RollbackPolicy:
-    """Check the run every ``check_every`` optimizer steps and at each epoch's end; snapshot it while it is
-    sound, and act on what the ``detector`` (and, under fp16, the ``monitor``) found when it is not.
-
-    A check asks the detector and the monitor whether everything since the last check is sound (device
-    work, then one read; with several ranks they agree through an all-reduce, so all act alike). Sound:
-    snapshot ``to_snapshot`` (unless a run of fp16 skips is going on). Not: act on the first fault named.
-    In the detector's immediate mode it also acts at BEFORE_OPTIMIZER_STEP, on a bad step before its update.
+    """Check the run every ``check_every`` optimizer steps and at each epoch's end: snapshot it while it is sound,
+    act on what the ``detector`` (and, under fp16, the ``monitor``) found when it is not. A check asks both (device
+    work, then one read; with several ranks they agree through an all-reduce, so all act alike); no snapshot is
+    taken during a run of fp16 skips. In the detector's immediate mode it also acts before a bad update.
 
     Policies: ``skip`` drops the update (``state.skip_step``; non-finite BatchNorm statistics come back
     from the snapshot), and rolls back instead past ``max_skips`` skips in ``skip_window`` optimizer steps
@@ -51,10 +48,10 @@ class RollbackPolicy:
     Args:
         detector: the run's :class:`DivergenceDetector` (its model and optimizer are the ones restored).
         monitor: the run's :class:`LossScaleMonitor` under fp16, else None.
-        to_snapshot: objects with state_dict/load_state_dict restored on rollback; must include the model.
-            Default: the model, the optimizer and ``schedule``.
-        schedule: an LR schedule with ``scale_lr(factor)`` (``OneCycle``); without one the param groups'
-            LR is scaled.
+        to_snapshot: objects (state_dict/load_state_dict) restored on rollback, the model among them; default:
+            the model, the optimizer and ``schedule`` (with ``scale_lr(factor)``, e.g. ``OneCycle``; else the
+            param groups' LR is scaled).
+        schedule: see ``to_snapshot``.
         scaler: the trainer's fp16 loss scaler (``AMP(...).scaler``), or None for fp32 and bf16; put it in
             ``to_snapshot`` to restore its scale.
         policy: "skip", "rollback" or "stop".
