@@ -183,8 +183,9 @@ def _head_name(model: nn.Module) -> str | None:
     return last
 
 
-def load_weights(model: nn.Module, path: str) -> str:
-    """Load a local weights file into ``model``; returns one line saying what was loaded.
+def load_weights(model: nn.Module, path: str, name: str | None = None) -> tuple[str, bool]:
+    """Load a local weights file into ``model``; returns one line saying what was loaded (of the weights
+    ``name``, when they have one) and whether the classifier was left out.
 
     The file is read with ``torch.load(weights_only=True)`` (no pickled code runs): a state dict,
     e.g. torchvision's ``resnet18-f37072fd.pth``, or a kiln checkpoint (its ``model`` entry). When
@@ -231,11 +232,12 @@ def load_weights(model: nn.Module, path: str) -> str:
         k = next(k for k in mismatched if k not in head_keys)
         raise ValueError(f"{path} does not fit this model: {k} is {tuple(state[k].shape)} in the file, "
                          f"{tuple(own[k].shape)} here")
+    what = f"{name} " if name else ""
     if not mismatched:
         model.load_state_dict(state)
-        return f"loaded weights from {path}"
+        return f"loaded weights {what}from {path}", False
     model.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
     file_classes = state[f"{head}.weight"].shape[0]
     here = own[f"{head}.weight"].shape[0]
-    return (f"loaded weights from {path} except the classifier {head} ({file_classes} classes in the file, "
-            f"{here} here: it starts from random weights)")
+    return (f"loaded weights {what}from {path} except the classifier {head} ({file_classes} classes in the file, "
+            f"{here} here: it starts from random weights)", True)

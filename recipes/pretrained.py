@@ -82,7 +82,8 @@ class NamedWeights:
         try:
             torch.hub.download_url_to_file(self.url, str(path), progress=False)
         except Exception as e:  # no network, a proxy, a refused or cut connection: all one line
-            reason = str(getattr(e, "reason", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            text = str(getattr(e, "reason", None) or e).strip()
+            reason = text.splitlines()[0] if text else type(e).__name__
             raise ConfigError(f"--weights {self.name}: {self.file_name} is not in {path.parent} and could not be "
                               f"downloaded ({reason}); put the file there (from {self.url}) and run again") from None
         finally:

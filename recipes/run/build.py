@@ -227,8 +227,9 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
     writes = rank == 0
     quiet = quiet or not writes
 
+    resuming = RunDir(run_dir).last.exists()  # a resumed run has its weights and its resolved config
     weights_file = None
-    if cfg.model.weights and not RunDir(run_dir).last.exists():  # a resumed run has its weights
+    if cfg.model.weights and not resuming:
         weights_file = initial_weights_file(cfg)  # named weights fetched now, before the data are loaded
     torch.manual_seed(t.seed)
     data = make_data(cfg, device)
@@ -241,7 +242,7 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
     weights_note, initial_weights = None, None
     if weights_file is not None:
         weights_note, initial_weights = load_initial_weights(model, *weights_file)
-    if not RunDir(run_dir).last.exists():  # a new run: "auto" made concrete, so a resume keeps what it chose
+    if not resuming:  # a new run: "auto" made concrete, so a resume keeps what it chose
         cfg = resolve_freeze_epochs(cfg, bool(initial_weights and initial_weights["head_replaced"]))
     if cfg.finetune.freeze_epochs > 0 and world_size > 1:
         raise ConfigError("finetune.freeze_epochs: a frozen body is for one process for now (DDP must see every "

@@ -63,12 +63,10 @@ def load_initial_weights(model: torch.nn.Module, path: str, name: str | None = N
     """Load a weights file (:func:`initial_weights_file`) into ``model``; returns what was loaded, in words, and
     the record of where the run started from: ``{"name", "file", "sha256", "head_replaced"}``."""
     try:
-        note = load_weights(model, path)
+        note, head_replaced = load_weights(model, path, name)
     except ValueError as e:
         raise ConfigError(f"--weights: {e}") from None
-    if name is not None:
-        note = note.replace(f"from {path}", f"{name} from {path}", 1)
-    return note, {"name": name, "file": str(path), "sha256": sha256_of(path), "head_replaced": "except" in note}
+    return note, {"name": name, "file": str(path), "sha256": sha256_of(path), "head_replaced": head_replaced}
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
