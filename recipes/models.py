@@ -5,6 +5,8 @@ from typing import Sequence
 
 from torch import nn
 
+from recipes.timm_models import is_timm, timm_model
+
 __all__ = ["small_cnn", "resnet18_32", "resnet9", "build_model", "parameter_groups", "head_parameters", "load_weights",
            "torchvision_models"]
 
@@ -34,7 +36,8 @@ def small_cnn(in_channels: int = 1, num_classes: int = 10, channels: Sequence[in
 
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int, channels: Sequence[int]) -> nn.Module:
-    """The model called ``name``: ``small_cnn``, ``resnet18_32``, ``resnet9`` or a torchvision classification model.
+    """The model called ``name``: ``small_cnn``, ``resnet18_32``, ``resnet9``, a torchvision classification model
+    or ``timm:NAME`` (the timm extra: :func:`recipes.timm_models.timm_model`).
 
     (``recipes.config.KILN_MODELS`` lists kiln's own names, so that a config can check a name without
     importing this module; a test keeps the two in step.)
@@ -50,6 +53,8 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
         return resnet18_32(num_classes, in_channels)
     if name == "resnet9":
         return resnet9(num_classes, in_channels)
+    if is_timm(name):
+        return timm_model(name, in_channels, num_classes, image_size)
     if name in torchvision_models():
         return _torchvision_model(name, in_channels, num_classes, image_size)
     raise ValueError(f"unknown model {name!r}")
@@ -78,8 +83,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The classifier's parameters: those of the model's last ``nn.Linear`` (what ``--weights`` replaces when
-    the classes differ); none if it has no linear layer."""
+    """The classifier's parameters (what ``--weights`` replaces when the classes differ): those of the module a
+    timm model's ``get_classifier()`` returns, else of the model's last ``nn.Linear``; none if it has neither."""
     head = _head_name(model)
     return list(model.get_submodule(head).parameters()) if head is not None else []
 
@@ -175,7 +180,14 @@ def resnet9(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
 
 
 def _head_name(model: nn.Module) -> str | None:
-    """The name of the model's classifier: its last ``nn.Linear`` (``fc``, ``classifier.3``, ``heads.head``, ...)."""
+    """The name of the model's classifier: what a timm model's ``get_classifier()`` returns (``fc``, ``head.fc``),
+    else its last ``nn.Linear`` (``fc``, ``classifier.3``, ``heads.head``, ...)."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        classifier = get_classifier()  # a module (Linear, or a 1x1 Conv2d); a pair for distilled ViTs: not one head
+        for name, module in model.named_modules():
+            if name and module is classifier and next(module.parameters(), None) is not None:
+                return name
     last = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -188,7 +200,8 @@ def load_weights(model: nn.Module, path: str, name: str | None = None) -> tuple[
     ``name``, when they have one) and whether the classifier was left out.
 
     The file is read with ``torch.load(weights_only=True)`` (no pickled code runs): a state dict,
-    e.g. torchvision's ``resnet18-f37072fd.pth``, or a kiln checkpoint (its ``model`` entry). When
+    e.g. torchvision's ``resnet18-f37072fd.pth``, or a kiln checkpoint (its ``model`` entry); a file
+    named ``*.safetensors`` (timm's ``model.safetensors``) with ``safetensors.torch.load_file``. When
     only the classifier differs in shape (another number of classes), everything but the
     classifier is loaded and the line says so.
 
@@ -197,24 +210,12 @@ def load_weights(model: nn.Module, path: str, name: str | None = None) -> tuple[
     """
     import os
 
-    import torch
-
     if not os.path.isfile(path):
         raise ValueError(f"no weights file at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, not torch's format, or holding pickled objects: all refused
-        import pickle
-
-        if isinstance(e, pickle.UnpicklingError) and ("GLOBAL" in str(e) or "Unsupported global" in str(e)):
-            raise ValueError(f"{path} holds pickled Python objects; refused without running them") from None
-        raise ValueError(f"{path} is not a weights file torch.save wrote ({type(e).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "kiln" in state:
-        state = state["model"]  # a kiln checkpoint
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+    if str(path).endswith(".safetensors"):
+        state = _load_safetensors(path)
+    else:
+        state = _load_torch_file(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -241,3 +242,37 @@ def load_weights(model: nn.Module, path: str, name: str | None = None) -> tuple[
     here = own[f"{head}.weight"].shape[0]
     return (f"loaded weights {what}from {path} except the classifier {head} ({file_classes} classes in the file, "
             f"{here} here: it starts from random weights)", True)
+
+
+def _load_torch_file(path: str) -> dict:
+    """The state dict in a file torch.save wrote (a kiln checkpoint's ``model``), read with ``weights_only``."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, not torch's format, or holding pickled objects: all refused
+        import pickle
+
+        if isinstance(e, pickle.UnpicklingError) and ("GLOBAL" in str(e) or "Unsupported global" in str(e)):
+            raise ValueError(f"{path} holds pickled Python objects; refused without running them") from None
+        raise ValueError(f"{path} is not a weights file torch.save wrote ({type(e).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "kiln" in state:
+        state = state["model"]  # a kiln checkpoint
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def _load_safetensors(path: str) -> dict:
+    """The tensors in a safetensors file (no code runs: the format holds only tensors)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ValueError(f"{path} is a safetensors file: reading it needs safetensors "
+                         "(pip install 'kiln[timm]')") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # truncated, a bad header, not safetensors at all
+        raise ValueError(f"{path} is not a safetensors file ({type(e).__name__})") from None

@@ -52,8 +52,17 @@ def torchvision_models() -> list[str]:
 
 
 def _check_model_name(name: str) -> None:
-    """kiln's own models, or a torchvision classification model; else a ConfigError with a did-you-mean."""
+    """kiln's own models, a torchvision classification model, or ``timm:NAME`` with the timm extra; else a
+    ConfigError with a did-you-mean."""
     if name in KILN_MODELS or name in _COMMON_TORCHVISION_MODELS:
+        return
+    from recipes.timm_models import check_timm_name, is_timm  # imports neither torch nor timm until a timm name
+
+    if is_timm(name):
+        try:
+            check_timm_name(name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return
     known = torchvision_models()
     if name in known:
@@ -61,7 +70,8 @@ def _check_model_name(name: str) -> None:
     close = difflib.get_close_matches(name, list(KILN_MODELS) + known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise ConfigError(f"unknown model {name!r}; {hint}(kiln's: {', '.join(KILN_MODELS)}; or any torchvision "
-                      "classification model: resnet18, mobilenet_v3_small, efficientnet_b0, convnext_tiny, ...)")
+                      "classification model: resnet18, mobilenet_v3_small, efficientnet_b0, convnext_tiny, ...; "
+                      "or timm's, as timm:NAME)")
 
 
 @dataclass(frozen=True)
@@ -104,12 +114,13 @@ class ModelConfig:
     """The network."""
 
     #: the network: small_cnn | resnet9 | resnet18_32 | a torchvision classification model (resnet18,
-    #: mobilenet_v3_small, efficientnet_b0, convnext_tiny, ...)
+    #: mobilenet_v3_small, efficientnet_b0, convnext_tiny, ...) | timm:NAME, any timm model (the timm extra)
     name: str = "small_cnn"
     channels: tuple[int, ...] = (32, 64, 128)  #: small_cnn: output channels of each conv block
     #: initial weights: a local file (a state dict or a kiln checkpoint, loaded with weights_only), or a name of
-    #: the torchvision model's pretrained weights (DEFAULT, IMAGENET1K_V1, ...) from torch hub's cache (downloaded
-    #: there if missing); an image folder's inputs are then made as the weights were trained
+    #: the torchvision model's pretrained weights (DEFAULT, IMAGENET1K_V1, ...) from torch hub's cache, or a timm
+    #: model's pretrained tag (DEFAULT, a1_in1k, ...) from the Hugging Face cache (downloaded there if missing); an
+    #: image folder's inputs are then made as the weights were trained
     weights: str = ""
 
     def __post_init__(self) -> None:
