@@ -13,7 +13,7 @@ from tqdm import tqdm
 from engine.events import EpochEvents, ensure_epoch_events
 from engine.records import epoch_record, to_float
 
-__all__ = ["Progress", "format_epoch_line"]
+__all__ = ["Progress", "format_epoch_line", "lr_text"]
 
 
 def format_epoch_line(record: dict[str, Any], max_epochs: int | None) -> str:
@@ -32,6 +32,15 @@ def format_epoch_line(record: dict[str, Any], max_epochs: int | None) -> str:
     return "  ".join(parts)
 
 
+def lr_text(state: Any) -> str:
+    """The LR as the bar and the lines show it: ``3.20e-03``, or each named group's (a fine-tune's
+    ``head 3.20e-03 body 3.20e-04``) from ``state.group_lrs``."""
+    groups = getattr(state, "group_lrs", None)
+    if groups:
+        return " ".join(f"{name} {lr:.2e}" for name, lr in groups.items())
+    return f"{state.lr:.2e}"
+
+
 def _is_terminal(stream: Any) -> bool:
     try:
         return stream.isatty()
@@ -43,7 +52,8 @@ class Progress:
     """Show training as it happens: a bar on a terminal, plain lines elsewhere, and one line per epoch.
 
     On a terminal (stderr is a tty): ignite's ProgressBar (tqdm) for each epoch, its postfix holding the
-    loss, the LR, images/s and ``run_eta`` (the whole run's time left; tqdm's own ETA is the epoch's),
+    loss, the LR (each group's, when the optimizer's groups are named: a fine-tune's head and body), images/s
+    and ``run_eta`` (the whole run's time left; tqdm's own ETA is the epoch's),
     and, with ``evaluator``, a short bar for each validation. Elsewhere (a log file, a batch job,
     ``nohup``) no bar and no ``\\r``: a plain line every ``line_seconds`` inside an epoch
     (``epoch 2/10  iteration 120/469 (26%)  loss 0.5123  lr 3.20e-03  1830 img/s  epoch ETA 00:45  run
@@ -56,7 +66,7 @@ class Progress:
 
     Events: STARTED, EPOCH_STARTED, ITERATION_COMPLETED (bar or lines), EpochEvents.VALIDATION_COMPLETED
     (epoch line); the evaluator's ITERATION_COMPLETED (its bar, on a terminal). Reads ``state.loss``,
-    ``state.lr``, ``state.epoch_samples_timed`` and the epoch record. Writes to the console only.
+    ``state.lr``, ``state.group_lrs``, ``state.epoch_samples_timed`` and the epoch record. Writes to the console only.
     State: none.
 
     Args:
@@ -120,7 +130,7 @@ class Progress:
         left_in_run = (s.max_epochs or s.epoch) * (s.epoch_length or 0) - s.iteration
         epoch_seconds = now - self._epoch_started_at
         samples = getattr(s, "epoch_samples_timed", 0)
-        return {"loss": loss if loss is not None else float("nan"), "lr": s.lr,
+        return {"loss": loss if loss is not None else float("nan"), "lr": lr_text(s),
                 "img/s": samples / epoch_seconds if epoch_seconds > 0 and samples else None,
                 "epoch_eta": per_iteration * left_in_epoch if per_iteration is not None else None,
                 "run_eta": per_iteration * left_in_run if per_iteration is not None else None}
@@ -130,7 +140,7 @@ class Progress:
         if now - self._last_read >= self.refresh_seconds or not self._postfix:
             self._last_read = now
             v = self._read_values(now)
-            self._postfix = {"loss": v["loss"], "lr": f"{v['lr']:.2e}"}
+            self._postfix = {"loss": v["loss"], "lr": v["lr"]}
             if v["img/s"] is not None:
                 self._postfix["img/s"] = f"{v['img/s']:.0f}"
             if v["run_eta"] is not None:
@@ -148,7 +158,7 @@ class Progress:
             return  # the epoch's own line follows
         v = self._read_values(now)
         parts = [f"epoch {s.epoch}/{s.max_epochs}", f"iteration {position}/{s.epoch_length} "
-                 f"({100 * position // s.epoch_length}%)", f"loss {v['loss']:.4f}", f"lr {v['lr']:.2e}"]
+                 f"({100 * position // s.epoch_length}%)", f"loss {v['loss']:.4f}", f"lr {v['lr']}"]
         if v["img/s"] is not None:
             parts.append(f"{v['img/s']:.0f} img/s")
         if v["run_eta"] is not None:

@@ -10,7 +10,8 @@ from callbacks.nan_diagnosis import POLICIES
 from engine.precision_names import PRECISIONS
 
 __all__ = ["Config", "CheckpointConfig", "DataConfig", "GuardConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
-           "TrainConfig", "FinetuneConfig", "ConfigError", "DataError", "DATASETS", "FILE_DATASETS", "KILN_MODELS", "SECTIONS"]
+           "TrainConfig", "FinetuneConfig", "ConfigError", "DataError", "DATASETS", "FILE_DATASETS", "KILN_MODELS", "SECTIONS",
+           "parse_size"]
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,23 @@ KILN_MODELS = ("small_cnn", "resnet9", "resnet18_32")
 _COMMON_TORCHVISION_MODELS = frozenset(
     [f"resnet{n}" for n in (18, 34, 50, 101, 152)] + ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"]
     + [f"efficientnet_b{i}" for i in range(8)] + [f"convnext_{s}" for s in ("tiny", "small", "base", "large")])
+
+
+def parse_size(text: str) -> int | None:
+    """A memory size in bytes from ``512MB``, ``4GB``, ``1.5G``, ``300M``, ``0`` (a bare number: megabytes, binary
+    units either way); None when ``text`` is not one.
+
+    Example:
+        >>> parse_size("512MB"), parse_size("1.5G"), parse_size("0"), parse_size("lots")
+        (536870912, 1610612736, 0, None)
+    """
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text), flags=re.IGNORECASE)
+    if match is None:
+        return None
+    unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[(match.group(2) or "M").upper()]
+    return int(float(match.group(1)) * unit)
 
 
 def torchvision_models() -> list[str]:
@@ -94,6 +112,11 @@ class DataConfig:
     #: fetch the data set into data_dir with torchvision's downloader if it is missing (cifar10; needs a network)
     download: bool = False
     skip_bad_images: bool = False  #: imagefolder: skip unreadable image files (one warning line) instead of refusing
+    channels: int = 3  #: imagefolder: 3 reads every image as RGB, 1 as grayscale
+    #: imagefolder: a folder whose decoded images fit this much memory (e.g. 512MB, 4GB; 0: never) is decoded once
+    #: and trained from memory with batched augmentation; a larger one is read by a DataLoader. auto: a quarter
+    #: of the memory available when the run starts (a new run records it as auto:SIZE, so a resume takes the same path)
+    memory_budget: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, f"data.dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
@@ -104,6 +127,9 @@ class DataConfig:
         _check(self.samples >= 2, f"data.samples must be >= 2, not {self.samples}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, not {self.num_workers}")
         _check(self.num_classes >= 2, f"data.num_classes must be >= 2, not {self.num_classes}")
+        _check(self.channels in (1, 3), f"data.channels must be 1 (grayscale) or 3 (RGB), not {self.channels}")
+        _check(self.memory_budget == "auto" or parse_size(self.memory_budget.removeprefix("auto:")) is not None,
+               f"data.memory_budget must be auto or a size such as 512MB or 4GB (0: never), not {self.memory_budget!r}")
         _check(not self.data_dir or self.dataset in FILE_DATASETS,
                f"the {self.dataset} data set does not read files (kiln makes it in memory); --data-dir "
                f"(data.data_dir) is for {', '.join(FILE_DATASETS[:-1])} and {FILE_DATASETS[-1]}")

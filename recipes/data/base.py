@@ -25,6 +25,7 @@ class Data:
     num_classes: int
     class_names: list[str] = field(default_factory=list)  #: the classes in label order
     preprocessing: Preprocessing | None = None  #: how an image becomes an input of ``val`` (checkpoints record it)
+    reading: str | None = None  #: how the data is read, when there is a choice (a line of the run's first lines)
 
 
 def num_samples(data: Any) -> int:

@@ -1,7 +1,8 @@
-"""A folder of images (``DIR/train/CLASS/*.png``, ``DIR/val/...``, or class folders split by a fraction),
-through a seeded DataLoader; and the screening that refuses (or skips) files PIL cannot read.
+"""A folder of images (``DIR/train/CLASS/*.png``, ``DIR/val/...``, or class folders split by a fraction): decoded
+into memory when it fits ``data.memory_budget`` (``recipes.data.folder_in_memory``), else through a seeded DataLoader.
+Every file is screened first (``recipes.data.screening``).
 
-A folder of images goes through a DataLoader with workers. Its batch order still comes from an
+On the DataLoader path, a folder of images goes through a DataLoader with workers. Its batch order still comes from an
 :class:`~recipes.data.batches.EpochBatchSampler` (a function of seed and epoch, resumable at any batch),
 and each sample's random transform is seeded from (seed, epoch, sample index), not from worker state:
 the batches are the same with 0 or N workers and after a resume at any batch.
@@ -11,21 +12,22 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from recipes.config import Config
 from recipes.data.base import Data, DataError
 from recipes.data.batches import EpochBatchSampler, LoaderBatches, mix_seed, split_indices
+from recipes.data.folder_in_memory import decoded_size, in_memory_batches, memory_budget
 from recipes.data.preprocess import Preprocessing
+from recipes.data.screening import screen_images
 from recipes.pretrained import NamedWeights, named_weights
 
 log = logging.getLogger("kiln")
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagefolder_preprocessing", "SeededSamples", "SampleEpochBatchSampler",
-           "imagefolder_transforms", "imagefolder_data", "imagefolder_classes", "imagefolder_eval_data",
-           "unreadable_images"]
+           "imagefolder_transforms", "imagefolder_data", "imagefolder_classes", "imagefolder_eval_data"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  #: what torchvision's classification models are trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,33 +84,41 @@ class SeededSamples(torch.utils.data.Dataset):
             return self.transform(image), label
 
 
-def imagefolder_preprocessing(image_size: int, weights: NamedWeights | None = None) -> Preprocessing:
+def imagefolder_preprocessing(image_size: int, weights: NamedWeights | None = None, channels: int = 3) -> Preprocessing:
     """An image folder's evaluation transform at ``image_size``: with named pretrained ``weights``, theirs (their
-    resize ratio, interpolation, mean and std); else RGB, shorter side to ``int(image_size * 1.14)``, a center
-    crop, ImageNet's mean and std (what torchvision's classification models are trained with)."""
+    resize ratio, interpolation, mean and std); else RGB (or, with ``channels`` 1, grayscale), shorter side to
+    ``int(image_size * 1.14)``, a center crop, ImageNet's mean and std (what torchvision's classification models
+    are trained with; their averages over the channels for grayscale)."""
     if weights is not None:
+        if channels != 3:
+            raise DataError(f"--weights {weights.name}: pretrained weights take RGB images; data.channels must be 3")
         return weights.preprocessing(image_size)
+    if channels == 1:
+        return Preprocessing(mode="L", size=image_size, mean=(sum(IMAGENET_MEAN) / 3,), std=(sum(IMAGENET_STD) / 3,),
+                             resize=int(image_size * 1.14))
     return Preprocessing(mode="RGB", size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                          resize=int(image_size * 1.14))
 
 
 def imagefolder_transforms(cfg: Config) -> tuple[Callable, Callable]:
-    """``(train, eval)`` transforms at ``data.image_size``: the standard ImageNet-style ones, or those of the
-    named pretrained weights ``model.weights`` (``recipes.pretrained``).
+    """``(train, eval)`` transforms at ``data.image_size`` for the DataLoader path: the standard ImageNet-style ones,
+    or those of the named pretrained weights ``model.weights`` (``recipes.pretrained``).
 
     Train: RandomResizedCrop(image_size) (``augment`` crop or crop+flip), RandomHorizontalFlip
-    (crop+flip), ToTensor, Normalize, with the evaluation transform's interpolation, mean and std; with
-    ``augment`` none, the eval transform. Eval: :func:`imagefolder_preprocessing` (resize, center crop and
-    normalize on the float image), the transform ``kiln predict`` and exported models document.
+    (crop+flip), ToTensor, Normalize, with the evaluation transform's interpolation, mean and std (and, with
+    ``data.channels`` 1, grayscale first); with ``augment`` none, the eval transform. Eval:
+    :func:`imagefolder_preprocessing` (resize, center crop and normalize on the float image), the transform
+    ``kiln predict`` and exported models document.
     """
     from torchvision import transforms as T
 
     d = cfg.data
-    evaluation = imagefolder_preprocessing(d.image_size, named_weights(cfg.model.name, cfg.model.weights))
+    evaluation = imagefolder_preprocessing(d.image_size, named_weights(cfg.model.name, cfg.model.weights), d.channels)
     if d.augment == "none":
         return evaluation, evaluation
     interpolation = T.InterpolationMode(evaluation.interpolation)
-    train = [T.RandomResizedCrop(d.image_size, interpolation=interpolation)]
+    train = [T.Grayscale()] if d.channels == 1 else []
+    train += [T.RandomResizedCrop(d.image_size, interpolation=interpolation)]
     train += [T.RandomHorizontalFlip()] if d.augment == "crop+flip" else []
     return T.Compose(train + [T.ToTensor(), T.Normalize(evaluation.mean, evaluation.std)]), evaluation
 
@@ -128,78 +138,6 @@ def _image_folder(root: Path, two_classes: bool = True) -> Any:
         raise DataError(f"{root} holds one class folder ({dataset.classes[0]}/); a classifier needs at least two "
                         f"(ROOT/CLASS/*.png, one folder per class)")
     return dataset
-
-
-#: How many unreadable files a refusal or a warning names before it counts the rest.
-_NAMED_BAD_FILES = 3
-
-
-def unreadable_images(paths: Iterable[str]) -> list[tuple[str, str]]:
-    """``(path, reason)`` for each of ``paths`` that PIL cannot open and verify as an image.
-
-    ``Image.open`` reads the header and ``verify()`` checks the file's structure (a PNG's chunks and
-    their checksums) without decoding the pixels: 10,000 to 30,000 small PNG files a second on one core.
-    """
-    from PIL import Image
-
-    bad = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file is not an image kiln can read
-            bad.append((path, _why_unreadable(path, e)))
-    return bad
-
-
-def _why_unreadable(path: str, error: Exception) -> str:
-    """A few words on why PIL refused ``path``: an empty file, not an image, permission denied, a damaged image."""
-    from PIL import UnidentifiedImageError
-
-    if isinstance(error, UnidentifiedImageError):
-        try:
-            return "an empty file" if os.stat(path).st_size == 0 else "not an image"
-        except OSError:
-            return "not an image"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror.lower()
-    text = str(error).strip().splitlines()
-    return f"a damaged image: {text[0] if text else type(error).__name__}"
-
-
-def _named(bad: Sequence[tuple[str, str]], start: int = 0) -> str:
-    """``bad[start:]`` as ``PATH (reason), ... and N more``, naming the first few."""
-    shown = bad[start:start + _NAMED_BAD_FILES]
-    more = len(bad) - start - len(shown)
-    return ", ".join(f"{path} ({why})" for path, why in shown) + (f" and {more} more" if more else "")
-
-
-def _screen_images(datasets: Sequence[Any], skip: bool) -> None:
-    """Refuse (DataError) unless every image of ``datasets`` opens; with ``skip``, drop the bad ones with a warning.
-
-    Runs before anything is trained or written, so a bad file is one line, not a DataLoader worker's traceback.
-    """
-    bad = [entry for dataset in datasets for entry in unreadable_images(path for path, _ in dataset.samples)]
-    if not bad:
-        return
-    if not skip:
-        path, why = bad[0]
-        n = len(bad) - 1
-        others = f", nor {'is' if n == 1 else 'are'} {n} other file{'s' * (n > 1)} ({_named(bad, 1)})" if n else ""
-        raise DataError(f"{path} is not a readable image ({why}){others}; remove {'them' if others else 'it'}, "
-                        "or skip unreadable files with --set data.skip_bad_images=true")
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:  # one line, not one per rank
-        log.warning("kiln: warning: skipping %d unreadable image file%s (data.skip_bad_images): %s", len(bad),
-                    "" if len(bad) == 1 else "s", _named(bad))
-    dropped = {path for path, _ in bad}
-    for dataset in datasets:
-        dataset.samples = [(path, label) for path, label in dataset.samples if path not in dropped]
-        dataset.imgs, dataset.targets = dataset.samples, [label for _, label in dataset.samples]
-        empty = sorted(set(dataset.classes) - {dataset.classes[label] for label in dataset.targets})
-        if empty:
-            raise DataError(f"{dataset.root} has no readable images left in {', '.join(empty)} after skipping "
-                            "the unreadable files")
 
 
 def _folders(data_dir: str) -> tuple[Path, Path | None]:
@@ -228,15 +166,18 @@ def imagefolder_classes(data_dir: str) -> list[str]:
 
 
 def imagefolder_data(cfg: Config, device: torch.device) -> Data:
-    """A folder of images as a :class:`Data` (3 channels), each split a DataLoader with ``data.num_workers`` workers.
+    """A folder of images as a :class:`Data` (``data.channels``: RGB, or grayscale), held in memory when it fits.
 
     ``data.data_dir`` holds ``train/`` and ``val/`` class folders, or ``train/`` only or class folders
-    only, then split into train and val by ``data.val_fraction`` (seeded). Every image is converted to
-    RGB. The training order comes from a :class:`SampleEpochBatchSampler` and each sample's transform
-    is seeded from (seed, epoch, index), so batches do not depend on the workers.
+    only, then split into train and val by ``data.val_fraction`` (seeded). Every file is opened and
+    verified as an image first (``recipes.data.screening``): an unreadable one is refused, or skipped
+    with a warning line when ``data.skip_bad_images`` says so.
 
-    Every file is opened and verified as an image first (:func:`unreadable_images`): an unreadable one
-    is refused, or skipped with a warning line when ``data.skip_bad_images`` says so.
+    When the decoded images fit ``data.memory_budget``, they are decoded once and batched in memory
+    (``recipes.data.folder_in_memory``); else each split is a DataLoader with ``data.num_workers``
+    workers, its training order from a :class:`SampleEpochBatchSampler` and each sample's transform
+    seeded from (seed, epoch, index), so batches do not depend on the workers. Either way a resume
+    at any batch gives the same batches. ``Data.reading`` says which path it took.
 
     Raises:
         DataError: a missing or empty folder, fewer than two classes, val/ classes that differ from
@@ -250,22 +191,42 @@ def imagefolder_data(cfg: Config, device: torch.device) -> Data:
         if val_set.classes != train_set.classes:
             raise DataError(f"{val_dir} has classes {val_set.classes}, {train_dir} has {train_set.classes}; "
                             "they must be the same folders")
-        _screen_images([train_set, val_set], d.skip_bad_images)
+        screen_images([train_set, val_set], d.skip_bad_images)
         train_idx, val_idx = list(range(len(train_set))), list(range(len(val_set)))
     else:
         if d.val_fraction <= 0:
             raise DataError(f"{d.data_dir} has no val/ folder: data.val_fraction must be > 0 to split one off")
-        _screen_images([train_set], d.skip_bad_images)
+        screen_images([train_set], d.skip_bad_images)
         if len(train_set) < 2:
             raise DataError(f"{train_dir} holds {len(train_set)} image; at least 2 are needed to split off a val set")
         val_set = train_set
         train_idx, val_idx = (t.tolist() for t in split_indices(len(train_set), d.val_fraction, seed))
-    train_tf, evaluation = imagefolder_transforms(cfg)
+    evaluation = imagefolder_transforms(cfg)[1]
+    train_side = evaluation.resize or evaluation.size
+    classes = list(train_set.classes)
+    need = decoded_size(len(train_idx), len(val_idx), evaluation.channels, train_side, evaluation.size)
+    budget = memory_budget(cfg)
+    if need <= budget:
+        train, val = in_memory_batches(cfg, train_set.samples, train_idx, val_set.samples, val_idx, evaluation,
+                                       train_side, device)
+        done = {"none": "", "crop": ": crops on whole batches", "crop+flip": ": crops and flips on whole batches"}
+        how = (f"{len(train_idx) + len(val_idx):,} images decoded into memory ({_mb(need)} of a {_mb(budget)} "
+               f"budget){done[d.augment]}")
+        return Data(train, val, evaluation.channels, len(classes), classes, evaluation, how)
+    train_tf, _ = imagefolder_transforms(cfg)
     train_sampler = SampleEpochBatchSampler(len(train_idx), d.batch_size, shuffle=True, seed=seed)
+    args = _loader_args(cfg, device)
     train_loader = torch.utils.data.DataLoader(SeededSamples(train_set, train_idx, train_tf, seed=seed),
-                                               batch_sampler=train_sampler, **_loader_args(cfg, device))
-    return Data(LoaderBatches(train_loader, seed=seed), _eval_batches(val_set, val_idx, cfg, device), 3,
-                len(train_set.classes), list(train_set.classes), evaluation)
+                                               batch_sampler=train_sampler, **args)
+    how = (f"{len(train_idx) + len(val_idx):,} images read by a DataLoader with {args['num_workers']} workers "
+           f"(decoded they would take {_mb(need)}, over data.memory_budget {_mb(budget)})")
+    return Data(LoaderBatches(train_loader, seed=seed), _eval_batches(val_set, val_idx, cfg, device),
+                evaluation.channels, len(classes), classes, evaluation, how)
+
+
+def _mb(n: int) -> str:
+    """Bytes as ``25 MB`` or ``5.9 GB``."""
+    return f"{n / (1 << 30):.1f} GB" if n >= 1 << 30 else f"{max(n, 1 << 20) / (1 << 20):.0f} MB"
 
 
 def _loader_args(cfg: Config, device: torch.device) -> dict[str, Any]:
@@ -293,6 +254,7 @@ def imagefolder_eval_data(cfg: Config, device: torch.device) -> Data:
     """
     train_dir, val_dir = _folders(cfg.data.data_dir)
     dataset = _image_folder(val_dir or train_dir)
-    _screen_images([dataset], cfg.data.skip_bad_images)
+    screen_images([dataset], cfg.data.skip_bad_images)
     batches = _eval_batches(dataset, range(len(dataset)), cfg, device)
-    return Data(batches, batches, 3, len(dataset.classes), list(dataset.classes), imagefolder_transforms(cfg)[1])
+    evaluation = imagefolder_transforms(cfg)[1]
+    return Data(batches, batches, evaluation.channels, len(dataset.classes), list(dataset.classes), evaluation)

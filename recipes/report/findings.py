@@ -92,6 +92,8 @@ def _command(run: RunData, changes: dict[str, Any], verb: str = "train") -> str:
         overrides.pop("optim.lr", None)
         overrides["schedule.max_lr"] = "auto"
     overrides.pop("train.device", None)
+    if str(overrides.get("data.memory_budget", "")).startswith("auto:"):
+        overrides.pop("data.memory_budget")  # what "auto" was on this machine: the same command decides again
     overrides.update(changes)
     flags = {v: k for k, v in OPTION_KEYS.items()}
     parts = [f"kiln {verb} {name}"]

@@ -53,9 +53,11 @@ def _summary_html(run: RunData) -> str:
              ("device / precision", _e(f"{run.config.get('runtime', {}).get('device', '?')} / {run.precision or '?'}")),
              ("max_lr", _e(fmt(run.config.get("schedule", {}).get("max_lr", "?"))))]
     body = "".join(f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div></div>' for k, v in cards)
-    extra = ""
+    runtime = run.config.get("runtime", {})
+    extra = "".join(f"<p><b>{label}:</b> {_e(runtime[key])}</p>" for key, label in
+                    (("what_trains", "what trains"), ("data_reading", "data")) if runtime.get(key))
     if s.get("error") or s.get("diagnosis"):
-        extra = f"<p><b>{_e('error' if s.get('error') else 'diagnosis')}:</b> <code>{_e(s.get('error') or s.get('diagnosis'))}</code></p>"
+        extra += f"<p><b>{_e('error' if s.get('error') else 'diagnosis')}:</b> <code>{_e(s.get('error') or s.get('diagnosis'))}</code></p>"
     return f'<section id="summary"><h2>Summary</h2><div class="cards">{body}</div>{extra}</section>'
 
 

@@ -29,7 +29,7 @@ from recipes.run.lock import RunLock, discarded_on_failure
 from recipes.run.rundir import LOCK, RUN_FILES, RunDir
 from recipes.run.parts import (initial_weights_file, load_initial_weights, make_data, make_fine_tune, make_loss,
                                make_model, make_optimizer, make_schedule, resolve_freeze_epochs, resolve_runtime,
-                               what_trains)
+                               resolve_memory_budget, what_trains)
 
 __all__ = ["Assembly", "build", "make_run_dir", "versions", "write_config"]
 
@@ -60,6 +60,9 @@ class Assembly:
     class_names: list[str] = field(default_factory=list)  #: the data set's classes, in label order
     world_size: int = 1  #: data-parallel processes; only rank 0 writes files and prints
     inference: dict[str, Any] = field(default_factory=dict)  #: how to rebuild and feed the model (inference_record)
+    #: what the run's first lines said of it (``what_trains``, ``data_reading``): config.json's runtime keeps them
+    #: for the report
+    said: dict[str, str] = field(default_factory=dict)
 
     @property
     def writes(self) -> bool:
@@ -231,6 +234,8 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
     weights_file = None
     if cfg.model.weights and not resuming:
         weights_file = initial_weights_file(cfg)  # named weights fetched now, before the data are loaded
+    if not resuming:  # "auto" made concrete, so that a resume reads the data the same way
+        cfg = resolve_memory_budget(cfg)
     torch.manual_seed(t.seed)
     data = make_data(cfg, device)
     cfg = with_class_count(cfg, data.num_classes)  # config.json and checkpoints say how many classes there are
@@ -308,13 +313,16 @@ def _assemble(cfg: Config, run_dir: Path, *, quiet: bool, stream: TextIO | None,
                    class_names=data.class_names, world_size=world_size,
                    inference=inference_record(cfg, data.in_channels, num_classes, data.preprocessing,
                                               initial_weights=initial_weights))
+    run.said = {"what_trains": what_trains(cfg, model, fine_tune), **({"data_reading": data.reading} if data.reading else {})}
+    if data.reading and writes and not quiet:
+        print(f"kiln: data: {data.reading}", file=stream or sys.stdout)
     if weights_note is not None and writes:
         append_jsonl(run.events_path, {"event": "weights", "path": cfg.model.weights, "note": weights_note,
                                        **initial_weights})
         if not quiet:
             print(f"kiln: {weights_note}", file=stream or sys.stdout)
-    if (cfg.model.weights or fine_tune is not None) and writes and not quiet:  # what a fine-tune trains, and when
-        print(f"kiln: {what_trains(cfg, model, fine_tune)}", file=stream or sys.stdout)
+    if writes and not quiet:  # the parameter count; what a fine-tune trains, and when
+        print(f"kiln: {run.said['what_trains']}", file=stream or sys.stdout)
     c = cfg.checkpoint
     best_to_save = {"model": model, "kiln": run.meta()}
     if ema is not None:  # best-* are ranked by the EMA's val_accuracy: they hold the EMA weights too
@@ -342,6 +350,6 @@ def write_config(run: Assembly) -> None:
                     "batches_per_epoch": len(run.train_data), "val_samples": num_samples(run.val_data),
                     "class_names": list(run.class_names), **run.inference, "world_size": run.world_size,
                     "global_batch_size": run.config.data.batch_size * run.world_size,
-                    "command": " ".join(sys.argv)},
+                    "command": " ".join(sys.argv), **run.said},
         "versions": versions(),
     })

@@ -120,12 +120,15 @@ def run_changing_differences(saved: Config, requested: Config) -> list[str]:
 
     ``data.num_classes`` counts only for the synthetic data set (it makes that many classes); for the
     others a saved config records the data's own count there (:func:`recipes.config.with_class_count`).
-    A requested ``finetune.freeze_epochs`` of -1 (auto) is whatever the saved run resolved it to.
+    A requested ``finetune.freeze_epochs`` of -1 (auto), or ``data.memory_budget`` of auto, is whatever the
+    saved run resolved it to.
     """
     a, b = flatten_config(saved), flatten_config(requested)
     neutral = set(RUN_NEUTRAL_KEYS) | ({"data.num_classes"} if saved.data.dataset != "synthetic" else set())
     if requested.finetune.freeze_epochs == -1:
         neutral.add("finetune.freeze_epochs")
+    if requested.data.memory_budget == "auto":
+        neutral.add("data.memory_budget")
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in neutral and not k.startswith("guard.")]
 

@@ -20,7 +20,7 @@ from recipes.pretrained import named_weights, sha256_of
 
 __all__ = ["resolve_runtime", "make_data", "make_model", "make_optimizer", "make_loss", "make_schedule",
            "initial_weights_file", "load_initial_weights", "resolve_freeze_epochs", "planned_freeze_epochs",
-           "make_fine_tune", "frozen_parameters", "what_trains", "TrainingParts", "training_parts"]
+           "make_fine_tune", "resolve_memory_budget", "frozen_parameters", "what_trains", "TrainingParts", "training_parts"]
 
 
 def resolve_runtime(cfg: Config) -> tuple[torch.device, Precision]:
@@ -99,6 +99,16 @@ def make_schedule(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_epo
                     pct_start=s.pct_start, div_factor=cfg.div_factor, final_div_factor=s.final_div_factor,
                     anneal_strategy=s.anneal_strategy, cycle_momentum=s.cycle_momentum,
                     sync_every=cfg.guard.check_every)  # fp16 skips are read where NanGuard reads
+
+
+def resolve_memory_budget(cfg: Config) -> Config:
+    """``data.memory_budget`` auto made concrete for a new image-folder run, as ``auto:SIZE`` (a quarter of the memory
+    available now), so that config.json records it and a resume decodes into memory exactly when the run did."""
+    if cfg.data.dataset != "imagefolder" or cfg.data.memory_budget != "auto":
+        return cfg
+    from recipes.data.folder_in_memory import auto_memory_budget
+
+    return apply_overrides(cfg, {"data.memory_budget": f"auto:{auto_memory_budget() >> 20}MB"})
 
 
 def resolve_freeze_epochs(cfg: Config, head_replaced: bool) -> Config:

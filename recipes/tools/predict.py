@@ -41,7 +41,7 @@ from callbacks.files import write_atomic
 from recipes.data import DataError
 from recipes.data.cifar10 import read_cifar_batch
 from recipes.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
-from recipes.data.imagefolder import unreadable_images
+from recipes.data.screening import unreadable_images
 from recipes.data.preprocess import Preprocessing
 from recipes.run.evaluate import FlipTTA
 from recipes.run.inference import Trained

@@ -104,3 +104,17 @@ def test_the_bar_draws_on_a_terminal_and_is_not_attached_elsewhere(make_model, b
         drawn = os.read(leader, 65536).decode(errors="replace")
     os.close(leader)
     assert "loss=" in drawn
+
+
+def test_progress_lines_show_each_named_groups_lr(make_model, batches):
+    """A fine-tune's head and body train at two LRs: the lines inside an epoch show both."""
+    model = make_model()
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD([{"params": params[-2:], "name": "head", "lr": 0.1},
+                                 {"params": params[:-2], "name": "body", "lr": 0.01}], lr=0.1)
+    trainer = create_trainer(model, optimizer, F.cross_entropy)
+    stream = io.StringIO()
+    Progress(stream=stream, line_seconds=1e-9).attach(trainer)
+    trainer.run(batches, max_epochs=1)
+    lines = [line for line in stream.getvalue().splitlines() if "iteration" in line]
+    assert len(lines) == len(batches) - 1 and all("  lr head 1.00e-01 body 1.00e-02  " in line for line in lines)

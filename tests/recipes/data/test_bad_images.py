@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from recipes.data import DataError
-from recipes.data.imagefolder import imagefolder_data, unreadable_images
+from recipes.data.imagefolder import imagefolder_data
+from recipes.data.screening import unreadable_images
 from tests.recipes.data.test_imagefolder import config, write_image_folder
 from tests.runs import kiln
 

@@ -56,9 +56,10 @@ def same(a, b) -> bool:
 
 
 def test_batches_are_a_function_of_seed_and_epoch_whatever_the_workers(folder):
-    data0 = imagefolder_data(config(folder), torch.device("cpu"))
+    loader = {"data.memory_budget": "0"}  # the DataLoader path (tests/recipes/data/test_folder_in_memory.py: memory)
+    data0 = imagefolder_data(config(folder, **loader), torch.device("cpu"))
     train0, val0, channels, classes = data0.train, data0.val, data0.in_channels, data0.num_classes
-    train2 = imagefolder_data(config(folder, **{"data.num_workers": 2}), torch.device("cpu")).train
+    train2 = imagefolder_data(config(folder, **{"data.num_workers": 2}, **loader), torch.device("cpu")).train
     assert (channels, classes, len(train0), len(val0)) == (3, 3, 5, 1)
     first = epoch(train0, 1)
     assert first[0][0].shape == (4, 3, 16, 16)
@@ -67,7 +68,7 @@ def test_batches_are_a_function_of_seed_and_epoch_whatever_the_workers(folder):
     assert same(first[2:], epoch(train2, 1, start=2))  # starting at batch 2 = the tail of a full pass
     assert same(first[3:], epoch(train0, 1, start=3))
     assert not same(first, epoch(train0, 2))  # another epoch: another order and other crops
-    assert not torch.equal(first[0][0], epoch(imagefolder_data(config(folder, **{"train.seed": 1}),
+    assert not torch.equal(first[0][0], epoch(imagefolder_data(config(folder, **{"train.seed": 1}, **loader),
                                                                torch.device("cpu")).train, 1)[0][0])
 
 

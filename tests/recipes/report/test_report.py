@@ -93,6 +93,9 @@ def test_report_shows_summary_config_events_and_best_checkpoint(run_dir):
     assert best and best[-1].name in text
     events = _lines(run_dir / "events.jsonl")
     assert f"checkpoint: {sum(e['event'] == 'checkpoint' for e in events)}" in text
+    what_trains = json.loads((run_dir / "config.json").read_text())["runtime"]["what_trains"]
+    assert what_trains.startswith("small_cnn: ") and "parameters, all training, peak LR" in what_trains
+    assert f"<b>what trains:</b> {what_trains}" in text  # as the run's first lines said it
 
 
 def test_report_recomputes_from_the_records_and_reads_events_tolerantly(run_dir, tmp_path):
