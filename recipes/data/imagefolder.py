@@ -225,7 +225,9 @@ def imagefolder_data(cfg: Config, device: torch.device) -> Data:
 
 
 def _mb(n: int) -> str:
-    """Bytes as ``25 MB`` or ``5.9 GB``."""
+    """Bytes as ``0``, ``1 MB`` (at least, for a few bytes), ``25 MB`` or ``5.9 GB``."""
+    if n == 0:
+        return "0"
     return f"{n / (1 << 30):.1f} GB" if n >= 1 << 30 else f"{max(n, 1 << 20) / (1 << 20):.0f} MB"
 
 

@@ -33,6 +33,7 @@ def test_a_folder_that_fits_is_decoded_once_and_validates_on_what_predict_sees(f
 
     loader = imagefolder_data(config(folder, **{"data.memory_budget": "0"}), CPU)
     assert loader.reading.startswith("24 images read by a DataLoader with 0 workers"), loader.reading
+    assert loader.reading.endswith("over data.memory_budget 0)"), loader.reading
     assert torch.equal(torch.cat([x for x, _ in loader.val]), x_val)
     assert [y for _, y in loader.val][0].tolist() == [y for _, y in data.val][0].tolist()
 
