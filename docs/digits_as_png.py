@@ -1,6 +1,7 @@
 """Write the digits recipe's validation images as the 8x8 8-bit PNG files they are: OUT/LABEL/NNNN.png.
 
-Usage: python docs/digits_as_png.py OUT   (NNNN is the image's position in the validation split)
+Usage: python docs/digits_as_png.py OUT [--all]   (NNNN is the image's position in the validation split;
+with --all, every one of the 1797 images, NNNN its position in the data set)
 
 The `kiln predict` examples of docs/use-the-model.md and docs/watch.md classify these; their predictions reproduce
 `kiln eval`'s accuracy.
@@ -19,6 +20,8 @@ out = Path(sys.argv[1])
 cfg = get_recipe("digits")
 x, y = digits_tensors(8)  # 8x8, in [0, 1], 8-bit values
 _, val_idx = split_indices(len(x), cfg.data.val_fraction, cfg.train.seed)
+if "--all" in sys.argv[2:]:
+    val_idx = torch.arange(len(x))
 for n, i in enumerate(val_idx.tolist()):
     (out / str(int(y[i]))).mkdir(parents=True, exist_ok=True)
     Image.fromarray((x[i, 0] * 255).round().to(torch.uint8).numpy(), mode="L").save(out / str(int(y[i])) / f"{n:04d}.png")

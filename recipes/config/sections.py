@@ -275,7 +275,9 @@ class FinetuneConfig:
     #: one-cycle of their own) before everything trains on a second one-cycle; 0: off; -1: 1 when --weights
     #: replaced the classifier (other classes than the weights'), else 0
     freeze_epochs: int = -1
-    body_lr_factor: float = 0.1  #: once unfrozen, the body's peak LR is the head's peak times this
+    #: once unfrozen, the body's peak LR is the head's peak times this (0.3: best of 0.1, 0.3 and 1 in
+    #: benchmarks/transfer.py, and ahead of training everything from the first step)
+    body_lr_factor: float = 0.3
     train_bn: bool = True  #: the frozen body's norm layers (BatchNorm, LayerNorm, ...) still train their weights
 
     def __post_init__(self) -> None:

@@ -36,9 +36,13 @@ def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, divide_b
     """
     from recipes.report.plots import plot_lr_find
     from recipes.run.rundir import RunDir
+    from recipes.tools.holdout import tuning_split
     from recipes.tools.lr_find import find_lr, format_result, save_lr_find
 
     cfg, default_out = recipe_or_run(recipe, sets, "lr-find")
+    cfg, note = tuning_split(cfg, overrides(sets))
+    if note:
+        click.echo(note)
     with output_folder(Path(out) if out else default_out) as out_dir:
         result = find_lr(cfg, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, divide_by=divide_by)
         click.echo(format_result(result, cfg.name))  # before writing: a full disk loses no result
@@ -81,6 +85,7 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
 
     from recipes.report import finish_run
     from recipes.report.sweep_page import draw_sweep
+    from recipes.tools.holdout import tuning_split
     from recipes.tools.sweep import SweepInterrupted, default_space, parse_param, run_sweep
     from recipes.tools.sweep.stop import quiet_failed_trials
 
@@ -89,6 +94,10 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
     auto = max_lr == "auto"
     cfg = resolve_config(recipe, sets, epochs=epochs, max_lr=None if auto else max_lr)
     fixed = overrides(sets, {"epochs": epochs, "max_lr": None if auto else max_lr})
+    cfg, note = tuning_split(cfg, fixed)
+    if note:
+        click.echo(note)
+        fixed["data.val_fraction"] = cfg.data.val_fraction  # every trial holds it out
     space = [parse_param(p, cfg) for p in params] or default_space(cfg, with_max_lr=not auto and max_lr is None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:  # an OSError ends the sweep and reaches main, which says it in one line: Optuna's lines about it go

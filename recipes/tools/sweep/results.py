@@ -94,6 +94,8 @@ def _write_best_yaml(study: optuna.Study, recipe: str, base: Config, path: Path)
         return None
     recipe_cfg = flatten_config(load_recipe(recipe))
     changes = {k: v for k, v in best.user_attrs["config"].items() if recipe_cfg.get(k) != v}
+    if recipe_cfg.get("data.val_fraction") == 0 and "data.val_fraction" in changes:
+        changes.pop("data.val_fraction")  # tuned on a hold-out (recipes.tools.holdout); the final run reports on the test split
     source = str(Path(recipe).resolve()) if is_recipe_file(recipe) else recipe
     doc = {"base": source, "name": f"{base.name}-sweep-best",
            "description": f"kiln sweep {study.study_name}: trial {best.number}, best val_accuracy {best.value:.4f}",

@@ -59,7 +59,8 @@ def test_the_body_waits_while_the_head_learns_then_trains_slower_on_a_second_cyc
     assert max(head_lr[i] for i in phase1) == pytest.approx(cfg.schedule.max_lr, rel=0.01)  # a whole cycle in phase 1
     assert head_lr[epoch_length + 1] == pytest.approx(cfg.schedule.max_lr / cfg.div_factor)  # a new cycle starts
     assert max(head_lr[i] for i in phase2) == pytest.approx(cfg.schedule.max_lr, rel=0.01)
-    assert all(body_lr[i] == pytest.approx(0.1 * head_lr[i]) for i in phase2)  # finetune.body_lr_factor
+    assert all(body_lr[i] == pytest.approx(cfg.finetune.body_lr_factor * head_lr[i]) for i in phase2)
+    assert cfg.finetune.body_lr_factor < 1  # the body does train slower
     preview = schedule_series(cfg, batches=epoch_length)  # kiln schedule draws what the run did, both cycles
     assert preview.unfreeze_step == epoch_length + 1 and len(preview.phases) == 4
     assert preview.lr == pytest.approx([head_lr[i] for i in range(1, 2 * epoch_length + 1)], rel=1e-12)
