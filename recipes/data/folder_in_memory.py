@@ -3,7 +3,8 @@
 A DataLoader decodes every image again every epoch, one sample at a time, through PIL and per-sample
 transforms: on small images that costs more than the network (8,000 28x28 PNGs with kiln's small CNN
 trained at a third of the in-memory Fashion-MNIST recipe's speed). A folder that fits the budget is
-decoded once, in threads (PIL and zlib release the GIL), and then batched like the in-memory data sets
+decoded once (in threads for files large enough to gain from it), resized a batch of same-sized images
+at a time, and then batched like the in-memory data sets
 (:class:`~recipes.data.batches.TensorBatches`):
 
 - training images are kept as uint8 at the *training size* (the evaluation transform's resize side; the
@@ -26,7 +27,7 @@ import torch
 from recipes.config import Config, parse_size
 from recipes.data.base import DataError
 from recipes.data.batches import TensorBatches, random_resized_crop_flip
-from recipes.data.preprocess import Preprocessing, _center_crop, _interpolate, _shorter_side_to, to_tensor
+from recipes.data.preprocess import Preprocessing, _center_crop, _interpolate, _shorter_side_to
 from recipes.data.screening import why_unreadable
 
 log = logging.getLogger("kiln")
@@ -56,41 +57,67 @@ def decoded_size(n_train: int, n_val: int, channels: int, train_side: int, val_s
     return n_train * channels * train_side ** 2 + n_val * channels * val_side ** 2 * 4
 
 
-def _training_image(path: str, mode: str, side: int, interpolation: str) -> torch.Tensor:
-    """The file as a uint8 ``C x side x side`` tensor: shorter side to ``side``, center square."""
+def _decoded(path: str, mode: str) -> torch.Tensor:
+    """The file as a uint8 ``C x H x W`` tensor in PIL ``mode`` (``L`` or ``RGB``), at its own size."""
     from PIL import Image
 
     with Image.open(path) as image:
         array = np.asarray(image.convert(mode), dtype=np.uint8)
     x = torch.from_numpy(array.copy())
-    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
-    if tuple(x.shape[-2:]) == (side, side):
-        return x
-    resized = _interpolate(x.float().div_(255.0), _shorter_side_to(x.shape[-2:], side), interpolation)
-    return _center_crop(resized, side).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
 
 
-def _validation_image(path: str, evaluation: Preprocessing) -> torch.Tensor:
-    """The file as the evaluation transform makes it, before normalizing: float ``C x size x size``."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return evaluation.resized(to_tensor(image.convert(evaluation.mode)))
+#: Files at least this large on average are decoded in threads: below it, the per-file Python work (which holds
+#: the GIL) outweighs the decoding (which releases it), and two threads took twice as long as one on 28x28 PNGs.
+_THREADED_FILE_BYTES = 16 << 10
 
 
-def _decode_all(jobs: Sequence[tuple[str, Any]], decode: Any) -> list[torch.Tensor]:
-    """``decode(path, arg)`` for every job, in threads (one per CPU this process may use), in order; a file
-    that fails to decode (it passed the screening's verify, but its pixel data is broken) is a DataError."""
-    def one(job: tuple[str, Any]) -> torch.Tensor:
+def _decode_all(paths: Sequence[str], mode: str) -> list[torch.Tensor]:
+    """Every file as :func:`_decoded` makes it, in order: in threads (one per CPU this process may use: PIL and
+    zlib release the GIL) when the files are large enough to gain from it. A file that fails to decode (it passed
+    the screening's verify, but its pixel data is broken) is a DataError."""
+    def one(path: str) -> torch.Tensor:
         try:
-            return decode(*job)
+            return _decoded(path, mode)
         except Exception as e:  # noqa: BLE001 - whatever PIL raises, the file cannot be read
-            raise DataError(f"{job[0]} is not a readable image ({why_unreadable(job[0], e)}); remove it, or skip "
+            raise DataError(f"{path} is not a readable image ({why_unreadable(path, e)}); remove it, or skip "
                             "unreadable files with --set data.skip_bad_images=true") from None
 
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with torch.inference_mode(False), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(one, jobs, chunksize=64))
+    sample = paths[:: max(1, len(paths) // 64)]
+    if workers < 2 or sum(os.path.getsize(p) for p in sample) < _THREADED_FILE_BYTES * len(sample):
+        return [one(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, paths, chunksize=64))
+
+
+def _resized_in_batches(images: Sequence[torch.Tensor], resize: Any, out_dtype: torch.dtype) -> torch.Tensor:
+    """``resize`` (float ``N x C x H x W`` in [0, 1] -> float) applied to ``images`` (uint8, any sizes), a batch of
+    same-sized images at a time (one interpolation call per batch, not per image), stacked in their order;
+    ``out_dtype`` uint8 rounds back to bytes."""
+    out: list[torch.Tensor | None] = [None] * len(images)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for n, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(n)
+    with torch.inference_mode(False):
+        for indices in by_size.values():
+            for start in range(0, len(indices), 512):
+                chunk = indices[start:start + 512]
+                x = resize(torch.stack([images[n] for n in chunk]).float().div_(255.0))
+                if out_dtype == torch.uint8:
+                    x = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+                for n, row in zip(chunk, x):
+                    out[n] = row
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def _to_square(side: int, interpolation: str) -> Any:
+    """Float batch -> shorter side to ``side``, center square (left alone when already ``side`` x ``side``)."""
+    def resize(x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == (side, side):
+            return x
+        return _center_crop(_interpolate(x, _shorter_side_to(x.shape[-2:], side), interpolation), side)
+    return resize
 
 
 def in_memory_batches(cfg: Config, samples: Sequence[tuple[str, int]], train_idx: Sequence[int],
@@ -106,10 +133,12 @@ def in_memory_batches(cfg: Config, samples: Sequence[tuple[str, int]], train_idx
     """
     d, seed = cfg.data, cfg.train.seed
     start = time.monotonic()
-    mode, interpolation = evaluation.mode, evaluation.interpolation
-    x_train = torch.stack(_decode_all([(samples[i][0], mode, train_side, interpolation) for i in train_idx],
-                                      lambda path, *args: _training_image(path, *args)))
-    x_val = torch.stack(_decode_all([(val_samples[i][0], evaluation) for i in val_idx], _validation_image))
+    train_images = _decode_all([samples[i][0] for i in train_idx], evaluation.mode)
+    x_train = _resized_in_batches(train_images, _to_square(train_side, evaluation.interpolation), torch.uint8)
+    del train_images
+    val_images = _decode_all([val_samples[i][0] for i in val_idx], evaluation.mode)
+    x_val = _resized_in_batches(val_images, evaluation.resized, torch.float32)  # exactly what predict makes
+    del val_images
     y_train = torch.tensor([samples[i][1] for i in train_idx], dtype=torch.int64)
     y_val = torch.tensor([val_samples[i][1] for i in val_idx], dtype=torch.int64)
     log.debug("decoded %d images in %.1f s", len(x_train) + len(x_val), time.monotonic() - start)
