@@ -247,7 +247,7 @@ def run_raw(variant: str, args: argparse.Namespace, result: dict[str, Any]) -> N
     from torch.optim.lr_scheduler import OneCycleLR
 
     from recipes import get_recipe
-    from recipes.data.batches import random_crop_flip
+    from recipes.data.augment import random_crop_flip
     from recipes.models import parameter_groups, resnet9
 
     sizes = job_sizes(args.dry_run)

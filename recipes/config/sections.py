@@ -101,6 +101,8 @@ class DataConfig:
     val_fraction: float = 0.2  #: share of the training data held out for validation (seeded); 0: the data set's own test split
     image_size: int = 32  #: images are resized to image_size x image_size
     augment: str = "none"  #: none | crop | crop+flip (batched, seeded by position)
+    #: random erasing: the chance that a training image gets a random rectangle set to the mean (0.5 is usual; 0: off)
+    erase: float = 0.0
     samples: int = 1024  #: synthetic only: how many images
     num_classes: int = 10  #: synthetic: how many classes to make; the others record their data's count here
     #: where a data set on disk lives (cifar10: the folder holding cifar-10-batches-py/; imagefolder: train/ and val/
@@ -124,6 +126,7 @@ class DataConfig:
         _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), not {self.val_fraction}")
         _check(self.image_size >= 8, f"data.image_size must be >= 8, not {self.image_size}")
         _check(self.augment in ("none", "crop", "crop+flip"), f"data.augment must be none, crop or crop+flip, not {self.augment!r}")
+        _check(0.0 <= self.erase <= 1.0, f"data.erase must be a probability in [0, 1], not {self.erase}")
         _check(self.samples >= 2, f"data.samples must be >= 2, not {self.samples}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, not {self.num_workers}")
         _check(self.num_classes >= 2, f"data.num_classes must be >= 2, not {self.num_classes}")

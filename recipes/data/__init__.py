@@ -13,8 +13,8 @@ import torch
 
 from recipes.config import Config
 from recipes.data.base import Data, DataError, num_samples
-from recipes.data.batches import (EpochBatchSampler, LoaderBatches, TensorBatches, augment_batch, mix_seed,
-                                  random_crop_flip, split_indices)
+from recipes.data.augment import random_crop_flip
+from recipes.data.batches import EpochBatchSampler, LoaderBatches, TensorBatches, augment_batch, mix_seed, split_indices
 from recipes.data.cifar10 import cifar10_data
 from recipes.data.digits import digits_data, digits_tensors
 from recipes.data.idx import idx_data

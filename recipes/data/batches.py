@@ -1,7 +1,6 @@
 """Batching: in-memory tensors sliced by index (or a DataLoader), in an order that is a function of (seed, epoch).
 
-Also the batched, seeded augmentations the in-memory data sets use (:func:`random_crop_flip`; an image folder held in
-memory, :func:`random_resized_crop_flip`).
+The batched augmentations they apply are ``recipes.data.augment``'s.
 """
 from __future__ import annotations
 
@@ -9,10 +8,8 @@ import math
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["EpochBatchSampler", "TensorBatches", "LoaderBatches", "augment_batch", "mix_seed", "split_indices",
-           "random_crop_flip", "random_resized_crop_flip"]
+__all__ = ["EpochBatchSampler", "TensorBatches", "LoaderBatches", "augment_batch", "mix_seed", "split_indices"]
 
 
 def mix_seed(*numbers: int) -> int:
@@ -181,48 +178,3 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, 0x5111)))
     n_val = max(1, round(n * val_fraction))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
-
-
-def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = False) -> torch.Tensor:
-    """Batched augmentation: each image shifted by up to ``pad`` pixels (zero padding), optionally mirrored."""
-    n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * pad)
-    out = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(n, c, h, w)
-    out = out.gather(3, cols)
-    if flip:
-        mirror = torch.rand(n, generator=generator, device=x.device) < 0.5
-        out = torch.where(mirror[:, None, None, None], out.flip(3), out)
-    return out
-
-
-def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator, size: int, flip: bool = False,
-                             scale: tuple[float, float] = (0.08, 1.0),
-                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """Batched ``RandomResizedCrop(size)`` (and, with ``flip``, ``RandomHorizontalFlip``) of a float batch.
-
-    Each image gets a box of ``scale`` of its area and an aspect ratio drawn log-uniformly from ``ratio``
-    (torchvision's ranges; a box wider or taller than the image is clamped to it instead of redrawn),
-    placed uniformly, and resampled to ``size`` x ``size`` bilinearly (``F.affine_grid`` + ``F.grid_sample``:
-    one call for the batch, on its device; without antialiasing, which matters little here, as the box is
-    at most the stored image, a few percent larger than ``size``).
-    """
-    n, _, h, w = x.shape
-    u = torch.rand(n, 4, generator=generator, device=x.device)
-    area = h * w * (scale[0] + u[:, 0] * (scale[1] - scale[0]))
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + u[:, 1] * (log_hi - log_lo))
-    box_w, box_h = (area * aspect).sqrt().clamp(1, w), (area / aspect).sqrt().clamp(1, h)
-    left, top = u[:, 2] * (w - box_w), u[:, 3] * (h - box_h)
-    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)  # output [-1, 1] -> the box, in input [-1, 1]
-    theta[:, 0, 0], theta[:, 0, 2] = box_w / w, (2 * left + box_w) / w - 1
-    theta[:, 1, 1], theta[:, 1, 2] = box_h / h, (2 * top + box_h) / h - 1
-    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    if flip:
-        mirror = torch.rand(n, generator=generator, device=x.device) < 0.5
-        out = torch.where(mirror[:, None, None, None], out.flip(3), out)
-    return out

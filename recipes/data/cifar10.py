@@ -15,7 +15,8 @@ import torch
 
 from recipes.config import Config
 from recipes.data.base import Data, DataError
-from recipes.data.batches import TensorBatches, random_crop_flip
+from recipes.data.augment import random_crop_flip, with_erasing
+from recipes.data.batches import TensorBatches
 from recipes.data.preprocess import Preprocessing
 
 __all__ = ["CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10_PREPROCESSING", "load_cifar10",
@@ -151,6 +152,7 @@ def cifar10_data(cfg: Config, device: torch.device) -> Data:
     if d.augment != "none":
         flip = d.augment == "crop+flip"
         augment = lambda xb, g: random_crop_flip(xb, g, pad=4, flip=flip)  # noqa: E731
+    augment = with_erasing(augment, d.erase)
     seed = cfg.train.seed
     train = TensorBatches(x_train, y_train.to(device), d.batch_size, shuffle=True, seed=seed, augment=augment)
     val = TensorBatches(x_test, y_test.to(device), max(d.batch_size, 512), shuffle=False)

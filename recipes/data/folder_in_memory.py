@@ -26,7 +26,8 @@ import torch
 
 from recipes.config import Config, parse_size
 from recipes.data.base import DataError
-from recipes.data.batches import TensorBatches, random_resized_crop_flip
+from recipes.data.augment import random_resized_crop_flip, with_erasing
+from recipes.data.batches import TensorBatches
 from recipes.data.preprocess import Preprocessing, _center_crop, _interpolate, _shorter_side_to
 from recipes.data.screening import why_unreadable
 
@@ -152,6 +153,7 @@ def in_memory_batches(cfg: Config, samples: Sequence[tuple[str, int]], train_idx
         prepare = evaluation.from_uint8
         flip = d.augment == "crop+flip"
         augment = lambda xb, g: random_resized_crop_flip(xb, g, size, flip=flip)  # noqa: E731
+    augment = with_erasing(augment, d.erase)
     train = TensorBatches(x_train.to(device), y_train.to(device), d.batch_size, shuffle=True, seed=seed,
                           augment=augment, prepare=prepare)
     val = TensorBatches(x_val.to(device), y_val.to(device), max(d.batch_size, 64), shuffle=False,

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from recipes.data.base import Data, DataError
-from recipes.data.batches import TensorBatches, random_crop_flip, split_indices
+from recipes.data.augment import random_crop_flip, with_erasing
+from recipes.data.batches import TensorBatches, split_indices
 from recipes.data.preprocess import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -159,6 +160,7 @@ def idx_data(cfg: "Config", device: torch.device) -> Data:
     if d.augment != "none":
         flip = d.augment == "crop+flip"
         augment = lambda xb, g: random_crop_flip(xb, g, pad=2, flip=flip)  # noqa: E731
+    augment = with_erasing(augment, d.erase)
     seed = cfg.train.seed
     train = TensorBatches(x_train.to(device), y_train.to(device), d.batch_size, shuffle=True, seed=seed,
                           augment=augment, prepare=prepare)

@@ -114,13 +114,14 @@ def imagefolder_transforms(cfg: Config) -> tuple[Callable, Callable]:
 
     d = cfg.data
     evaluation = imagefolder_preprocessing(d.image_size, named_weights(cfg.model.name, cfg.model.weights), d.channels)
+    erase = [T.RandomErasing(p=d.erase)] if d.erase else []
     if d.augment == "none":
-        return evaluation, evaluation
+        return (T.Compose([evaluation, *erase]) if erase else evaluation), evaluation
     interpolation = T.InterpolationMode(evaluation.interpolation)
     train = [T.Grayscale()] if d.channels == 1 else []
     train += [T.RandomResizedCrop(d.image_size, interpolation=interpolation)]
     train += [T.RandomHorizontalFlip()] if d.augment == "crop+flip" else []
-    return T.Compose(train + [T.ToTensor(), T.Normalize(evaluation.mean, evaluation.std)]), evaluation
+    return T.Compose(train + [T.ToTensor(), T.Normalize(evaluation.mean, evaluation.std), *erase]), evaluation
 
 
 def _image_folder(root: Path, two_classes: bool = True) -> Any:

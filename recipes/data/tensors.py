@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from recipes.data.base import Data, DataError
-from recipes.data.batches import EpochBatchSampler, LoaderBatches, TensorBatches, random_crop_flip, split_indices
+from recipes.data.augment import random_crop_flip, with_erasing
+from recipes.data.batches import EpochBatchSampler, LoaderBatches, TensorBatches, split_indices
 from recipes.data.preprocess import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +38,7 @@ def tensor_data(x: torch.Tensor, y: torch.Tensor, class_names: list[str], cfg: "
     if d.augment != "none":
         flip = d.augment == "crop+flip"
         augment = lambda xb, g: random_crop_flip(xb, g, pad=max(1, d.image_size // 8), flip=flip)  # noqa: E731
+    augment = with_erasing(augment, d.erase)
     seed = cfg.train.seed
     if d.num_workers > 0:  # the DataLoader path: workers load and collate, the batches are the same
         sampler = EpochBatchSampler(len(train_idx), d.batch_size, shuffle=True, seed=seed)

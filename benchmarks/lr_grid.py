@@ -1,0 +1,88 @@
+"""Ground truth for the LR range test: whole runs of a recipe at its max_lr x {1/8, 1/4, 1/2, 1, 2, 4, 8}.
+
+Each run is a whole ``kiln train RECIPE --max-lr X`` process (``optim.lr`` keeps the recipe's
+max_lr / lr ratio: where the one-cycle starts), validated where tuning must validate: on a hold-out
+of the training split for recipes that validate on their test split (``recipes.tools.holdout``),
+else on the recipe's own validation split. The figure is the final epoch's val_accuracy (never the
+best epoch's). The best max_lr is the grid point with the highest median over seeds. Results go to
+``results/`` as JSON, which ``benchmarks/lr_find_calibration.py`` reads.
+
+Usage::
+
+    python benchmarks/lr_grid.py digits [--seeds 2] [--precision fp32] [--factors 0.125 ... 8] [-- EXTRA KILN ARGS]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import cpu_model, save_result  # noqa: E402
+
+from recipes import get_recipe  # noqa: E402
+from recipes.tools.holdout import tuning_split  # noqa: E402
+
+__all__ = ["main", "FACTORS"]
+
+ROOT = Path(__file__).resolve().parents[1]
+FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def train(run_dir: Path, recipe: str, max_lr: float, seed: int, precision: str, extra: list[str]) -> dict:
+    """One whole ``kiln train`` process: its final val_accuracy and wall time."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "recipes.cli", "train", recipe, "--max-lr", f"{max_lr:.6g}",
+                           "--seed", str(seed), "--precision", precision, "--quiet", "--no-report", *extra,
+                           "--out", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    if done.returncode:
+        raise SystemExit(f"kiln train failed ({done.returncode}): {done.stderr.strip()}")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"final_val_accuracy": metrics[-1]["val_accuracy"], "seconds": round(time.perf_counter() - started, 1)}
+
+
+def main() -> None:
+    """Run the grid (seed by seed, every factor in each: a slow spell hits every factor alike), save JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--factors", type=float, nargs="+", default=list(FACTORS))
+    parser.add_argument("extra", nargs="*", help="more kiln train arguments (after --)")
+    args = parser.parse_args()
+    base = get_recipe(args.recipe)
+    tuned, _ = tuning_split(base, explicit=[a.split("=")[0] for a in args.extra if "=" in a])
+    extra = list(args.extra)
+    if tuned.data.val_fraction != base.data.val_fraction:
+        extra += ["--set", f"data.val_fraction={tuned.data.val_fraction}"]
+    runs: dict[float, list[dict]] = {f: [] for f in args.factors}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            for factor in args.factors:
+                run = train(Path(tmp) / f"{factor}-{seed}", args.recipe, base.schedule.max_lr * factor, seed,
+                            args.precision, extra)
+                runs[factor].append(run)
+                print(f"seed {seed} max_lr x{factor:<6g} {base.schedule.max_lr * factor:<9.3g} final "
+                      f"{run['final_val_accuracy']:.4f}  {run['seconds']:.0f} s", flush=True)
+    grid = [{"factor": f, "max_lr": base.schedule.max_lr * f,
+             "median_final_val_accuracy": statistics.median(r["final_val_accuracy"] for r in rs), "runs": rs}
+            for f, rs in runs.items()]
+    best = max(grid, key=lambda row: row["median_final_val_accuracy"])
+    print(f"\n{cpu_model()}, {args.precision}: {args.recipe}, medians of {args.seeds} seed(s); best max_lr "
+          f"{best['max_lr']:.3g} (x{best['factor']:g}), final val_accuracy {best['median_final_val_accuracy']:.4f}")
+    save_result(f"lr-grid-{args.recipe}", {"benchmark": "lr_grid", "recipe": args.recipe, "precision": args.precision,
+                                           "seeds": args.seeds, "extra": extra, "recipe_max_lr": base.schedule.max_lr,
+                                           "best_max_lr": best["max_lr"], "grid": grid})
+
+
+if __name__ == "__main__":
+    main()
