@@ -1,0 +1,134 @@
+"""Which rule turns an LR range test into a one-cycle max_lr? Candidate rules against a grid of whole runs.
+
+For each seed, ``kiln lr-find RECIPE`` runs as a whole process (the ramp of ``--num-iter`` steps from
+``--start-lr`` to ``--end-lr``; tuning recipes hold out part of their training split, as the grid did),
+and its raw per-step losses (lr_find.json) are turned into a suggestion by each candidate rule:
+
+- ``ema-min/3``: kiln's rule today: the LR at the lowest point of ignite's EMA-smoothed loss (weight
+  ``smooth_f`` on the new value; it lags the raw loss by about 1/smooth_f steps), divided by 3;
+- ``centred-min``, ``centred-min/3``, ``centred-min/10``: the same on a centred moving average of the raw
+  losses (no lag: the window reaches as far ahead as behind, ``--half-window`` of the steps each side);
+- ``centred-steepest``: where the centred curve falls fastest per decade, before its lowest point;
+- ``valley``: fastai's valley: the longest run of falling loss on the centred curve, two thirds of the way in.
+
+Each suggestion is compared with the grid's best max_lr (``benchmarks/lr_grid.py``'s JSON: the factor
+with the highest median final accuracy) and with its plateau (factors within ``--tolerance`` of that
+accuracy): the ratio, and whether it lies within 2x of the best. Results go to ``results/`` as JSON.
+
+Usage::
+
+    python benchmarks/lr_find_calibration.py digits --grid results/...-lr-grid-digits.json [--seeds 2]
+        [--precision fp32] [--num-iter 100] [--start-lr 1e-7] [--end-lr 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_model, save_result  # noqa: E402
+
+__all__ = ["main", "rules"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def centred(values: list[float], half: int) -> list[float]:
+    """A centred moving average over ``2 * half + 1`` steps (fewer at the ends), non-finite values left out."""
+    out = []
+    for i in range(len(values)):
+        window = [v for v in values[max(0, i - half): i + half + 1] if math.isfinite(v)]
+        out.append(sum(window) / len(window) if window else math.nan)
+    return out
+
+
+def _argmin(values: list[float]) -> int:
+    return min((i for i, v in enumerate(values) if math.isfinite(v)), key=lambda i: values[i])
+
+
+def rules(lrs: list[float], losses: list[float], ema: list[float], half: int) -> dict[str, float]:
+    """Every candidate rule's suggestion for one range test."""
+    curve = centred(losses, half)
+    i_min = _argmin(curve)
+    found = {"ema-min/3": lrs[_argmin(ema)] / 3, "centred-min": lrs[i_min], "centred-min/3": lrs[i_min] / 3,
+             "centred-min/10": lrs[i_min] / 10}
+    slopes = [((curve[i + 1] - curve[i - 1]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i - 1])), i)
+              for i in range(1, i_min) if lrs[i + 1] > lrs[i - 1]]
+    if slopes:
+        found["centred-steepest"] = lrs[min(slopes)[1]]
+    best_start, best_len, start = 0, 0, 0
+    for i in range(1, i_min + 1):  # the longest stretch of falling loss up to the lowest point
+        if curve[i] >= curve[i - 1]:
+            start = i
+        elif i - start > best_len:
+            best_start, best_len = start, i - start
+    if best_len:
+        found["valley"] = lrs[best_start + (2 * best_len) // 3]
+    return found
+
+
+def lr_find(recipe: str, seed: int, precision: str, out: Path, extra: list[str]) -> dict:
+    """One ``kiln lr-find`` process; its lr_find.json."""
+    done = subprocess.run([sys.executable, "-m", "recipes.cli", "lr-find", recipe, "--set", f"train.seed={seed}",
+                           "--set", f"train.precision={precision}", *extra, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    if done.returncode:
+        raise SystemExit(f"kiln lr-find failed ({done.returncode}): {done.stderr.strip()}")
+    return json.loads((out / "lr_find.json").read_text())
+
+
+def main() -> None:
+    """Run the range tests, apply every rule, compare with the grid, print and save."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--grid", type=Path, required=True, help="benchmarks/lr_grid.py's result JSON")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--num-iter", type=int, default=100)
+    parser.add_argument("--start-lr", type=float, default=1e-7)
+    parser.add_argument("--end-lr", type=float, default=10.0)
+    parser.add_argument("--half-window", type=float, default=0.05, help="of the steps, each side of the centre")
+    parser.add_argument("--tolerance", type=float, default=0.002, help="the plateau: accuracy within this of the best")
+    args = parser.parse_args()
+    grid = json.loads(args.grid.read_text())
+    best = grid["best_max_lr"]
+    top = max(row["median_final_val_accuracy"] for row in grid["grid"])
+    plateau = [row["max_lr"] for row in grid["grid"] if row["median_final_val_accuracy"] >= top - args.tolerance]
+    extra = ["--num-iter", str(args.num_iter), "--start-lr", str(args.start_lr), "--end-lr", str(args.end_lr)]
+    half = max(1, round(args.half_window * args.num_iter))
+    found: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            result = lr_find(args.recipe, seed, args.precision, Path(tmp) / str(seed), extra)
+            losses = [float(v) for v in result["losses"]]
+            for name, lr in rules(result["lrs"], losses, [float(v) for v in result["smoothed"]], half).items():
+                found.setdefault(name, []).append(lr)
+    table = {}
+    print(f"\n{cpu_model()}, {args.precision}: {args.recipe}; grid best max_lr {best:.3g}, plateau "
+          f"{min(plateau):.3g}..{max(plateau):.3g} (within {100 * args.tolerance:.1f} points)")
+    for name, lrs in found.items():
+        ratios = [lr / best for lr in lrs]
+        within = all(0.5 <= r <= 2 for r in ratios)
+        on_plateau = all(min(plateau) / 2 <= lr <= max(plateau) * 2 for lr in lrs)
+        table[name] = {"suggestions": lrs, "ratios_to_best": ratios, "within_2x_of_best": within,
+                       "within_2x_of_plateau": on_plateau, "spread": max(lrs) / min(lrs)}
+        print(f"  {name:<17} " + "  ".join(f"{lr:.3g} (x{r:.2g})" for lr, r in zip(lrs, ratios))
+              + f"   {'within 2x' if within else 'outside 2x'}; spread x{max(lrs) / min(lrs):.2g}")
+    save_result(f"lr-find-calibration-{args.recipe}", {
+        "benchmark": "lr_find_calibration", "recipe": args.recipe, "precision": args.precision, "seeds": args.seeds,
+        "num_iter": args.num_iter, "start_lr": args.start_lr, "end_lr": args.end_lr, "half_window": half,
+        "grid": str(args.grid), "best_max_lr": best, "plateau": plateau, "rules": table,
+        "median_ratio": {name: statistics.median(row["ratios_to_best"]) for name, row in table.items()}})
+
+
+if __name__ == "__main__":
+    main()
