@@ -30,8 +30,8 @@ def tuning_split(cfg: Config, explicit: Iterable[str]) -> tuple[Config, str | No
     Example:
         >>> from recipes import get_recipe
         >>> cfg, note = tuning_split(get_recipe("fashion-mnist"), explicit=[])
-        >>> cfg.data.val_fraction, note.split(":")[0]
-        (0.1, 'kiln: tuning on 10% of the training split held out')
+        >>> cfg.data.val_fraction, note.split(":")[1].strip()
+        (0.1, 'tuning on 10% of the training split held out')
         >>> tuning_split(get_recipe("fashion-mnist"), explicit=["data.val_fraction"])[1] is None
         True
     """
