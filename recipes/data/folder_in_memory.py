@@ -37,12 +37,20 @@ __all__ = ["auto_memory_budget", "memory_budget", "decoded_size", "in_memory_bat
 
 
 def auto_memory_budget() -> int:
-    """What ``data.memory_budget: auto`` stands for on this machine now: a quarter of the memory available."""
+    """What ``data.memory_budget: auto`` stands for on this machine now: a quarter of the memory available
+    (Linux's MemAvailable: free memory plus the page cache it can drop; not the free pages alone, which a
+    busy page cache makes look small)."""
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on Linux: a conservative 1 GiB
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):  # neither: a conservative 1 GiB
         return 1 << 30
-    return available // 4
 
 
 def memory_budget(cfg: Config) -> int:

@@ -211,7 +211,7 @@ def imagefolder_data(cfg: Config, device: torch.device) -> Data:
         train, val = in_memory_batches(cfg, train_set.samples, train_idx, val_set.samples, val_idx, evaluation,
                                        train_side, device)
         done = {"none": "", "crop": ": crops on whole batches", "crop+flip": ": crops and flips on whole batches"}
-        how = (f"{len(train_idx) + len(val_idx):,} images decoded into memory ({_mb(need)} of a {_mb(budget)} "
+        how = (f"{len(train_idx) + len(val_idx):,} images decoded into memory ({_mb(need)} of a {_gb(budget)} "
                f"budget){done[d.augment]}")
         return Data(train, val, evaluation.channels, len(classes), classes, evaluation, how)
     train_tf, _ = imagefolder_transforms(cfg)
@@ -223,6 +223,11 @@ def imagefolder_data(cfg: Config, device: torch.device) -> Data:
            f"(decoded they would take {_mb(need)}, over data.memory_budget {_mb(budget)})")
     return Data(LoaderBatches(train_loader, seed=seed), _eval_batches(val_set, val_idx, cfg, device),
                 evaluation.channels, len(classes), classes, evaluation, how)
+
+
+def _gb(n: int) -> str:
+    """Bytes as ``5.9 GB`` (a budget: one unit, whatever the machine has)."""
+    return f"{n / (1 << 30):.1f} GB"
 
 
 def _mb(n: int) -> str:

@@ -19,7 +19,7 @@ from recipes.recipe_files import load_recipe_file
 from recipes.report import finish_run
 from recipes.report.sweep_page import draw_sweep
 from recipes.tools.sweep import ParamSpec, default_space, parse_param, run_sweep, trial_config
-from tests.runs import kiln, start
+from tests.runs import kiln, start, wait_for
 
 DIGITS = RECIPES["digits"]
 TINY = apply_overrides(DIGITS, {"data.image_size": 16, "train.epochs": 1, "data.batch_size": 128})
@@ -161,12 +161,20 @@ def test_two_workers_share_a_study_and_one_dying_mid_trial_leaves_it_consistent(
     first = start(*args)
     second = start(*args)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:  # kill the first worker while it is inside a trial
-            time.sleep(0.5)
-            trials = out / "trials"
-            if trials.exists() and len(list(trials.glob("*/metrics.jsonl"))) >= 1:
-                break
+        def first_is_mid_trial() -> bool:
+            """A trial of the first worker (its run directory's lock names its PID) has logged a step and not
+            ended: any trial, or a pause between two, would let the kill miss what this test is about."""
+            for run_dir in (out / "trials").glob("*"):
+                try:
+                    mine = (run_dir / ".lock").read_text().strip() == str(first.pid)
+                    running = json.loads((run_dir / "summary.json").read_text())["status"] == "running"
+                except (OSError, ValueError, KeyError):
+                    continue
+                if mine and running and (run_dir / "steps.jsonl").exists():
+                    return True
+            return False
+
+        wait_for(first_is_mid_trial, first, second, what="the first worker inside a trial", timeout=300)
         first.send_signal(signal.SIGKILL)
         first.wait()
         stdout, stderr = second.communicate(timeout=600)
