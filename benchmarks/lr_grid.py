@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--factors", type=float, nargs="+", default=list(FACTORS))
-    parser.add_argument("extra", nargs="*", help="more kiln train arguments (after --)")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()  # the rest (after --): more kiln train arguments
+    args.extra = [a for a in rest if a != "--"]
     base = get_recipe(args.recipe)
     tuned, _ = tuning_split(base, explicit=[a.split("=")[0] for a in args.extra if "=" in a])
     extra = list(args.extra)
