@@ -202,7 +202,7 @@ def imagefolder_data(cfg: Config, device: torch.device) -> Data:
             raise DataError(f"{train_dir} holds {len(train_set)} image; at least 2 are needed to split off a val set")
         val_set = train_set
         train_idx, val_idx = (t.tolist() for t in split_indices(len(train_set), d.val_fraction, seed))
-    evaluation = imagefolder_transforms(cfg)[1]
+    train_tf, evaluation = imagefolder_transforms(cfg)
     train_side = evaluation.resize or evaluation.size
     classes = list(train_set.classes)
     need = decoded_size(len(train_idx), len(val_idx), evaluation.channels, train_side, evaluation.size)
@@ -214,7 +214,6 @@ def imagefolder_data(cfg: Config, device: torch.device) -> Data:
         how = (f"{len(train_idx) + len(val_idx):,} images decoded into memory ({_mb(need)} of a {_gb(budget)} "
                f"budget){done[d.augment]}")
         return Data(train, val, evaluation.channels, len(classes), classes, evaluation, how)
-    train_tf, _ = imagefolder_transforms(cfg)
     train_sampler = SampleEpochBatchSampler(len(train_idx), d.batch_size, shuffle=True, seed=seed)
     args = _loader_args(cfg, device)
     train_loader = torch.utils.data.DataLoader(SeededSamples(train_set, train_idx, train_tf, seed=seed),
