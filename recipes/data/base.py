@@ -7,7 +7,7 @@ from typing import Any
 from recipes.config import DataError
 from recipes.data.preprocess import Preprocessing
 
-__all__ = ["Data", "DataError", "num_samples"]
+__all__ = ["Data", "DataError", "num_samples", "usable_cpus"]
 
 
 @dataclass
@@ -33,3 +33,10 @@ def num_samples(data: Any) -> int:
     if hasattr(data, "x"):
         return len(data.x)
     return data.sampler.samples_per_rank
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS has one, else the machine's count)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -21,14 +21,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from recipes.config import Config, parse_size
-from recipes.data.base import DataError
+from recipes.data.base import DataError, usable_cpus
 from recipes.data.augment import random_resized_crop_flip, with_erasing
 from recipes.data.batches import TensorBatches
-from recipes.data.preprocess import Preprocessing, _center_crop, _interpolate, _shorter_side_to
+from recipes.data.preprocess import Preprocessing, _center_crop, _interpolate, _shorter_side_to, to_uint8_tensor
 from recipes.data.screening import why_unreadable
 
 log = logging.getLogger("kiln")
@@ -71,9 +70,7 @@ def _decoded(path: str, mode: str) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as image:
-        array = np.asarray(image.convert(mode), dtype=np.uint8)
-    x = torch.from_numpy(array.copy())
-    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
+        return to_uint8_tensor(image.convert(mode))
 
 
 #: Files at least this large on average are decoded in threads: below it, the per-file Python work (which holds
@@ -92,7 +89,7 @@ def _decode_all(paths: Sequence[str], mode: str) -> list[torch.Tensor]:
             raise DataError(f"{path} is not a readable image ({why_unreadable(path, e)}); remove it, or skip "
                             "unreadable files with --set data.skip_bad_images=true") from None
 
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = usable_cpus()
     sample = paths[:: max(1, len(paths) // 64)]
     if workers < 2 or sum(os.path.getsize(p) for p in sample) < _THREADED_FILE_BYTES * len(sample):
         return [one(path) for path in paths]

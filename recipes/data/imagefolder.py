@@ -10,14 +10,13 @@ the batches are the same with 0 or N workers and after a resume at any batch.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from recipes.config import Config
-from recipes.data.base import Data, DataError
+from recipes.data.base import Data, DataError, usable_cpus
 from recipes.data.batches import EpochBatchSampler, LoaderBatches, mix_seed, split_indices
 from recipes.data.folder_in_memory import decoded_size, in_memory_batches, memory_budget
 from recipes.data.preprocess import Preprocessing
@@ -239,7 +238,7 @@ def _mb(n: int) -> str:
 def _loader_args(cfg: Config, device: torch.device) -> dict[str, Any]:
     """The DataLoader settings both splits share: ``data.num_workers`` workers (at most one per CPU this
     process may use: more only compete for the cores, and torch warns about it), pinned memory for CUDA."""
-    workers = min(cfg.data.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = min(cfg.data.num_workers, usable_cpus())
     return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
 
 

@@ -116,14 +116,17 @@ def _per_channel(values: tuple[float, ...], dtype: torch.dtype, device: torch.de
         return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
 
 
-def to_tensor(image: Any) -> torch.Tensor:
-    """A PIL image as a C x H x W float tensor in [0, 1] (torchvision's ``to_tensor`` for 8-bit images)."""
+def to_uint8_tensor(image: Any) -> torch.Tensor:
+    """A PIL image (8-bit, ``L`` or ``RGB``) as a C x H x W uint8 tensor."""
     import numpy as np
 
-    array = np.asarray(image, dtype=np.uint8)
-    x = torch.from_numpy(array.copy())
-    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
-    return x.float().div(255.0)
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
+
+
+def to_tensor(image: Any) -> torch.Tensor:
+    """A PIL image as a C x H x W float tensor in [0, 1] (torchvision's ``to_tensor`` for 8-bit images)."""
+    return to_uint8_tensor(image).float().div(255.0)
 
 
 def _interpolate(x: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
