@@ -1,13 +1,17 @@
 """Which rule turns an LR range test into a one-cycle max_lr? Candidate rules against a grid of whole runs.
 
 For each seed, ``kiln lr-find RECIPE`` runs as a whole process (the ramp of ``--num-iter`` steps from
-``--start-lr`` to ``--end-lr``; tuning recipes hold out part of their training split, as the grid did),
-and its raw per-step losses (lr_find.json) are turned into a suggestion by each candidate rule:
+``--start-lr`` to ``--end-lr``, kiln's defaults unless given; tuning recipes hold out part of their
+training split, as the grid did), and its raw per-step losses (lr_find.json) are turned into a suggestion
+by each candidate rule:
 
-- ``ema-min/3``: kiln's rule today: the LR at the lowest point of ignite's EMA-smoothed loss (weight
-  ``smooth_f`` on the new value; it lags the raw loss by about 1/smooth_f steps), divided by 3;
-- ``centred-min``, ``centred-min/3``, ``centred-min/10``: the same on a centred moving average of the raw
-  losses (no lag: the window reaches as far ahead as behind, ``--half-window`` of the steps each side);
+- ``kiln``: the suggestion ``kiln lr-find`` printed (``recipes.lr_rule``: 1.5x the LR at the lowest
+  point of the losses' centred average);
+- ``ema-min/3``: kiln's rule until December 2026: the LR at the lowest point of an EMA of the losses
+  (weight 0.05 on the new value, as ignite's finder smooths; it lags the raw loss by about 20 steps),
+  divided by 3;
+- ``centred-min``, ``centred-min/3``, ``centred-min/10``: the LR at the lowest point of the centred average
+  (no lag: the window reaches as far ahead as behind), times 1, 1/3, 1/10;
 - ``centred-steepest``: where the centred curve falls fastest per decade, before its lowest point;
 - ``valley``: fastai's valley: the longest run of falling loss on the centred curve, two thirds of the way in.
 
@@ -18,7 +22,7 @@ accuracy): the ratio, and whether it lies within 2x of the best. Results go to `
 Usage::
 
     python benchmarks/lr_find_calibration.py digits --grid results/...-lr-grid-digits.json [--seeds 2]
-        [--precision fp32] [--num-iter 100] [--start-lr 1e-7] [--end-lr 10]
+        [--precision fp32] [--num-iter 200] [--start-lr 1e-6] [--end-lr 1] [-- EXTRA KILN ARGS]
 """
 from __future__ import annotations
 
@@ -34,19 +38,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from machine import cpu_model, save_result  # noqa: E402
+
+from recipes.lr_rule import DEFAULT_END_LR, DEFAULT_NUM_ITER, DEFAULT_START_LR, centred_average  # noqa: E402
 
 __all__ = ["main", "rules"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def centred(values: list[float], half: int) -> list[float]:
-    """A centred moving average over ``2 * half + 1`` steps (fewer at the ends), non-finite values left out."""
-    out = []
-    for i in range(len(values)):
-        window = [v for v in values[max(0, i - half): i + half + 1] if math.isfinite(v)]
-        out.append(sum(window) / len(window) if window else math.nan)
+def ema(values: list[float], weight: float = 0.05) -> list[float]:
+    """An exponential moving average (``weight`` on the new value), as ignite's finder smooths."""
+    out = [values[0]]
+    for v in values[1:]:
+        out.append(weight * v + (1 - weight) * out[-1] if math.isfinite(v) else out[-1])
     return out
 
 
@@ -54,12 +61,13 @@ def _argmin(values: list[float]) -> int:
     return min((i for i, v in enumerate(values) if math.isfinite(v)), key=lambda i: values[i])
 
 
-def rules(lrs: list[float], losses: list[float], ema: list[float], half: int) -> dict[str, float]:
-    """Every candidate rule's suggestion for one range test."""
-    curve = centred(losses, half)
+def rules(result: dict) -> dict[str, float]:
+    """Every candidate rule's suggestion for one range test (an lr_find.json)."""
+    lrs, losses = result["lrs"], [float(v) for v in result["losses"]]
+    curve = centred_average(lrs, losses, result["window"])
     i_min = _argmin(curve)
-    found = {"ema-min/3": lrs[_argmin(ema)] / 3, "centred-min": lrs[i_min], "centred-min/3": lrs[i_min] / 3,
-             "centred-min/10": lrs[i_min] / 10}
+    found = {"kiln": result["suggestion"], "ema-min/3": lrs[_argmin(ema(losses))] / 3, "centred-min": lrs[i_min],
+             "centred-min/3": lrs[i_min] / 3, "centred-min/10": lrs[i_min] / 10}
     slopes = [((curve[i + 1] - curve[i - 1]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i - 1])), i)
               for i in range(1, i_min) if lrs[i + 1] > lrs[i - 1]]
     if slopes:
@@ -93,24 +101,22 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, required=True, help="benchmarks/lr_grid.py's result JSON")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--num-iter", type=int, default=100)
-    parser.add_argument("--start-lr", type=float, default=1e-7)
-    parser.add_argument("--end-lr", type=float, default=10.0)
-    parser.add_argument("--half-window", type=float, default=0.05, help="of the steps, each side of the centre")
+    parser.add_argument("--num-iter", type=int, default=DEFAULT_NUM_ITER)
+    parser.add_argument("--start-lr", type=float, default=DEFAULT_START_LR)
+    parser.add_argument("--end-lr", type=float, default=DEFAULT_END_LR)
     parser.add_argument("--tolerance", type=float, default=0.002, help="the plateau: accuracy within this of the best")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()  # the rest (after --): more kiln lr-find arguments
+    args.extra = [a for a in rest if a != "--"]
     grid = json.loads(args.grid.read_text())
     best = grid["best_max_lr"]
     top = max(row["median_final_val_accuracy"] for row in grid["grid"])
     plateau = [row["max_lr"] for row in grid["grid"] if row["median_final_val_accuracy"] >= top - args.tolerance]
     extra = ["--num-iter", str(args.num_iter), "--start-lr", str(args.start_lr), "--end-lr", str(args.end_lr)]
-    half = max(1, round(args.half_window * args.num_iter))
     found: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            result = lr_find(args.recipe, seed, args.precision, Path(tmp) / str(seed), extra)
-            losses = [float(v) for v in result["losses"]]
-            for name, lr in rules(result["lrs"], losses, [float(v) for v in result["smoothed"]], half).items():
+            result = lr_find(args.recipe, seed, args.precision, Path(tmp) / str(seed), extra + args.extra)
+            for name, lr in rules(result).items():
                 found.setdefault(name, []).append(lr)
     table = {}
     print(f"\n{cpu_model()}, {args.precision}: {args.recipe}; grid best max_lr {best:.3g}, plateau "
@@ -125,7 +131,7 @@ def main() -> None:
               + f"   {'within 2x' if within else 'outside 2x'}; spread x{max(lrs) / min(lrs):.2g}")
     save_result(f"lr-find-calibration-{args.recipe}", {
         "benchmark": "lr_find_calibration", "recipe": args.recipe, "precision": args.precision, "seeds": args.seeds,
-        "num_iter": args.num_iter, "start_lr": args.start_lr, "end_lr": args.end_lr, "half_window": half,
+        "num_iter": args.num_iter, "start_lr": args.start_lr, "end_lr": args.end_lr, "extra": args.extra,
         "grid": str(args.grid), "best_max_lr": best, "plateau": plateau, "rules": table,
         "median_ratio": {name: statistics.median(row["ratios_to_best"]) for name, row in table.items()}})
 

@@ -300,7 +300,7 @@ def lr_find_figure(result: LRFindResult, title: str = "") -> Figure:
     fig, ax = _figure(title or "LR range test")
     ax.plot(result.lrs, [_clip(v) for v in result.losses], color=_TRAIN, alpha=0.3, lw=1, label="loss per iteration (raw)")
     ax.plot(result.lrs, [_clip(v) for v in result.smoothed], color=_TRAIN, lw=2.2,
-            label=f"smoothed loss (EMA, weight {result.smooth_f:g} on the new value)")
+            label=f"smoothed loss (centred average, {result.window:g} decades each side)")
     i_min = result.lrs.index(result.min_loss_lr) if result.min_loss_lr in result.lrs else None
     if i_min is not None:
         ax.plot([result.min_loss_lr], [result.smoothed[i_min]], "o", color="k", ms=7,
@@ -308,7 +308,7 @@ def lr_find_figure(result: LRFindResult, title: str = "") -> Figure:
     if result.steepest_lr is not None:
         ax.axvline(result.steepest_lr, color="0.5", lw=1, ls=":", label=f"steepest descent at {result.steepest_lr:.2e}")
     ax.axvline(result.suggestion, color=_VAL, lw=2, ls="--",
-               label=f"suggested max_lr = {result.suggestion:.2e} (lowest / {result.divide_by:g})")
+               label=f"suggested max_lr = {result.suggestion:.2e} ({result.multiplier:g} x the lowest)")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(_formatter(_sci))
     smooth = [v for v in result.smoothed if math.isfinite(v)]

@@ -1,6 +1,6 @@
 """The LR range test: ramp the LR exponentially on a throwaway trainer, suggest a one-cycle ``max_lr``.
 
-ignite's ``FastaiLRFinder`` does the ramp, the loss smoothing, the stop on divergence and the
+ignite's ``FastaiLRFinder`` does the ramp, the stop on divergence (on its own EMA of the loss) and the
 restoring of the model and optimizer. It runs on a bare ``engine.create_trainer`` built here, because
 every handler on the trainer it is attached to fires during the search (checkpoints, schedules and
 loggers of a real run would act on it). kiln adds what the finder lacks: the LR each iteration really
@@ -8,9 +8,7 @@ used (the finder records the *next* iteration's LR), the raw losses, a rule for 
 and the run-directory records (lr_find.json, events.jsonl, config.json, TensorBoard). Its picture,
 lr_find.png, is drawn by ``recipes.report.plots.plot_lr_find``.
 
-The rule: ``max_lr = (LR at the lowest smoothed loss) / divide_by`` (3 by default). The lowest point of
-the smoothed loss is where raising the LR stops paying; one-cycle only visits its peak briefly, so a
-third of that LR (half a decade below it) trains fast and leaves a margin.
+The curve and the rule that turns it into a one-cycle peak: :mod:`recipes.lr_rule`.
 """
 from __future__ import annotations
 
@@ -35,27 +33,21 @@ from engine.precision import resolve_for_model
 from recipes.config import Config, ConfigError, with_max_lr
 from recipes.run.parts import training_parts
 from recipes.run.rundir import RunDir, read_config_json
+from recipes.lr_rule import (DEFAULT_DIVERGE_TH, DEFAULT_END_LR, DEFAULT_MULTIPLIER, DEFAULT_NUM_ITER,
+                                   DEFAULT_SMOOTH_F, DEFAULT_START_LR, DEFAULT_WINDOW, centred_average,
+                                   suggest_max_lr)
 
 __all__ = [
     "LRFindResult", "lr_range_test", "find_lr", "suggest_max_lr", "apply_suggestion", "choose_max_lr",
     "save_lr_find", "record_in_run", "format_result", "load_lr_find",
-    "DEFAULT_START_LR", "DEFAULT_END_LR", "DEFAULT_NUM_ITER", "DEFAULT_DIVIDE_BY",
 ]
-
-DEFAULT_START_LR = 1e-7
-DEFAULT_END_LR = 10.0
-DEFAULT_NUM_ITER = 100
-DEFAULT_DIVIDE_BY = 3.0
-DEFAULT_SMOOTH_F = 0.05
-DEFAULT_DIVERGE_TH = 5.0
-
 
 @dataclass(frozen=True)
 class LRFindResult:
     """What a range test measured and suggests; ``to_dict()`` is the content of lr_find.json.
 
     ``lrs[i]``, ``losses[i]`` and ``smoothed[i]`` belong to iteration ``i + 1``: the LR that step used,
-    its batch loss, and ignite's exponentially smoothed loss (``smooth_f`` weight on the new value).
+    its batch loss, and the centred moving average of the losses around it (:func:`centred_average`).
     """
 
     lrs: list[float]
@@ -65,13 +57,14 @@ class LRFindResult:
     rule: str  #: the rule that produced it, in words, with its numbers
     min_loss_lr: float  #: the LR at the lowest smoothed loss
     steepest_lr: float | None  #: the LR where the smoothed loss fell fastest (per decade), for reference
-    diverged: bool  #: the test stopped early: smoothed loss > diverge_th x its best
+    diverged: bool  #: the test stopped early: ignite's EMA of the loss passed diverge_th x its best
     start_lr: float
     end_lr: float
     num_iter: int
-    smooth_f: float
+    smooth_f: float  #: the weight of ignite's EMA, which decides only the stop
     diverge_th: float
-    divide_by: float
+    multiplier: float = DEFAULT_MULTIPLIER
+    window: float = DEFAULT_WINDOW  #: decades of LR each side of the centred average
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  #: caveats about this curve, for the user
 
@@ -100,49 +93,6 @@ class LRFindResult:
         return data
 
 
-def suggest_max_lr(lrs: list[float], smoothed: list[float], divide_by: float = DEFAULT_DIVIDE_BY) -> tuple[float, str, float, float | None, list[str]]:
-    """Apply kiln's rule to a range-test curve.
-
-    Returns ``(suggestion, rule, min_loss_lr, steepest_lr, notes)``: the suggestion is the LR at the
-    lowest smoothed loss divided by ``divide_by``; ``steepest_lr`` is where the smoothed loss fell
-    fastest per decade of LR before its minimum (ignite's ``lr_suggestion`` rule), for reference.
-
-    Raises:
-        ConfigError: fewer than 3 points, or a loss that never fell (its lowest point is the first).
-
-    Example:
-        >>> lrs = [10 ** (k / 4 - 5) for k in range(17)]
-        >>> loss = [2.0, 2.0, 1.9, 1.7, 1.4, 1.0, 0.7, 0.5, 0.45, 0.6, 1.5, 3, 6, 9, 12, 15, 18]
-        >>> suggestion, rule, at_min, steepest, notes = suggest_max_lr(lrs, loss)
-        >>> round(at_min, 6), round(suggestion / at_min, 3)
-        (0.001, 0.333)
-    """
-    if divide_by < 1:
-        raise ConfigError(f"divide_by must be >= 1, not {divide_by}")
-    finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
-    if len(finite) < 3:
-        raise ConfigError(f"the range test recorded {len(finite)} finite losses; it needs at least 3 (raise --num-iter)")
-    i_min = min(finite, key=lambda i: smoothed[i])
-    if i_min == finite[0]:
-        raise ConfigError(f"the range test's loss never fell (lowest at the first LR, {lrs[0]:.1e}): lower --start-lr")
-    notes = []
-    if i_min == finite[-1]:
-        notes.append(f"the loss was still falling at the last LR tried ({lrs[i_min]:.1e}): "
-                     "the suggestion may be low; raise --end-lr or --num-iter")
-    steepest = None
-    slopes = []
-    for i in range(1, i_min):
-        span = math.log10(lrs[i + 1]) - math.log10(lrs[i - 1])
-        if span > 0 and math.isfinite(smoothed[i + 1]) and math.isfinite(smoothed[i - 1]):
-            slopes.append(((smoothed[i + 1] - smoothed[i - 1]) / span, i))
-    if slopes:
-        steepest = lrs[min(slopes)[1]]
-    min_lr = lrs[i_min]
-    suggestion = min_lr / divide_by
-    rule = (f"LR at the lowest smoothed loss ({min_lr:.2e}, loss {smoothed[i_min]:.3f}) divided by {divide_by:g}")
-    return suggestion, rule, min_lr, steepest, notes
-
-
 def lr_range_test(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -160,13 +110,15 @@ def lr_range_test(
     num_iter: int = DEFAULT_NUM_ITER,
     smooth_f: float = DEFAULT_SMOOTH_F,
     diverge_th: float = DEFAULT_DIVERGE_TH,
-    divide_by: float = DEFAULT_DIVIDE_BY,
+    multiplier: float = DEFAULT_MULTIPLIER,
+    window: float = DEFAULT_WINDOW,
 ) -> LRFindResult:
     """Run an exponential LR range test on ``model`` and leave it, ``optimizer`` and torch's RNG as they were.
 
     The test trains on a bare trainer (kiln's step, plus gradient clipping and fp16 loss scaling when
     asked, as in a real run) for ``num_iter`` iterations with the LR rising from ``start_lr`` to
-    ``end_lr``; it stops early once the smoothed loss exceeds ``diverge_th`` times its best. Afterwards
+    ``end_lr``; it stops early once the finder's EMA of the loss (``smooth_f``) exceeds ``diverge_th`` times its
+    best. The suggestion comes from the losses' centred average (see the module docstring). Afterwards
     the model's parameters and buffers, the optimizer's state and LRs, the model's train/eval mode and
     the global torch RNG are restored exactly. (Long for its signature and this docstring: every knob of the
     test is an argument, so the CLI, ``--max-lr auto`` and a notebook call the same function.)
@@ -225,19 +177,19 @@ def lr_range_test(
     model.train(was_training)
     seconds = time.perf_counter() - started
 
-    smoothed = [float(v) for v in finder.get_results()["loss"]]
-    count = min(len(smoothed), len(used_lrs))
-    lrs, losses, smoothed = used_lrs[:count], losses[:count], smoothed[:count]
-    suggestion, rule, min_lr, steepest, notes = suggest_max_lr(lrs, smoothed, divide_by)
+    count = min(len(finder.get_results()["loss"]), len(used_lrs))  # the finder drops the step it stopped on
+    lrs, losses = used_lrs[:count], losses[:count]
+    smoothed = centred_average(lrs, losses, window)
+    suggestion, rule, min_lr, steepest, notes = suggest_max_lr(lrs, smoothed, multiplier)
     return LRFindResult(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion, rule=rule,
                         min_loss_lr=min_lr, steepest_lr=steepest, diverged=bool(finder._diverge_flag),
                         start_lr=float(start_lr), end_lr=float(end_lr), num_iter=int(num_iter),
-                        smooth_f=smooth_f, diverge_th=diverge_th, divide_by=divide_by,
+                        smooth_f=smooth_f, diverge_th=diverge_th, multiplier=multiplier, window=window,
                         seconds=round(seconds, 3), notes=notes)
 
 
 def find_lr(cfg: Config, *, start_lr: float = DEFAULT_START_LR, end_lr: float = DEFAULT_END_LR,
-            num_iter: int = DEFAULT_NUM_ITER, divide_by: float = DEFAULT_DIVIDE_BY,
+            num_iter: int = DEFAULT_NUM_ITER, multiplier: float = DEFAULT_MULTIPLIER, window: float = DEFAULT_WINDOW,
             smooth_f: float = DEFAULT_SMOOTH_F, diverge_th: float = DEFAULT_DIVERGE_TH) -> LRFindResult:
     """The range test for recipe ``cfg``: its model (same seed, so the same initial weights as its run),
     optimizer, loss (with label smoothing), training data, precision and gradient clipping."""
@@ -246,7 +198,7 @@ def find_lr(cfg: Config, *, start_lr: float = DEFAULT_START_LR, end_lr: float = 
     return lr_range_test(model, optimizer, loss_fn, data.train, device=device, precision=precision,
                          clip_norm=t.clip_norm or None, init_scale=t.init_scale, growth_interval=t.growth_interval,
                          seed=t.seed, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, smooth_f=smooth_f,
-                         diverge_th=diverge_th, divide_by=divide_by)
+                         diverge_th=diverge_th, multiplier=multiplier, window=window)
 
 
 def apply_suggestion(cfg: Config, result: LRFindResult) -> Config:
@@ -305,7 +257,7 @@ def record_in_run(run: Any, result: LRFindResult) -> None:
 
 def format_result(result: LRFindResult, recipe: str = "RECIPE") -> str:
     """The console lines for a range test: what ran, the suggestion with its rule, and the next command."""
-    ended = (f"stopped at iteration {len(result.lrs)}: the smoothed loss passed {result.diverge_th:g}x its best"
+    ended = (f"stopped at iteration {len(result.lrs)}: the loss passed {result.diverge_th:g}x its best"
              if result.diverged else f"ran all {len(result.lrs)} iterations without diverging")
     lines = [
         f"LR range test: LR {result.start_lr:.0e} -> {result.end_lr:g} over {result.num_iter} iterations; "

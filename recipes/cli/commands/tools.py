@@ -7,25 +7,27 @@ from pathlib import Path
 import click
 
 from recipes.cli.folders import output_folder
-from recipes.cli.options import config_option, overrides, recipe_argument, recipe_or_run, resolve_config, set_option
+from recipes.cli.options import config_option, config_options, overrides, recipe_argument, recipe_or_run, resolve_config, set_option
 from recipes.config import ConfigError
+from recipes.lr_rule import DEFAULT_END_LR, DEFAULT_MULTIPLIER, DEFAULT_NUM_ITER, DEFAULT_START_LR
 
 __all__ = ["lr_find", "sweep"]
 
 
 @click.command("lr-find")
 @recipe_argument
-@click.option("--start-lr", type=float, default=1e-7, show_default=True, help="LR of the first iteration.")
-@click.option("--end-lr", type=float, default=10.0, show_default=True, help="LR the exponential ramp ends at.")
-@click.option("--num-iter", type=int, default=100, show_default=True, help="Iterations of the ramp (it stops "
-              "earlier if the smoothed loss passes 5x its best).")
-@click.option("--divide-by", type=float, default=3.0, show_default=True,
-              help="Suggested max_lr = the LR at the lowest smoothed loss / this.")
+@click.option("--start-lr", type=float, default=DEFAULT_START_LR, show_default=True, help="LR of the first iteration.")
+@click.option("--end-lr", type=float, default=DEFAULT_END_LR, show_default=True, help="LR the exponential ramp ends at.")
+@click.option("--num-iter", type=int, default=DEFAULT_NUM_ITER, show_default=True, help="Iterations of the ramp (it "
+              "stops earlier if the loss passes 5x its best).")
+@click.option("--multiplier", type=float, default=DEFAULT_MULTIPLIER, show_default=True,
+              help="Suggested max_lr = this x the LR at the lowest smoothed loss (calibrated on whole runs: docs/watch.md).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for lr_find.png and lr_find.json (default: runs/RECIPE-lr-find-TIMESTAMP, or RUN_DIR).")
+@config_options("data_dir", "batch_size", "image_size", "num_workers", "model", "weights", "precision")
 @set_option
-def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, divide_by: float, out: str | None,
-            sets: tuple[str, ...]) -> None:
+def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, multiplier: float, out: str | None,
+            sets: tuple[str, ...], **options: object) -> None:
     """LR range test for RECIPE (or for the run in RUN_DIR): suggest one-cycle's max_lr, plot loss vs LR.
 
     \b
@@ -33,18 +35,19 @@ def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, divide_b
     throwaway trainer. Given a RUN_DIR, the results go into it and `kiln report RUN_DIR` compares the
     run's max_lr with the suggestion.
     Example:  kiln lr-find digits
+              kiln lr-find imagefolder --data-dir photos --model resnet18 --weights DEFAULT
     """
     from recipes.report.plots import plot_lr_find
     from recipes.run.rundir import RunDir
     from recipes.tools.holdout import tuning_split
     from recipes.tools.lr_find import find_lr, format_result, save_lr_find
 
-    cfg, default_out = recipe_or_run(recipe, sets, "lr-find")
-    cfg, note = tuning_split(cfg, overrides(sets))
+    cfg, default_out = recipe_or_run(recipe, sets, "lr-find", **options)
+    cfg, note = tuning_split(cfg, overrides(sets, options))
     if note:
         click.echo(note)
     with output_folder(Path(out) if out else default_out) as out_dir:
-        result = find_lr(cfg, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, divide_by=divide_by)
+        result = find_lr(cfg, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, multiplier=multiplier)
         click.echo(format_result(result, cfg.name))  # before writing: a full disk loses no result
         json_path = save_lr_find(result, out_dir)
         png_path = plot_lr_find(result, RunDir(out_dir).lr_find_plot, title=f"{cfg.name}: LR range test")
