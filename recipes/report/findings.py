@@ -6,8 +6,9 @@ finished or not.
 A finding names a condition, the evidence for it from the records, why it matters and the next
 command to run. The checks: divergence or loss spikes; a validation accuracy no better than chance;
 horizontal flips on images whose mirrors show other classes (from the flip probe in mistakes.json, the
-one end-of-run measurement); under fp16, the loss-scale trend and the skipped-step rate; clipping active
-on most steps; a growing train/val gap (overfitting); a max_lr far from the LR range test's suggestion.
+one end-of-run measurement); under fp16, the loss-scale trend and the skipped-step rate; clipping so tight
+that AdamW's eps shrinks its steps; a growing train/val gap (overfitting); a max_lr far from the LR range
+test's suggestion.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ __all__ = ["Finding", "find_issues", "format_findings", "CHECKS", "fmt"]
 SPIKE_FACTOR = 2.0
 #: Clipping is "active on most steps" above this share of the logged steps (overall and in the second half).
 CLIP_SHARE = 0.5
+#: ... and it shrinks AdamW's steps when they fall below this fraction of their size (see _check_clipping).
+CLIP_STEP_LEFT = 0.5
 #: Under fp16, a skipped-step rate above this is worth a look.
 SKIP_RATE = 0.02
 #: Overfitting: the final val loss this much above its best, at least OVERFIT_EPOCHS epochs after it.
@@ -262,13 +265,19 @@ def _check_fp16(run: RunData) -> Finding | None:
 
 
 def _check_clipping(run: RunData) -> Finding | None:
-    """Clipping active on most logged steps, and still on most of the second half of training.
+    """Clipping so tight that it shrinks AdamW's steps, on most logged steps and still in the second half.
 
-    Large gradients early in training are what clipping is for; clipping that goes on once the LR is
-    annealing means the threshold sits below the gradients' ordinary size (or the LR is too high).
+    AdamW divides each gradient by its running RMS, so clipping that scales every step's gradient alike
+    leaves the step's size to the LR: clipping on most steps is harmless there (a digits run clipped at 1.0,
+    a third of its usual gradient norm, trains as well as one clipped at 5 or not at all). What AdamW does
+    not undo is ``eps`` in its denominator: a gradient clipped to ``clip_norm`` has an RMS per parameter of
+    about ``clip_norm / sqrt(parameters)``, and once that nears ``eps`` the step shrinks by ``rms / (rms + eps)``
+    (the LR the run asked for is not the LR it trains at).
     """
     clip = run.config.get("train", {}).get("clip_norm")
-    if not clip:
+    parameters = run.config.get("runtime", {}).get("parameters")
+    eps = run.config.get("optim", {}).get("eps", 1e-8)
+    if not clip or not parameters:
         return None
     points = [(s["iteration"], _num(s["grad_norm"])) for s in run.steps if s.get("grad_norm") is not None]
     points = [(it, v) for it, v in points if math.isfinite(v)]
@@ -278,19 +287,21 @@ def _check_clipping(run: RunData) -> Finding | None:
     clipped = sum(v > clip for v in norms)
     half = points[len(points) // 2:]
     clipped_late = sum(v > clip for _, v in half)
-    if clipped / len(norms) <= CLIP_SHARE or clipped_late / len(half) <= CLIP_SHARE:
+    rms = clip / math.sqrt(parameters)
+    left = rms / (rms + eps)
+    if clipped / len(norms) <= CLIP_SHARE or clipped_late / len(half) <= CLIP_SHARE or left >= CLIP_STEP_LEFT:
         return None
     median = statistics.median(norms)
-    p90 = sorted(norms)[min(len(norms) - 1, int(0.9 * len(norms)))]
-    suggestion = float(f"{p90:.1g}") if p90 > 0 else clip * 10
+    suggestion = float(f"{min(median, 100 * eps * math.sqrt(parameters)):.1g}")  # steps within 1% of their size
     evidence = [f"the pre-clip gradient norm exceeded clip_norm={clip:g} on {clipped} of {len(norms)} logged steps "
                 f"({100 * clipped / len(norms):.0f}%), and on {clipped_late} of the {len(half)} from iteration "
-                f"{half[0][0]} on",
-                f"median pre-clip norm {median:.3g} = {median / clip:.3g}x the threshold; 90th percentile {p90:.3g}"]
-    advice = ("When clipping acts on most steps, every update is cut to the same length and the LR no longer sets the "
-              "step size. Either the threshold is too low (set it near the 90th percentile of the norms, so it only "
-              "catches outliers) or the LR is too high (norms grow with it).")
-    return Finding("clipping", "gradient clipping active on most steps", evidence, advice,
+                f"{half[0][0]} on; median pre-clip norm {median:.3g}",
+                f"clipped to {clip:g} over {parameters:,} parameters, a gradient's RMS is about {rms:.2g}, "
+                f"against AdamW's eps {eps:g}: its steps are cut to about {100 * left:.0f}% of the LR's"]
+    advice = ("AdamW's step is the gradient over its running RMS plus eps; clipped this hard, eps dominates and the "
+              "steps shrink, as if the LR were lower. Clip where the clipped gradients stay well above eps "
+              "(or set clip_norm 0 to measure only).")
+    return Finding("clipping", "gradient clipping shrinks AdamW's steps", evidence, advice,
                    _command(run, {"train.clip_norm": suggestion}))
 
 

@@ -350,6 +350,7 @@ def write_config(run: Assembly) -> None:
                     "batches_per_epoch": len(run.train_data), "val_samples": num_samples(run.val_data),
                     "class_names": list(run.class_names), **run.inference, "world_size": run.world_size,
                     "global_batch_size": run.config.data.batch_size * run.world_size,
+                    "parameters": sum(p.numel() for p in run.model.parameters()),
                     "command": " ".join(sys.argv), **run.said},
         "versions": versions(),
     })

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from recipes.cli import main
 from recipes.cli.options import resolve_config
@@ -135,16 +136,43 @@ def test_a_clean_default_run_has_no_findings(tmp_path_factory):
     assert json.loads((run_dir / "summary.json").read_text())["best_val_accuracy"] >= 0.97
 
 
-def test_clipping_on_most_steps(tmp_path_factory):
-    run_dir, printed = _run(tmp_path_factory, "digits", clip_norm=1e-3, epochs=3)
+def test_clipping_so_tight_that_eps_shrinks_adamws_steps(tmp_path_factory):
+    run_dir, printed = _run(tmp_path_factory, "digits", clip_norm=1e-7, epochs=3)
     finding = _by_kind(run_dir)["clipping"]
-    norms = [s["grad_norm"] for s in _lines(run_dir / "steps.jsonl")]
-    clipped = sum(n > 1e-3 for n in norms)
+    norms = [s["grad_norm"] for s in _lines(run_dir / "steps.jsonl") if s.get("grad_norm") is not None]
+    clipped = sum(n > 1e-7 for n in norms)
     assert clipped / len(norms) > 0.5
     assert f"on {clipped} of {len(norms)} logged steps" in finding.evidence[0]
+    parameters = json.loads((run_dir / "config.json").read_text())["runtime"]["parameters"]
+    assert f"over {parameters:,} parameters" in finding.evidence[1]
+    left = float(finding.evidence[1].rsplit("about ", 1)[1].split("%")[0]) / 100
+    assert left == pytest.approx(_adamw_step_left(1e-7, parameters), abs=0.01)  # what a real AdamW step does
     suggested = float(_options(finding.command)["--clip-norm"])
-    assert sum(n > suggested for n in norms) <= 0.5 * len(norms)  # the suggested threshold clips outliers only
-    assert f"next: {finding.command}" in printed
+    assert _adamw_step_left(suggested, parameters) > 0.95  # the suggested threshold leaves the steps whole
+
+
+def _adamw_step_left(clip_norm, parameters):
+    """How much of its unclipped size a real AdamW step keeps when a gradient of norm 1 is clipped to
+    clip_norm (first step: the update is lr * g / (|g| + eps) per element)."""
+    g = torch.randn(parameters, generator=torch.Generator().manual_seed(0))
+    g /= g.norm()
+    steps = []
+    for scale in (1.0, min(1.0, clip_norm)):
+        w = torch.zeros(parameters, requires_grad=True)
+        opt = torch.optim.AdamW([w], lr=1.0, weight_decay=0.0, eps=1e-8)
+        w.grad = g * scale
+        opt.step()
+        steps.append(float(w.detach().abs().mean()))
+    return steps[1] / steps[0]
+
+
+@pytest.mark.parametrize("recipe, epochs", [("digits", 3), ("synthetic", None), ("synthetic", 3)])
+def test_recipe_defaults_pass_their_own_findings(tmp_path_factory, recipe, epochs):
+    """A recipe's defaults (digits clips at 1.0, below most of its gradient norms: harmless under AdamW) end
+    with no finding, also when the schedule is shortened to 3 epochs."""
+    run_dir, printed = _run(tmp_path_factory, recipe, **({"epochs": epochs} if epochs else {}))
+    assert _by_kind(run_dir) == {}
+    assert "kiln noticed nothing to fix" in printed
 
 
 @pytest.fixture(scope="module")
