@@ -3,8 +3,8 @@
 
 The same data (the IDX files read the way Fashion-MNIST's own ``utils/mnist_reader.py`` reads them),
 normalisation, model and initial weights (kiln's ``recipes/models.py`` loaded as a plain file), AdamW
-parameter groups, one-cycle schedule, label smoothing, epochs and batched random crop and flip
-(kiln's ``recipes/data/batches.py`` loaded as a plain file), in a tutorial's loop: a DataLoader over a
+parameter groups, one-cycle schedule, label smoothing, epochs and batched random crop, flip and erasing
+(kiln's ``recipes/data/augment.py`` loaded as a plain file), in a tutorial's loop: a DataLoader over a
 TensorDataset, ``zero_grad``, forward, loss, ``backward``, ``step``, ``OneCycleLR.step()`` and
 ``loss.item()`` every batch, a validation pass over the test split every epoch. No kiln, ignite or
 click is imported. After each epoch it appends ``{"epoch", "val_accuracy", "train_loss"}`` to
@@ -67,7 +67,7 @@ def main() -> None:
     test_loader = DataLoader(TensorDataset(x_test, torch.tensor(y_test, dtype=torch.long)), batch_size=512)
 
     models = load_kiln_module("models")
-    batches = load_kiln_module("data/batches")
+    augment = load_kiln_module("data/augment")
     model = models.build_model(m["name"], 1, 10, d["image_size"], m["channels"])
     optimizer = torch.optim.AdamW(models.parameter_groups(model, o["weight_decay"], o["decay_norm_and_bias"]),
                                   lr=o["lr"], betas=(0.9, o["beta2"]), eps=o["eps"])
@@ -77,6 +77,7 @@ def main() -> None:
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t["label_smoothing"])
     generator = torch.Generator().manual_seed(t["seed"])
     flip = d["augment"] == "crop+flip"
+    erase = d.get("erase", 0.0)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=options.bf16)
 
     for epoch in range(1, t["epochs"] + 1):
@@ -84,7 +85,9 @@ def main() -> None:
         total, count, started = 0.0, 0, time.perf_counter()
         for x, y in train_loader:
             if d["augment"] != "none":
-                x = batches.random_crop_flip(x, generator, pad=2, flip=flip)
+                x = augment.random_crop_flip(x, generator, pad=2, flip=flip)
+            if erase:
+                x = augment.random_erasing(x, generator, p=erase)
             optimizer.zero_grad()
             with autocast:
                 loss = loss_fn(model(x), y)

@@ -10,7 +10,7 @@ Variants (``--variants``):
 
 - ``raw``: the floor, airbench-style: the data made on the device (class prototypes plus noise,
   standardised), reshuffled on the device every epoch, batches by ``index_select``, the same batched
-  crop+flip (``recipes.data.batches.random_crop_flip``), channels_last, bf16 autocast, fused AdamW,
+  crop+flip (``recipes.data.augment.random_crop_flip``), channels_last, bf16 autocast, fused AdamW,
   ``OneCycleLR.step()`` per batch, nothing read back: no host sync in the loop.
 - ``kiln-bf16``, ``kiln-fp16``: ``kiln train`` with the recipe's defaults in bf16 (what ``auto`` picks on
   a GPU with bf16) and in fp16 (what GPUs without bf16 run: the loss scaler). The run is
