@@ -305,10 +305,14 @@ def lr_find_figure(result: LRFindResult, title: str = "") -> Figure:
     if i_min is not None:
         ax.plot([result.min_loss_lr], [result.smoothed[i_min]], "o", color="k", ms=7,
                 label=f"lowest smoothed loss at LR {result.min_loss_lr:.2e}")
+    i_fall = result.lrs.index(result.fall_lr) if result.fall_lr in result.lrs else None
+    if i_fall is not None:
+        ax.plot([result.fall_lr], [result.smoothed[i_fall]], "s", color=_VAL, ms=7,
+                label=f"{100 * result.fall:g}% of the fall made at LR {result.fall_lr:.2e}")
     if result.steepest_lr is not None:
         ax.axvline(result.steepest_lr, color="0.5", lw=1, ls=":", label=f"steepest descent at {result.steepest_lr:.2e}")
     ax.axvline(result.suggestion, color=_VAL, lw=2, ls="--",
-               label=f"suggested max_lr = {result.suggestion:.2e} ({result.multiplier:g} x the lowest)")
+               label=f"suggested max_lr = {result.suggestion:.2e} ({result.multiplier:g} x that LR)")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(_formatter(_sci))
     smooth = [v for v in result.smoothed if math.isfinite(v)]

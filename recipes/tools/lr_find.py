@@ -33,9 +33,8 @@ from engine.precision import resolve_for_model
 from recipes.config import Config, ConfigError, with_max_lr
 from recipes.run.parts import training_parts
 from recipes.run.rundir import RunDir, read_config_json
-from recipes.lr_rule import (DEFAULT_DIVERGE_TH, DEFAULT_END_LR, DEFAULT_MULTIPLIER, DEFAULT_NUM_ITER,
-                                   DEFAULT_SMOOTH_F, DEFAULT_START_LR, DEFAULT_WINDOW, centred_average,
-                                   suggest_max_lr)
+from recipes.lr_rule import (DEFAULT_DIVERGE_TH, DEFAULT_END_LR, DEFAULT_FALL, DEFAULT_MULTIPLIER, DEFAULT_NUM_ITER,
+                             DEFAULT_SMOOTH_F, DEFAULT_START_LR, DEFAULT_WINDOW, centred_average, suggest_max_lr)
 
 __all__ = [
     "LRFindResult", "lr_range_test", "find_lr", "suggest_max_lr", "apply_suggestion", "choose_max_lr",
@@ -56,6 +55,7 @@ class LRFindResult:
     suggestion: float  #: the suggested one-cycle max_lr
     rule: str  #: the rule that produced it, in words, with its numbers
     min_loss_lr: float  #: the LR at the lowest smoothed loss
+    fall_lr: float  #: the LR where the smoothed loss had made ``fall`` of its fall to its lowest (x multiplier: the suggestion)
     steepest_lr: float | None  #: the LR where the smoothed loss fell fastest (per decade), for reference
     diverged: bool  #: the test stopped early: ignite's EMA of the loss passed diverge_th x its best
     start_lr: float
@@ -64,6 +64,7 @@ class LRFindResult:
     smooth_f: float  #: the weight of ignite's EMA, which decides only the stop
     diverge_th: float
     multiplier: float = DEFAULT_MULTIPLIER
+    fall: float = DEFAULT_FALL
     window: float = DEFAULT_WINDOW  #: decades of LR each side of the centred average
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  #: caveats about this curve, for the user
@@ -82,6 +83,7 @@ class LRFindResult:
         values = {k: v for k, v in data.items() if k in names}
         for key in ("losses", "smoothed"):
             values[key] = [float(v) for v in values.get(key, [])]
+        values.setdefault("fall_lr", values.get("min_loss_lr", 0.0))  # a file from before the rule read the fall
         return cls(**values)
 
     def summary(self) -> dict[str, Any]:
@@ -111,6 +113,7 @@ def lr_range_test(
     smooth_f: float = DEFAULT_SMOOTH_F,
     diverge_th: float = DEFAULT_DIVERGE_TH,
     multiplier: float = DEFAULT_MULTIPLIER,
+    fall: float = DEFAULT_FALL,
     window: float = DEFAULT_WINDOW,
 ) -> LRFindResult:
     """Run an exponential LR range test on ``model`` and leave it, ``optimizer`` and torch's RNG as they were.
@@ -180,12 +183,12 @@ def lr_range_test(
     count = min(len(finder.get_results()["loss"]), len(used_lrs))  # the finder drops the step it stopped on
     lrs, losses = used_lrs[:count], losses[:count]
     smoothed = centred_average(lrs, losses, window)
-    suggestion, rule, min_lr, steepest, notes = suggest_max_lr(lrs, smoothed, multiplier)
-    return LRFindResult(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=suggestion, rule=rule,
-                        min_loss_lr=min_lr, steepest_lr=steepest, diverged=bool(finder._diverge_flag),
-                        start_lr=float(start_lr), end_lr=float(end_lr), num_iter=int(num_iter),
-                        smooth_f=smooth_f, diverge_th=diverge_th, multiplier=multiplier, window=window,
-                        seconds=round(seconds, 3), notes=notes)
+    found = suggest_max_lr(lrs, smoothed, multiplier, fall)
+    return LRFindResult(lrs=lrs, losses=losses, smoothed=smoothed, suggestion=found.max_lr, rule=found.rule,
+                        min_loss_lr=found.min_loss_lr, fall_lr=found.fall_lr, steepest_lr=found.steepest_lr,
+                        diverged=bool(finder._diverge_flag), start_lr=float(start_lr), end_lr=float(end_lr),
+                        num_iter=int(num_iter), smooth_f=smooth_f, diverge_th=diverge_th, multiplier=multiplier,
+                        fall=fall, window=window, seconds=round(seconds, 3), notes=found.notes)
 
 
 def find_lr(cfg: Config, *, start_lr: float = DEFAULT_START_LR, end_lr: float = DEFAULT_END_LR,

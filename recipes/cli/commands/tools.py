@@ -21,7 +21,8 @@ __all__ = ["lr_find", "sweep"]
 @click.option("--num-iter", type=int, default=DEFAULT_NUM_ITER, show_default=True, help="Iterations of the ramp (it "
               "stops earlier if the loss passes 5x its best).")
 @click.option("--multiplier", type=float, default=DEFAULT_MULTIPLIER, show_default=True,
-              help="Suggested max_lr = this x the LR at the lowest smoothed loss (calibrated on whole runs: docs/watch.md).")
+              help="Suggested max_lr = this x the LR where the smoothed loss had made 90% of its fall to its lowest "
+              "(calibrated on whole runs: docs/watch.md).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for lr_find.png and lr_find.json (default: runs/RECIPE-lr-find-TIMESTAMP, or RUN_DIR).")
 @config_options("data_dir", "batch_size", "image_size", "num_workers", "model", "weights", "precision")

@@ -90,8 +90,8 @@ def test_the_ramp_is_exponential_and_the_curve_is_centred_on_each_step():
     assert sum(s == pytest.approx(1.0) for s in steps) <= 1
     assert 1e-4 <= result.lrs[0] <= 1e-4 * ratio * 1.001 and result.lrs[-1] <= 1.0
     assert len(result.lrs) == len(result.losses) == len(result.smoothed) <= 30
-    half = round(result.window * 30 / 4)  # 30 steps over 4 decades: the window's steps each side
-    assert half == 2
+    half = max(1, round(result.window * 30 / 4))  # 30 steps over 4 decades: the window's steps each side
+    assert half == 1
     expected = [sum(result.losses[max(0, i - half): i + half + 1]) / len(result.losses[max(0, i - half): i + half + 1])
                 for i in range(len(result.losses))]  # no lag: as many steps ahead as behind
     assert result.smoothed == pytest.approx(expected, rel=1e-9)
@@ -109,22 +109,36 @@ def test_the_centred_curve_finds_the_raw_minimum_where_an_ema_lags_behind_it():
     for v in noisy[1:]:
         ema.append(0.05 * v + 0.95 * ema[-1])
     at = 10 ** -2.5
-    _, _, centred_min, _, _ = suggest_max_lr(lrs, centred_average(lrs, noisy))
-    _, _, ema_min, _, _ = suggest_max_lr(lrs, ema)
+    centred_min = suggest_max_lr(lrs, centred_average(lrs, noisy)).min_loss_lr
+    ema_min = suggest_max_lr(lrs, ema).min_loss_lr
     assert 1 / 1.5 < centred_min / at < 1.5
     assert ema_min / at > 2  # to the right of the raw minimum: a suggestion over 2x too high
 
 
-def test_suggestion_is_the_multiplier_times_the_lowest_smoothed_loss():
+def test_suggestion_is_the_multiplier_times_the_lr_where_most_of_the_fall_was_made():
     lrs = [10 ** (k / 4 - 6) for k in range(21)]
     loss = [2.3] * 4 + [2.2, 2.0, 1.7, 1.3, 1.0, 0.8, 0.7, 0.65, 0.9, 1.5, 3.0, 6.0, 9.0, 12.0, 15.0, 18.0, 21.0]
-    suggestion, rule, at_min, steepest, notes = suggest_max_lr(lrs, loss, multiplier=2.0)
-    assert at_min == lrs[loss.index(min(loss))]
-    assert suggestion == pytest.approx(at_min * 2.0)
-    assert rule.startswith("2 x the LR at the lowest smoothed loss") and f"{at_min:.2e}" in rule
+    found = suggest_max_lr(lrs, loss, multiplier=4.0, fall=0.8)
+    assert found.min_loss_lr == lrs[loss.index(min(loss))]
+    assert found.fall_lr == lrs[loss.index(0.8)]  # the first loss within 20% of the fall (2.3 -> 0.65) of the lowest
+    assert found.max_lr == pytest.approx(found.fall_lr * 4.0)
+    assert found.rule.startswith("4 x the LR where the smoothed loss had made 80% of its fall")
+    assert f"{found.fall_lr:.2e}" in found.rule and f"{found.min_loss_lr:.2e}" in found.rule
     slopes = {i: loss[i + 1] - loss[i - 1] for i in range(1, loss.index(min(loss)))}
-    assert steepest == lrs[min(slopes, key=slopes.get)]
-    assert notes == []
+    assert found.steepest_lr == lrs[min(slopes, key=slopes.get)]
+    assert found.notes == []
+
+
+def test_the_rule_reads_the_steep_part_so_noise_on_the_floor_moves_it_little():
+    """Two curves alike but for noise on the flat floor of the valley: the lowest point moves a decade,
+    the point where 90% of the fall was made does not move."""
+    lrs = [10 ** (-6 + k / 10) for k in range(61)]
+    descent = [2.3 - 1.8 * min(1.0, max(0.0, (k - 10) / 20)) for k in range(61)]  # falls over LRs 1e-5..1e-3
+    first = [v - (0.01 if k == 35 else 0.0) for k, v in enumerate(descent)]
+    second = [v - (0.01 if k == 45 else 0.0) for k, v in enumerate(descent)]
+    a, b = suggest_max_lr(lrs, first), suggest_max_lr(lrs, second)
+    assert b.min_loss_lr / a.min_loss_lr == pytest.approx(10.0)
+    assert a.fall_lr == b.fall_lr and a.max_lr == b.max_lr
 
 
 def test_a_curve_that_never_falls_or_is_too_short_is_refused():
@@ -135,7 +149,7 @@ def test_a_curve_that_never_falls_or_is_too_short_is_refused():
 
 
 def test_a_loss_still_falling_at_the_end_gets_a_note():
-    *_, notes = suggest_max_lr([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 0.5])
+    notes = suggest_max_lr([1e-4, 1e-3, 1e-2, 1e-1], [2.0, 1.5, 1.0, 0.5]).notes
     assert notes and "--end-lr" in notes[0]
 
 
@@ -160,7 +174,8 @@ def digits_result() -> LRFindResult:
 
 def test_digits_suggestion_is_sane(digits_result):
     assert 1e-3 <= digits_result.suggestion <= 1e-1
-    assert digits_result.suggestion == pytest.approx(digits_result.min_loss_lr * digits_result.multiplier)
+    assert digits_result.suggestion == pytest.approx(digits_result.fall_lr * digits_result.multiplier)
+    assert digits_result.fall_lr < digits_result.min_loss_lr
     assert digits_result.smoothed == centred_average(digits_result.lrs, digits_result.losses, digits_result.window)
     i = digits_result.lrs.index(digits_result.min_loss_lr)
     assert digits_result.smoothed[i] == min(digits_result.smoothed)
@@ -187,7 +202,7 @@ def test_cli_prints_the_suggestion_and_rule_and_writes_files(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "lr_find.json").read_text())
     assert f"suggested max_lr: {data['suggestion']:.2e}" in result.output
-    assert "rule: 1.5 x the LR at the lowest smoothed loss" in result.output
+    assert "rule: 10 x the LR where the smoothed loss had made 90% of its fall" in result.output
     assert f"kiln train digits --max-lr {data['suggestion']:.2g}" in result.output
     assert data["num_iter"] == 120 and len(data["lrs"]) == len(data["losses"]) <= 120
     assert (out / "lr_find.png").stat().st_size > 10_000
