@@ -26,7 +26,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lr_grid import against_grid_parser, best_of  # noqa: E402
 from machine import cpu_model, save_result  # noqa: E402
 
 from recipes.lr_rule import DEFAULT_END_LR, DEFAULT_NUM_ITER, DEFAULT_START_LR, centred_average  # noqa: E402
@@ -96,11 +96,7 @@ def lr_find(recipe: str, seed: int, precision: str, out: Path, extra: list[str])
 
 def main() -> None:
     """Run the range tests, apply every rule, compare with the grid, print and save."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipe")
-    parser.add_argument("--grid", type=Path, required=True, help="benchmarks/lr_grid.py's result JSON")
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--precision", default="fp32")
+    parser = against_grid_parser(__doc__.splitlines()[0])
     parser.add_argument("--num-iter", type=int, default=DEFAULT_NUM_ITER)
     parser.add_argument("--start-lr", type=float, default=DEFAULT_START_LR)
     parser.add_argument("--end-lr", type=float, default=DEFAULT_END_LR)
@@ -108,7 +104,7 @@ def main() -> None:
     args, rest = parser.parse_known_args()  # the rest (after --): more kiln lr-find arguments
     args.extra = [a for a in rest if a != "--"]
     grid = json.loads(args.grid.read_text())
-    best = grid["best_max_lr"]
+    best = best_of(grid)["max_lr"]
     top = max(row["median_final_val_accuracy"] for row in grid["grid"])
     plateau = [row["max_lr"] for row in grid["grid"] if row["median_final_val_accuracy"] >= top - args.tolerance]
     extra = ["--num-iter", str(args.num_iter), "--start-lr", str(args.start_lr), "--end-lr", str(args.end_lr)]

@@ -36,7 +36,7 @@ from machine import cpu_model, save_result  # noqa: E402
 from recipes import get_recipe  # noqa: E402
 from recipes.tools.holdout import tuning_split  # noqa: E402
 
-__all__ = ["main", "train", "tuning_args", "FACTORS"]
+__all__ = ["main", "train", "tuning_args", "against_grid_parser", "best_of", "FACTORS"]
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -57,6 +57,23 @@ def train(run_dir: Path, recipe: str, max_lr: float | str, seed: int, precision:
     trained_at = json.loads((run_dir / "config.json").read_text())["schedule"]["max_lr"]
     return {"final_val_accuracy": metrics[-1]["val_accuracy"], "max_lr": trained_at,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def against_grid_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that compares with this grid's result: RECIPE, ``--grid``, ``--seeds``,
+    ``--precision`` (lr_find_calibration.py, max_lr_auto.py)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("recipe")
+    parser.add_argument("--grid", type=Path, required=True, help="benchmarks/lr_grid.py's result JSON")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--precision", default="fp32")
+    return parser
+
+
+def best_of(grid: dict) -> dict:
+    """The grid point with the highest median final accuracy (the first of a tie): its ``max_lr``, ``factor``,
+    ``median_final_val_accuracy``."""
+    return max(grid["grid"], key=lambda row: row["median_final_val_accuracy"])
 
 
 def tuning_args(recipe: str, extra: list[str]) -> list[str]:
@@ -99,7 +116,7 @@ def main() -> None:
             raise SystemExit(f"{args.add_to} is a grid of another recipe, seed count or precision")
         grid = sorted(grid + [row for row in earlier["grid"] if row["factor"] not in runs], key=lambda row: row["factor"])
         merged = {"added_to": str(args.add_to), "extra_of_added_to": earlier["extra"]}
-    best = max(grid, key=lambda row: row["median_final_val_accuracy"])
+    best = best_of({"grid": grid})
     print(f"\n{cpu_model()}, {args.precision}: {args.recipe}, medians of {args.seeds} seed(s); best max_lr "
           f"{best['max_lr']:.3g} (x{best['factor']:g}), final val_accuracy {best['median_final_val_accuracy']:.4f}")
     save_result(f"lr-grid-{args.recipe}", {"benchmark": "lr_grid", "recipe": args.recipe, "precision": args.precision,

@@ -17,7 +17,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lr_grid import train, tuning_args  # noqa: E402
+from lr_grid import against_grid_parser, best_of, train, tuning_args  # noqa: E402
 from machine import cpu_model, save_result  # noqa: E402
 
 from recipes import get_recipe  # noqa: E402
@@ -37,16 +36,11 @@ __all__ = ["main"]
 
 def main() -> None:
     """Run ``--max-lr auto`` at each seed and factor, compare with the grid, print and save."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipe")
-    parser.add_argument("--grid", type=Path, required=True, help="benchmarks/lr_grid.py's result JSON")
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--precision", default="fp32")
+    parser = against_grid_parser(__doc__.splitlines()[0])
     parser.add_argument("--factors", type=float, nargs="+", default=[0.125, 1.0, 8.0])
     args, rest = parser.parse_known_args()  # the rest (after --): more kiln train arguments
     extra = tuning_args(args.recipe, [a for a in rest if a != "--"])
-    grid = json.loads(args.grid.read_text())
-    best = max(grid["grid"], key=lambda row: row["median_final_val_accuracy"])
+    best = best_of(json.loads(args.grid.read_text()))
     base = get_recipe(args.recipe)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
