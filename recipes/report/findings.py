@@ -7,8 +7,7 @@ A finding names a condition, the evidence for it from the records, why it matter
 command to run. The checks: divergence or loss spikes; a validation accuracy no better than chance;
 horizontal flips on images whose mirrors show other classes (from the flip probe in mistakes.json, the
 one end-of-run measurement); under fp16, the loss-scale trend and the skipped-step rate; clipping so tight
-that AdamW's eps shrinks its steps; a growing train/val gap (overfitting); a max_lr far from the LR range
-test's suggestion.
+AdamW's eps shrinks its steps; a growing train/val gap (overfitting); a max_lr far from the range test's.
 """
 from __future__ import annotations
 
@@ -267,12 +266,9 @@ def _check_fp16(run: RunData) -> Finding | None:
 def _check_clipping(run: RunData) -> Finding | None:
     """Clipping so tight that it shrinks AdamW's steps, on most logged steps and still in the second half.
 
-    AdamW divides each gradient by its running RMS, so clipping that scales every step's gradient alike
-    leaves the step's size to the LR: clipping on most steps is harmless there (a digits run clipped at 1.0,
-    a third of its usual gradient norm, trains as well as one clipped at 5 or not at all). What AdamW does
-    not undo is ``eps`` in its denominator: a gradient clipped to ``clip_norm`` has an RMS per parameter of
-    about ``clip_norm / sqrt(parameters)``, and once that nears ``eps`` the step shrinks by ``rms / (rms + eps)``
-    (the LR the run asked for is not the LR it trains at).
+    AdamW divides each gradient by its running RMS, so clipping on most steps leaves the step's size to the LR.
+    It does not undo ``eps``: a gradient clipped to ``clip_norm`` has an RMS per parameter of about
+    ``clip_norm / sqrt(parameters)``, and near ``eps`` the step shrinks by ``rms / (rms + eps)``.
     """
     clip = run.config.get("train", {}).get("clip_norm")
     parameters = run.config.get("runtime", {}).get("parameters")
@@ -284,25 +280,22 @@ def _check_clipping(run: RunData) -> Finding | None:
     if len(points) < 4:  # too few logged steps to call it "most"
         return None
     norms = [v for _, v in points]
-    clipped = sum(v > clip for v in norms)
-    half = points[len(points) // 2:]
+    clipped, half = sum(v > clip for v in norms), points[len(points) // 2:]
     clipped_late = sum(v > clip for _, v in half)
     rms = clip / math.sqrt(parameters)
     left = rms / (rms + eps)
     if clipped / len(norms) <= CLIP_SHARE or clipped_late / len(half) <= CLIP_SHARE or left >= CLIP_STEP_LEFT:
         return None
     median = statistics.median(norms)
-    suggestion = float(f"{min(median, 100 * eps * math.sqrt(parameters)):.1g}")  # steps within 1% of their size
+    suggestion = float(f"{100 * eps * math.sqrt(parameters):.1g}")  # steps within 1% of their size
     evidence = [f"the pre-clip gradient norm exceeded clip_norm={clip:g} on {clipped} of {len(norms)} logged steps "
                 f"({100 * clipped / len(norms):.0f}%), and on {clipped_late} of the {len(half)} from iteration "
                 f"{half[0][0]} on; median pre-clip norm {median:.3g}",
                 f"clipped to {clip:g} over {parameters:,} parameters, a gradient's RMS is about {rms:.2g}, "
                 f"against AdamW's eps {eps:g}: its steps are cut to about {100 * left:.0f}% of the LR's"]
-    advice = ("AdamW's step is the gradient over its running RMS plus eps; clipped this hard, eps dominates and the "
-              "steps shrink, as if the LR were lower. Clip where the clipped gradients stay well above eps "
-              "(or set clip_norm 0 to measure only).")
-    return Finding("clipping", "gradient clipping shrinks AdamW's steps", evidence, advice,
-                   _command(run, {"train.clip_norm": suggestion}))
+    advice = ("AdamW's step is the gradient over its running RMS plus eps; clipped this hard, eps dominates and the steps "
+              "shrink, as if the LR were lower. Clip where the clipped gradients stay well above eps (0: measure only).")
+    return Finding("clipping", "gradient clipping shrinks AdamW's steps", evidence, advice, _command(run, {"train.clip_norm": suggestion}))
 
 
 def _check_overfitting(run: RunData) -> Finding | None:
