@@ -121,7 +121,7 @@ def lr_range_test(
     The test trains on a bare trainer (kiln's step, plus gradient clipping and fp16 loss scaling when
     asked, as in a real run) for ``num_iter`` iterations with the LR rising from ``start_lr`` to
     ``end_lr``; it stops early once the finder's EMA of the loss (``smooth_f``) exceeds ``diverge_th`` times its
-    best. The suggestion comes from the losses' centred average (see the module docstring). Afterwards
+    best. The suggestion comes from the losses' centred average (:mod:`recipes.lr_rule`). Afterwards
     the model's parameters and buffers, the optimizer's state and LRs, the model's train/eval mode and
     the global torch RNG are restored exactly. (Long for its signature and this docstring: every knob of the
     test is an argument, so the CLI, ``--max-lr auto`` and a notebook call the same function.)
