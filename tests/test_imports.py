@@ -28,7 +28,7 @@ WINGS: list[tuple[str, tuple[str, ...]]] = [
     ("data, models", ("recipes.data.*", "recipes.models", "recipes.pretrained")),
     ("recipe registry", ("recipes", "recipes.digits", "recipes.cifar10", "recipes.synthetic", "recipes.imagefolder",
                          "recipes.fashion_mnist", "recipes.mnist", "recipes.recipe_files")),
-    ("config", ("recipes.config", "recipes.config.*", "recipes.words", "recipes.timm_models")),
+    ("config", ("recipes.config", "recipes.config.*", "recipes.words", "recipes.timm_models", "recipes.lr_rule")),
     ("callbacks", ("callbacks.*",)),
     ("engine", ("engine.*",)),
 ]
