@@ -271,9 +271,12 @@ def _check_clipping(run: RunData) -> Finding | None:
     ``clip_norm / sqrt(parameters)``, and near ``eps`` the step shrinks by ``rms / (rms + eps)``.
     """
     clip = run.config.get("train", {}).get("clip_norm")
-    parameters = run.config.get("runtime", {}).get("parameters")
-    eps = run.config.get("optim", {}).get("eps", 1e-8)
+    parameters, eps = run.config.get("runtime", {}).get("parameters"), run.config.get("optim", {}).get("eps", 1e-8)
     if not clip or not parameters:
+        return None
+    rms = clip / math.sqrt(parameters)
+    left = rms / (rms + eps)
+    if left >= CLIP_STEP_LEFT:  # the usual case, known from config.json alone: no need to read the steps
         return None
     points = [(s["iteration"], _num(s["grad_norm"])) for s in run.steps if s.get("grad_norm") is not None]
     points = [(it, v) for it, v in points if math.isfinite(v)]
@@ -282,9 +285,7 @@ def _check_clipping(run: RunData) -> Finding | None:
     norms = [v for _, v in points]
     clipped, half = sum(v > clip for v in norms), points[len(points) // 2:]
     clipped_late = sum(v > clip for _, v in half)
-    rms = clip / math.sqrt(parameters)
-    left = rms / (rms + eps)
-    if clipped / len(norms) <= CLIP_SHARE or clipped_late / len(half) <= CLIP_SHARE or left >= CLIP_STEP_LEFT:
+    if clipped / len(norms) <= CLIP_SHARE or clipped_late / len(half) <= CLIP_SHARE:
         return None
     median = statistics.median(norms)
     suggestion = float(f"{100 * eps * math.sqrt(parameters):.1g}")  # steps within 1% of their size
