@@ -5,8 +5,8 @@ For each seed, ``kiln lr-find RECIPE`` runs as a whole process (the ramp of ``--
 training split, as the grid did), and its raw per-step losses (lr_find.json) are turned into a suggestion
 by each candidate rule:
 
-- ``kiln``: the suggestion ``kiln lr-find`` printed (``recipes.lr_rule``: 1.5x the LR at the lowest
-  point of the losses' centred average);
+- ``kiln``: the suggestion ``kiln lr-find`` printed (``recipes.lr_rule``: 10x the LR where the losses'
+  centred average had made 90% of its fall to its lowest point);
 - ``ema-min/3``: kiln's rule until December 2026: the LR at the lowest point of an EMA of the losses
   (weight 0.05 on the new value, as ignite's finder smooths; it lags the raw loss by about 20 steps),
   divided by 3;
@@ -104,8 +104,8 @@ def main() -> None:
     args, rest = parser.parse_known_args()  # the rest (after --): more kiln lr-find arguments
     args.extra = [a for a in rest if a != "--"]
     grid = json.loads(args.grid.read_text())
-    best = best_of(grid)["max_lr"]
-    top = max(row["median_final_val_accuracy"] for row in grid["grid"])
+    top_row = best_of(grid["grid"])
+    best, top = top_row["max_lr"], top_row["median_final_val_accuracy"]
     plateau = [row["max_lr"] for row in grid["grid"] if row["median_final_val_accuracy"] >= top - args.tolerance]
     extra = ["--num-iter", str(args.num_iter), "--start-lr", str(args.start_lr), "--end-lr", str(args.end_lr)]
     found: dict[str, list[float]] = {}

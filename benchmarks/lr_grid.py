@@ -70,10 +70,10 @@ def against_grid_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def best_of(grid: dict) -> dict:
-    """The grid point with the highest median final accuracy (the first of a tie): its ``max_lr``, ``factor``,
-    ``median_final_val_accuracy``."""
-    return max(grid["grid"], key=lambda row: row["median_final_val_accuracy"])
+def best_of(rows: list[dict]) -> dict:
+    """The grid point (a row of a result's ``grid``) with the highest median final accuracy, the first of a
+    tie: its ``max_lr``, ``factor``, ``median_final_val_accuracy``."""
+    return max(rows, key=lambda row: row["median_final_val_accuracy"])
 
 
 def tuning_args(recipe: str, extra: list[str]) -> list[str]:
@@ -116,7 +116,7 @@ def main() -> None:
             raise SystemExit(f"{args.add_to} is a grid of another recipe, seed count or precision")
         grid = sorted(grid + [row for row in earlier["grid"] if row["factor"] not in runs], key=lambda row: row["factor"])
         merged = {"added_to": str(args.add_to), "extra_of_added_to": earlier["extra"]}
-    best = best_of({"grid": grid})
+    best = best_of(grid)
     print(f"\n{cpu_model()}, {args.precision}: {args.recipe}, medians of {args.seeds} seed(s); best max_lr "
           f"{best['max_lr']:.3g} (x{best['factor']:g}), final val_accuracy {best['median_final_val_accuracy']:.4f}")
     save_result(f"lr-grid-{args.recipe}", {"benchmark": "lr_grid", "recipe": args.recipe, "precision": args.precision,

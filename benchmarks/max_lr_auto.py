@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--factors", type=float, nargs="+", default=[0.125, 1.0, 8.0])
     args, rest = parser.parse_known_args()  # the rest (after --): more kiln train arguments
     extra = tuning_args(args.recipe, [a for a in rest if a != "--"])
-    best = best_of(json.loads(args.grid.read_text()))
+    best = best_of(json.loads(args.grid.read_text())["grid"])
     base = get_recipe(args.recipe)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
