@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import time
 
 import optuna
 import pytest
@@ -18,6 +17,7 @@ from recipes.config import ConfigError, apply_overrides
 from recipes.recipe_files import load_recipe_file
 from recipes.report import finish_run
 from recipes.report.sweep_page import draw_sweep
+from recipes.run.rundir import RunDir
 from recipes.tools.sweep import ParamSpec, default_space, parse_param, run_sweep, trial_config
 from tests.runs import kiln, start, wait_for
 
@@ -164,13 +164,13 @@ def test_two_workers_share_a_study_and_one_dying_mid_trial_leaves_it_consistent(
         def first_is_mid_trial() -> bool:
             """A trial of the first worker (its run directory's lock names its PID) has logged a step and not
             ended: any trial, or a pause between two, would let the kill miss what this test is about."""
-            for run_dir in (out / "trials").glob("*"):
+            for run_dir in map(RunDir, (out / "trials").glob("*")):
                 try:
-                    mine = (run_dir / ".lock").read_text().strip() == str(first.pid)
-                    running = json.loads((run_dir / "summary.json").read_text())["status"] == "running"
+                    mine = run_dir.lock.read_text().strip() == str(first.pid)
+                    running = json.loads(run_dir.summary.read_text())["status"] == "running"
                 except (OSError, ValueError, KeyError):
                     continue
-                if mine and running and (run_dir / "steps.jsonl").exists():
+                if mine and running and run_dir.steps.exists():
                     return True
             return False
 
