@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from callbacks.files import os_error_line, write_atomic
+from callbacks.files import os_error_line, write_atomic, write_json_atomic
 from recipes.report.html_style import STYLESHEET
 from recipes.report.findings import Finding, find_issues, fmt, format_findings
 from recipes.report.plots import plot_run
@@ -202,7 +202,8 @@ def _page(run: RunData, findings: list[Finding], plots: list[Path]) -> str:
 
 
 def write_report(run_dir: str | Path) -> Report:
-    """Draw RUN_DIR/plots/*.png, compute the findings and write RUN_DIR/report.html (images embedded).
+    """Draw RUN_DIR/plots/*.png, compute the findings and write RUN_DIR/report.html (images embedded) and
+    RUN_DIR/findings.json (the findings as data: what an MLflow mirror sends).
 
     Raises:
         ConfigError: see :func:`load_run`.
@@ -213,6 +214,7 @@ def write_report(run_dir: str | Path) -> Report:
     html_path = RunDir(run.run_dir).report
     page = _page(run, findings, plots).encode("utf-8")
     write_atomic(html_path, lambda f: f.write(page))
+    write_json_atomic(RunDir(run.run_dir).findings, {"findings": [f.to_dict() for f in findings]})
     return Report(run, findings, html_path, plots)
 
 

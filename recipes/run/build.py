@@ -31,7 +31,7 @@ from recipes.run.parts import (initial_weights_file, load_initial_weights, make_
                                make_model, make_optimizer, make_schedule, resolve_freeze_epochs, resolve_runtime,
                                resolve_memory_budget, what_trains)
 
-__all__ = ["Assembly", "build", "make_run_dir", "versions", "write_config"]
+__all__ = ["Assembly", "build", "git_commit", "make_run_dir", "versions", "write_config"]
 
 
 @dataclass
@@ -108,6 +108,18 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": _installed_version("torchvision"), "ignite": ignite.__version__,
             "kiln": _installed_version("kiln")}
+
+
+def git_commit(folder: str | Path = ".") -> str | None:
+    """The commit checked out in the git work tree around ``folder`` (where the run was started), or None when
+    there is none or git is missing: config.json records it, and an MLflow mirror tags the run with it."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def _installed_version(distribution: str) -> str:
@@ -351,6 +363,7 @@ def write_config(run: Assembly) -> None:
                     "class_names": list(run.class_names), **run.inference, "world_size": run.world_size,
                     "global_batch_size": run.config.data.batch_size * run.world_size,
                     "parameters": sum(p.numel() for p in run.model.parameters()),
-                    "command": " ".join(sys.argv), **run.said},
+                    "command": " ".join(sys.argv), **run.said,
+                    **({"git_commit": commit} if (commit := git_commit()) else {})},
         "versions": versions(),
     })
