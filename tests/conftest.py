@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from recipes.data import TensorBatches
+from tests.mlflow_server import HTTP_ENV as MLFLOW_HTTP_ENV
 
 NUM_CLASSES = 3
 IMAGE_SHAPE = (3, 16, 16)
@@ -22,6 +23,8 @@ IMAGE_SHAPE = (3, 16, 16)
 #: 2-core machine. Every process a test starts inherits the same setting through these environment variables.
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 os.environ.update(SINGLE_THREAD_ENV)
+os.environ.update(MLFLOW_HTTP_ENV)  # an MLflow outage costs a test seconds (tests/mlflow_server.py)
+os.environ.pop("KILN_MLFLOW_URI", None)  # a server named in the shell would make every test run mirror to it
 torch.set_num_threads(1)
 
 #: tests/data holds files other code wrote (a script there ran on an older kiln): data, not tests.

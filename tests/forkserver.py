@@ -43,7 +43,8 @@ _MESSAGE = 1 << 20
 
 #: Environment variables kiln reads only when a command runs (never at import): a forked command may differ
 #: from the suite's environment in these.
-RUN_TIME_ENV = frozenset({"KILN_SWEEP_HOLD"})
+RUN_TIME_ENV = frozenset({"KILN_SWEEP_HOLD", "KILN_MLFLOW_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                          "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"})
 
 
 def forkable(args: list[str], env: dict | None, suite_env: dict, options: dict) -> bool:

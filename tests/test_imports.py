@@ -2,7 +2,7 @@
 
 The wings, highest first; a module may import from its own wing or any wing below it, never above:
 
-    cli -> report -> tools -> run -> data, models -> the recipe registry -> config -> callbacks -> engine
+    cli -> report -> tools -> tracking -> run -> data, models -> the recipe registry -> config -> callbacks -> engine
 
 Imports are read with ``ast`` from every module, at module level and inside functions alike (an import
 hidden in a function is still a dependency); ``if TYPE_CHECKING:`` imports are annotations, not
@@ -24,6 +24,7 @@ WINGS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("recipes.cli.*", "recipes.__main__")),
     ("report", ("recipes.report.*",)),
     ("tools", ("recipes.tools.*",)),
+    ("tracking", ("recipes.tracking.*",)),
     ("run", ("recipes.run.*",)),
     ("data, models", ("recipes.data.*", "recipes.models", "recipes.pretrained")),
     ("recipe registry", ("recipes", "recipes.digits", "recipes.cifar10", "recipes.synthetic", "recipes.imagefolder",

@@ -6,6 +6,7 @@ findings are written (``recipes.report``); then the final lines are printed and 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -15,6 +16,7 @@ import threading
 from pathlib import Path
 
 import click
+import ignite.distributed as idist
 
 from callbacks.nan_diagnosis import format_diagnosis
 from recipes.cli.launch import LAUNCHER_SIGNALS, exit_now_if_distributed, launch, under_torchrun
@@ -25,8 +27,10 @@ from recipes.report.plots import plot_lr_find
 from recipes.run import Assembly, resume, run_dir_of, train
 from recipes.run.lock import RunLock, lend_to_children
 from recipes.run.lost_rank import lost_a_peer, lost_peer_reason
-from recipes.run.rundir import RunDir, read_summary
+from recipes.run.rundir import RunDir, read_summary, run_config
+from recipes.tools.export import FORMATS, ExportFailed, export_checkpoint
 from recipes.tools.lr_find import choose_max_lr, record_in_run
+from recipes.tracking import RunMirror, mirrored, open_mirror, start_mirror
 from recipes.words import plural
 
 __all__ = ["train_job", "resume_job", "take_for_resume", "run_job", "final_lines", "report_unless_stopped",
@@ -50,29 +54,70 @@ def _diagnosis_once() -> None:
 
 def train_job(cfg: Config, run_dir: Path, quiet: bool, auto_max_lr: bool, report: bool = True) -> int:
     """Train ``cfg`` into ``run_dir`` (after the LR range test with ``auto_max_lr``), write the report (unless
-    not ``report``); returns the exit status."""
+    not ``report``), mirrored in MLflow when a server is named; returns the exit status."""
     _diagnosis_once()
     found = None
     if auto_max_lr:  # the run trains at the range test's suggestion, from the same initial weights
         cfg, found = choose_max_lr(cfg, quiet=quiet)
+    mirror = open_mirror(cfg, run_dir) if idist.get_rank() == 0 else None  # one process sends
 
-    def record_range_test(run: Assembly) -> None:
-        record_in_run(run, found)
-        if run.writes:
-            plot_lr_find(found, RunDir(run.run_dir).lr_find_plot, title=f"{cfg.name}: LR range test")
+    def before_run(run: Assembly) -> None:
+        if found is not None:
+            record_in_run(run, found)
+            if run.writes:
+                plot_lr_find(found, RunDir(run.run_dir).lr_find_plot, title=f"{cfg.name}: LR range test")
+        start_mirror(mirror)
 
-    run = train(cfg, run_dir, quiet=quiet, before_run=record_range_test if found is not None else None)
-    stopped_by = report_unless_stopped(run) if report else None
+    with _mirrored(mirror, cfg, run_dir) as handlers:
+        run = train(cfg, run_dir, quiet=quiet, before_run=before_run, extra_handlers=handlers)
+        stopped_by = report_unless_stopped(run) if report else None
     return _exit_status(run, stopped_by)
 
 
-def resume_job(source: str, options: dict, report: bool = True) -> int:
+def resume_job(source: str, options: dict, report: bool = True, mlflow: str | None = None) -> int:
     """Resume the run at ``source`` with ``options`` (see ``recipes.run.resume``), write the report (unless not
-    ``report``); returns the exit status."""
+    ``report``), mirrored in MLflow (the same MLflow run) when a server is named; returns the exit status."""
     _diagnosis_once()
-    run = resume(source, **options)
-    stopped_by = report_unless_stopped(run) if run.ran and report else None  # plots/, report.html, findings
+    run_dir = run_dir_of(source)
+    mirror, cfg = None, None
+    if idist.get_rank() == 0:  # one process sends
+        try:
+            cfg = run_config(run_dir)
+        except ConfigError:  # config.json torn (--force continues from the checkpoint's config, and rewrites it)
+            cfg = None
+        cfg = cfg or Config(name=run_dir.name)  # the mirror's settings: the server may come from mlflow.json
+        mirror = open_mirror(cfg, run_dir, uri=mlflow)
+    with _mirrored(mirror, cfg, run_dir) as handlers:
+        start_mirror(mirror, send=False)  # the records past the checkpoint are cut first
+        run = resume(source, **options, extra_handlers=handlers)
+        stopped_by = report_unless_stopped(run) if run.ran and report else None  # plots/, report.html, findings
     return _exit_status(run, stopped_by)
+
+
+def _mirrored(mirror: RunMirror | None, cfg: Config | None, run_dir: Path) -> contextlib.AbstractContextManager:
+    """:func:`recipes.tracking.mirrored` with the run's settings: how often, and (``--mlflow-log-model``) the model."""
+    if mirror is None or cfg is None:
+        return mirrored(None, run_dir)
+    t = cfg.tracking
+    return mirrored(mirror, run_dir, t.mlflow_every_seconds,
+                    artifacts=functools.partial(model_artifacts, run_dir) if t.mlflow_log_model else None)
+
+
+def model_artifacts(run_dir: Path, tmp: Path) -> dict[str, Path]:
+    """``--mlflow-log-model``: the best checkpoint (else last.pt) and its TorchScript export (written in ``tmp``),
+    as artifact folder -> file; an export that fails is one line, and the checkpoint still goes."""
+    paths = RunDir(run_dir)
+    best = (paths.best_checkpoints() or [p for p in [paths.last] if p.is_file()])[-1:]
+    if not best:
+        return {}
+    artifacts: dict[str, Path] = {"checkpoints": best[0]}
+    out = tmp / best[0].with_suffix(FORMATS["torchscript"]).name
+    try:
+        export_checkpoint(best[0], "torchscript", out, dynamic_batch=True)
+        artifacts["model"] = out
+    except (ExportFailed, ConfigError) as e:
+        click.echo(f"kiln: the model was not exported for MLflow: {e}", err=True)
+    return artifacts
 
 
 def take_for_resume(source: str) -> None:

@@ -123,6 +123,7 @@ CLICK_SETTINGS: dict[str, dict[str, Any]] = {
     "on_nan": {"type": click.Choice(POLICIES)}, "data_dir": {"type": click.Path()},
     "weights": {"type": click.Path(dir_okay=False)}, "ema": {"metavar": "DECAY"}, "mixup": {"metavar": "ALPHA"},
     "cutmix": {"metavar": "ALPHA"}, "early_stop": {"metavar": "PATIENCE"}, "accumulation_steps": {"metavar": "K"},
+    "mlflow": {"metavar": "URI"}, "mlflow_experiment": {"metavar": "NAME"},
 }
 
 

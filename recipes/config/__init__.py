@@ -36,13 +36,14 @@ from recipes.config.sections import (
                                  ModelConfig,
                                  OptimConfig,
                                  ScheduleConfig,
+                                 TrackingConfig,
                                  TrainConfig,
                                  parse_size,
 )
 
 __all__ = [
     "Config", "CheckpointConfig", "DataConfig", "FinetuneConfig", "GuardConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
-    "TrainConfig", "ConfigError", "DataError", "apply_overrides", "config_docs", "config_to_dict", "config_from_dict",
+    "TrackingConfig", "TrainConfig", "ConfigError", "DataError", "apply_overrides", "config_docs", "config_to_dict", "config_from_dict",
     "field_paths", "flatten_config", "hparams", "json_safe", "resolve_key", "with_max_lr", "with_class_count",
     "OPTION_KEYS", "LEGACY_KEYS", "DATASETS", "FILE_DATASETS", "KILN_MODELS", "SECTIONS", "parse_size",
 ]

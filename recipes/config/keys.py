@@ -28,6 +28,8 @@ OPTION_KEYS = {
     "ema": "train.ema_decay", "mixup": "train.mixup_alpha", "cutmix": "train.cutmix_alpha",
     "early_stop": "train.early_stop_patience", "accumulation_steps": "train.accumulation_steps",
     "channels_last": "train.channels_last", "compile": "train.compile",
+    "mlflow": "tracking.mlflow_uri", "mlflow_experiment": "tracking.mlflow_experiment",
+    "mlflow_required": "tracking.mlflow_required", "mlflow_log_model": "tracking.mlflow_log_model",
 }
 
 #: Keys renamed since run directories, checkpoints and recipe files were written with them: old key -> new.
@@ -197,9 +199,11 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def hparams(cfg: Config) -> dict[str, bool | int | float | str]:
-    """The section keys of :func:`flatten_config`, for TensorBoard's hparams (lists become text)."""
+    """The section keys of :func:`flatten_config` that describe the run, for TensorBoard's hparams and MLflow's
+    params (lists become text); the ``tracking`` section says where the run is mirrored, not what it is, and
+    may change on a resume, so it is left out."""
     return {key: value if isinstance(value, (bool, int, float, str)) else ",".join(str(v) for v in value)
-            for key, value in flatten_config(cfg).items() if "." in key}
+            for key, value in flatten_config(cfg).items() if "." in key and not key.startswith("tracking.")}
 
 
 def config_docs() -> dict[str, str]:

@@ -10,7 +10,7 @@ from callbacks.nan_diagnosis import POLICIES
 from engine.precision_names import PRECISIONS
 
 __all__ = ["Config", "CheckpointConfig", "DataConfig", "GuardConfig", "ModelConfig", "OptimConfig", "ScheduleConfig",
-           "TrainConfig", "FinetuneConfig", "ConfigError", "DataError", "DATASETS", "FILE_DATASETS", "KILN_MODELS", "SECTIONS",
+           "TrainConfig", "FinetuneConfig", "TrackingConfig", "ConfigError", "DataError", "DATASETS", "FILE_DATASETS", "KILN_MODELS", "SECTIONS",
            "parse_size"]
 
 
@@ -303,6 +303,23 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Where the run is mirrored besides its run directory: an MLflow tracking server (the ``kiln[mlflow]`` extra)."""
+
+    #: an MLflow tracking server to mirror the run to, e.g. http://127.0.0.1:5000 (empty: the environment's
+    #: KILN_MLFLOW_URI, else none)
+    mlflow_uri: str = ""
+    mlflow_experiment: str = ""  #: the MLflow experiment (empty: the recipe's name)
+    mlflow_required: bool = False  #: refuse to start when the MLflow server cannot be reached (else train without it)
+    mlflow_log_model: bool = False  #: also send the best checkpoint and a TorchScript export of it at the end
+    mlflow_every_seconds: float = 5.0  #: the least time between two sends to MLflow while the run trains
+
+    def __post_init__(self) -> None:
+        _check(self.mlflow_every_seconds >= 0,
+               f"tracking.mlflow_every_seconds must be >= 0, not {self.mlflow_every_seconds}")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole recipe: every hyperparameter of a run."""
 
@@ -316,6 +333,7 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _check(self.optim.lr <= self.schedule.max_lr,
@@ -327,4 +345,4 @@ class Config:
         return self.schedule.max_lr / self.optim.lr
 
 
-SECTIONS = ("data", "model", "optim", "schedule", "train", "guard", "finetune", "checkpoint")
+SECTIONS = ("data", "model", "optim", "schedule", "train", "guard", "finetune", "checkpoint", "tracking")

@@ -31,7 +31,8 @@ CHECKPOINT_FORMAT = 1
 
 #: Config keys that may differ between a checkpoint and the run continuing it: they do not change
 #: what is computed (where it runs, how often it logs or saves) or are handled on their own (epochs).
-#: The whole ``guard`` section is run-neutral too: it only acts on a run that already diverged.
+#: The whole ``guard`` section is run-neutral too: it only acts on a run that already diverged; and so is
+#: ``tracking``: where the run is mirrored.
 RUN_NEUTRAL_KEYS = ("description", "train.device", "train.log_every", "train.epochs", "checkpoint.every_iterations",
                     "checkpoint.every_minutes", "checkpoint.keep_best", "data.num_workers", "data.data_dir",
                     "data.download", "train.compile", "train.compile_backend", "train.channels_last")
@@ -130,7 +131,7 @@ def run_changing_differences(saved: Config, requested: Config) -> list[str]:
     if requested.data.memory_budget == "auto":
         neutral.add("data.memory_budget")
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in neutral and not k.startswith("guard.")]
+            if a.get(k) != b.get(k) and k not in neutral and not k.startswith(("guard.", "tracking."))]
 
 
 def with_run_precision(cfg: Config, checkpoint: Mapping[str, Any]) -> Config:

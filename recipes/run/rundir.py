@@ -4,7 +4,8 @@ A run directory holds what ``kiln train`` writes (docs/resume.md shows it whole)
 writes into (``kiln lr-find``, ``kiln schedule``: a run directory or one of their own) is laid out alike::
 
     config.json  summary.json  metrics.jsonl  steps.jsonl  events.jsonl  lr_find.json  lr_find.png
-    mistakes.json  report.html  plots/  tb/  checkpoints/last.pt  checkpoints/best-*.pt  .lock
+    mistakes.json  report.html  findings.json  mlflow.json  plots/  tb/  checkpoints/last.pt
+    checkpoints/best-*.pt  .lock
 
 Every module of recipes/ gets these paths from :class:`RunDir` and reads them with the readers here
 (a test greps the source for the names). The handlers in callbacks/ receive their paths from the run
@@ -39,14 +40,16 @@ from callbacks.files import append_jsonl, cut_torn_last_line, os_error_line
 from recipes.config import Config, ConfigError, config_from_dict
 from recipes.words import plural
 
-__all__ = ["CHECKPOINTS", "CHECKPOINT_PLOTS", "CONFIG", "EVAL_CONFUSION", "EVENTS", "LOCK", "LR_FIND", "LR_FIND_PLOT",
-           "METRICS", "MISTAKES", "PLOTS", "RECORDS", "REPORT", "RUN_FILES", "RUN_PLOTS", "RunDir", "SCHEDULE",
+__all__ = ["CHECKPOINTS", "CHECKPOINT_PLOTS", "CONFIG", "EVAL_CONFUSION", "EVENTS", "FINDINGS", "LOCK", "LR_FIND",
+           "LR_FIND_PLOT", "METRICS", "MISTAKES", "MLFLOW", "PLOTS", "RECORDS", "REPORT", "RUN_FILES", "RUN_PLOTS", "RunDir", "SCHEDULE",
            "SCHEDULE_PLOT", "STEPS", "SUMMARY", "TENSORBOARD", "cut_torn_records", "read_config_json", "read_json",
            "read_json_strictly", "read_jsonl", "read_summary", "run_config"]
 
 # Each name once: the paths below, the readers and every module of recipes/ use these.
 CONFIG, SUMMARY, METRICS, STEPS, EVENTS = "config.json", "summary.json", "metrics.jsonl", "steps.jsonl", "events.jsonl"
 LR_FIND, LR_FIND_PLOT, MISTAKES, REPORT = "lr_find.json", "lr_find.png", "mistakes.json", "report.html"
+FINDINGS = "findings.json"  # the report's findings, as data (written with report.html)
+MLFLOW = "mlflow.json"  # which MLflow run mirrors this one, on which server (recipes/tracking)
 EVAL_CONFUSION = "confusion_matrix.png"  # written by `kiln eval`
 SCHEDULE, SCHEDULE_PLOT = "schedule.json", "schedule.png"  # written by `kiln schedule RUN_DIR`
 PLOTS, TENSORBOARD, CHECKPOINTS = "plots", "tb", "checkpoints"
@@ -60,8 +63,8 @@ RUN_PLOTS = ("lr.png", "loss.png", "accuracy.png", "grad_norm.png", "loss_scale.
 CHECKPOINT_PLOTS = ("mistakes.png", "confusion.png")
 #: What a run writes at the top of its directory: ``kiln train --force`` removes these, and only these, to
 #: start over a run that stopped before its first checkpoint (and temporary files: dot-names ending in .tmp).
-RUN_FILES = frozenset({CONFIG, SUMMARY, *RECORDS, REPORT, LR_FIND, LR_FIND_PLOT, MISTAKES, EVAL_CONFUSION, SCHEDULE,
-                       SCHEDULE_PLOT, CHECKPOINTS, TENSORBOARD, PLOTS})
+RUN_FILES = frozenset({CONFIG, SUMMARY, *RECORDS, REPORT, FINDINGS, MLFLOW, LR_FIND, LR_FIND_PLOT, MISTAKES,
+                       EVAL_CONFUSION, SCHEDULE, SCHEDULE_PLOT, CHECKPOINTS, TENSORBOARD, PLOTS})
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class RunDir:
     lr_find_plot = property(lambda self: self.root / LR_FIND_PLOT, doc="Its plot.")
     mistakes = property(lambda self: self.root / MISTAKES, doc="The best checkpoint's validation mistakes.")
     report = property(lambda self: self.root / REPORT, doc="The end-of-run report.")
+    findings = property(lambda self: self.root / FINDINGS, doc="The report's findings, as data.")
+    mlflow = property(lambda self: self.root / MLFLOW, doc="The MLflow run that mirrors this one, per server.")
     eval_confusion = property(lambda self: self.root / EVAL_CONFUSION, doc="`kiln eval`'s confusion matrix.")
     schedule = property(lambda self: self.root / SCHEDULE, doc="`kiln schedule`'s LR and beta1 per step.")
     schedule_plot = property(lambda self: self.root / SCHEDULE_PLOT, doc="Its plot.")

@@ -1,6 +1,6 @@
 """The ``kiln`` command group and its entry point; the commands live by group beside this file: ``run``
 (train, resume), ``inspect`` (recipes, show, schedule, report, eval), ``model`` (predict, export) and
-``tools`` (lr-find, sweep). Each parses, calls the wing that does the work and prints; no training logic.
+``tools`` (lr-find, sweep), ``tracking`` (mlflow-sync). Each parses, calls the wing that does the work and prints; no training logic.
 
 The heavy wings (``recipes.run``, ``recipes.tools``, ``recipes.report``) are imported inside the
 commands that need them, so ``kiln recipes`` or ``kiln --help`` never loads them.
@@ -18,6 +18,7 @@ from recipes.cli.commands.inspect import eval_, recipes, report, schedule, show
 from recipes.cli.commands.model import export, predict
 from recipes.cli.commands.run import resume, train
 from recipes.cli.commands.tools import lr_find, sweep
+from recipes.cli.commands.tracking import mlflow_sync
 from recipes.config import ConfigError, DataError
 
 __all__ = ["cli", "main"]
@@ -35,7 +36,7 @@ def cli() -> None:
     """
 
 
-for _command in (recipes, show, train, resume, eval_, predict, export, lr_find, schedule, sweep, report):
+for _command in (recipes, show, train, resume, eval_, predict, export, lr_find, schedule, sweep, report, mlflow_sync):
     cli.add_command(_command)
 
 

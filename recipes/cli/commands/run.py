@@ -23,6 +23,7 @@ TRAIN_SECTIONS = {
     "Divergence guard": ("on_nan",),
     "Run directory and checkpoints": ("out", "resume_from", "force", "seed", "quiet", "report"),
     "Several processes": ("nproc_per_node", "backend"),
+    "MLflow tracking server (docs/mlflow.md)": ("mlflow", "mlflow_experiment", "mlflow_required", "mlflow_log_model"),
     "Any config key, and help": ("sets", "help"),
 }
 
@@ -59,11 +60,13 @@ def train(recipe: str, out: str | None, quiet: bool, report: bool, resume_from: 
     from recipes.cli import jobs
     from recipes.run import make_run_dir, plan_resume
     from recipes.run.lock import discarded_on_failure
+    from recipes.tracking import require_mlflow_client
 
     auto_max_lr = options.get("max_lr") == "auto"
     if auto_max_lr:
         options["max_lr"] = None
     cfg = resolve_config(recipe, sets, **options)
+    require_mlflow_client(cfg.tracking.mlflow_uri)
     world_size = jobs.world_size(nproc_per_node)
     if auto_max_lr and world_size > 1:
         raise ConfigError("--max-lr auto runs in one process: run `kiln lr-find` first and pass its --max-lr")
@@ -75,7 +78,7 @@ def train(recipe: str, out: str | None, quiet: bool, report: bool, resume_from: 
         jobs.take_for_resume(resume_from)
         plan_resume(resume_from, requested=cfg, force=force, world_size=world_size)
         job = functools.partial(jobs.resume_job, resume_from, dict(requested=cfg, force=force, quiet=quiet),
-                                report=report)
+                                report=report, mlflow=cfg.tracking.mlflow_uri or None)
         jobs.run_job(job, nproc_per_node, backend, Path(resume_from).parent.parent)
         return
     run_dir = make_run_dir(cfg, out, force=force, writes=jobs.is_rank_zero())  # locked, before any data loads
@@ -98,8 +101,10 @@ def train(recipe: str, out: str | None, quiet: bool, report: bool, resume_from: 
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes: as many as the run was started with.")
 @click.option("--backend", type=click.Choice(["gloo", "nccl"]), help="torch.distributed backend.")
+@click.option("--mlflow", metavar="URI", help="Mirror the run to this MLflow tracking server (default: the run's "
+              "own --mlflow, else $KILN_MLFLOW_URI, else the server it was last mirrored to, whose MLflow run it continues).")
 def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, report: bool, nproc_per_node: int,
-           backend: str | None) -> None:
+           backend: str | None, mlflow: str | None) -> None:
     """Continue the run in RUN_DIR from its checkpoints/last.pt, exactly where it stopped.
 
     \b
@@ -107,7 +112,9 @@ def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, re
     """
     from recipes.cli import jobs
     from recipes.run import plan_resume
+    from recipes.tracking import require_mlflow_client
 
+    require_mlflow_client(mlflow or "", run_dir)
     jobs.take_for_resume(run_dir)
     plan = plan_resume(run_dir, epochs=epochs, new_schedule=new_schedule, world_size=jobs.world_size(nproc_per_node))
     if plan.finished:
@@ -118,5 +125,5 @@ def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, re
     if not quiet and jobs.is_rank_zero():
         click.echo(f"kiln: resuming {run_dir} at iteration {plan.iteration}")
     job = functools.partial(jobs.resume_job, run_dir, dict(epochs=epochs, new_schedule=new_schedule, quiet=quiet),
-                            report=report)
+                            report=report, mlflow=mlflow)
     jobs.run_job(job, nproc_per_node, backend, plan.last.parent.parent)

@@ -70,11 +70,15 @@ def lr_find(recipe: str, start_lr: float, end_lr: float, num_iter: int, multipli
               help="Stop trials whose per-epoch val_accuracy is below the median of earlier trials.")
 @click.option("--out", type=click.Path(file_okay=False), help="Sweep directory (default: runs/RECIPE-sweep); "
               "re-running the same command continues its study.")
+@click.option("--mlflow", metavar="URI", help="Mirror the sweep to this MLflow tracking server (default: "
+              "$KILN_MLFLOW_URI): a parent run for the study, each trial's run nested under it.")
+@click.option("--mlflow-experiment", metavar="NAME", help="The MLflow experiment (default: the recipe's name).")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=10, hidden=True,
               help="Seconds between a worker's heartbeats; a trial silent for 3x this is marked failed.")
 @set_option
 def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None, max_lr: object, storage: str | None,
-          study_name: str | None, pruner: str, out: str | None, heartbeat: int, sets: tuple[str, ...]) -> None:
+          study_name: str | None, pruner: str, out: str | None, mlflow: str | None, mlflow_experiment: str | None,
+          heartbeat: int, sets: tuple[str, ...]) -> None:
     """Search RECIPE's hyperparameters with Optuna (TPE, seeded; objective: best val_accuracy).
 
     \b
@@ -92,6 +96,7 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
     from recipes.tools.holdout import tuning_split
     from recipes.tools.sweep import SweepInterrupted, default_space, parse_param, run_sweep
     from recipes.tools.sweep.stop import quiet_failed_trials
+    from recipes.tracking import mirror_uri, require_mlflow_client
 
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, not {trials}")
@@ -104,12 +109,15 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
         fixed["data.val_fraction"] = cfg.data.val_fraction  # every trial holds it out
     space = [parse_param(p, cfg) for p in params] or default_space(cfg, with_max_lr=not auto and max_lr is None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    server = mirror_uri(mlflow or "")
+    require_mlflow_client(mlflow or "")
     try:  # an OSError ends the sweep and reaches main, which says it in one line: Optuna's lines about it go
         with quiet_failed_trials(OSError), output_folder(Path(out or f"runs/{cfg.name}-sweep")) as sweep_dir:
             run_sweep(recipe, cfg, space, n_trials=trials, out=sweep_dir, storage=storage, study_name=study_name,
                       pruner=pruner, auto_max_lr=auto, fixed=fixed, heartbeat_interval=heartbeat,
                       finish=lambda run_dir: finish_run(run_dir, io.StringIO()),  # each trial's report, not printed
-                      draw=draw_sweep)  # and the sweep's page
+                      draw=draw_sweep,  # and the sweep's page
+                      mlflow=(server, mlflow_experiment or cfg.name) if server is not None else None)
     except SweepInterrupted as e:  # SIGTERM or Ctrl-C: one line, and the shell's status for the signal
         click.echo(f"kiln: {e}", err=True)
         sys.exit(128 + e.signum)

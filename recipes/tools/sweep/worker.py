@@ -2,11 +2,12 @@
 pruned across every worker sharing the storage; a worker that died is noticed by its heartbeats."""
 from __future__ import annotations
 
+import contextlib
 import io
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,6 +26,8 @@ from recipes.tools.sweep.results import SweepResult, format_value, short_key, wr
 from recipes.tools.sweep.space import ParamSpec, trial_config
 from recipes.tools.sweep.stop import StopSignals, SweepInterrupted, quiet_failed_trials
 from recipes.tools.sweep.storage import check_same_sweep, open_study
+from recipes.tracking import MlflowUnavailable, RunMirror, mirrored, open_mirror, start_mirror
+from recipes.tracking.sweep import SweepMirror
 
 __all__ = ["COUNTED", "IN_FLIGHT", "SweepInterrupted", "run_sweep"]
 
@@ -37,11 +40,12 @@ def run_sweep(recipe: str, base: Config, space: list[ParamSpec], *, n_trials: in
               study_name: str | None, pruner: str = "median", auto_max_lr: bool = False,
               fixed: dict[str, Any] | None = None, heartbeat_interval: int = 10, stream: TextIO | None = None,
               finish: Callable[[Path], Any] | None = None,
-              draw: Callable[[SweepResult], Any] | None = None) -> SweepResult:
+              draw: Callable[[SweepResult], Any] | None = None, mlflow: tuple[str, str] | None = None) -> SweepResult:
     """Run trials of the study until ``n_trials`` are complete or pruned (with every worker's), then write
     the results. ``base`` is the recipe with the sweep's fixed overrides (``fixed``, for best.yaml);
     ``finish(run_dir)`` runs after each trial (e.g. ``recipes.report.finish_run``), ``draw(result)`` at the end
-    (the page: ``recipes.report.sweep_page.draw_sweep``).
+    (the page: ``recipes.report.sweep_page.draw_sweep``). ``mlflow``: ``(tracking server, experiment)``: a parent
+    MLflow run for the study, each trial's run nested under it (``recipes.tracking``).
 
     SIGTERM or Ctrl-C stops the worker at any moment with :class:`SweepInterrupted` (see ``stop.py``). A
     trial stopped mid-run keeps its last.pt and is marked failed with its run recorded; the next worker on
@@ -66,12 +70,23 @@ def run_sweep(recipe: str, base: Config, space: list[ParamSpec], *, n_trials: in
                                n_trials=n_trials, heartbeat_interval=heartbeat_interval)
             out.mkdir(parents=True, exist_ok=True)  # only now: an unusable storage leaves no empty directory
             check_same_sweep(study, identity)
-        worker = _Worker(study, recipe, base, space, n_trials, out, auto_max_lr, out_stream, finish, stop)
+        parent = None
+        if mlflow is not None:
+            parent = SweepMirror(study, *mlflow, stream=out_stream)
+            parent.start({"recipe": recipe, **{f"space.{p.key}": p.describe() for p in space},
+                          **{f"fixed.{k}": str(v) for k, v in (fixed or {}).items()}})
+        worker = _Worker(study, recipe, base, space, n_trials, out, auto_max_lr, out_stream, finish, stop, parent)
         worker.run(heartbeat_interval)
         with stop.interruptible(f"the sweep's page was not drawn ({n_trials} trials done); re-run the same "
                                 "command to draw it"):
             stop.hold("page")
-            return write_results(study, recipe, base, out, n_trials=n_trials, stream=out_stream, draw=draw)
+            result = write_results(study, recipe, base, out, n_trials=n_trials, stream=out_stream, draw=draw)
+        if parent is not None:
+            counts = {state.name.lower(): sum(t.state == state for t in study.get_trials(deepcopy=False))
+                      for state in COUNTED}
+            parent.finish({"best_val_accuracy": study.best_value} if counts["complete"] else {},
+                          {"kiln.trials_complete": counts["complete"], "kiln.trials_pruned": counts["pruned"]})
+        return result
 
 
 def _check_space(space: list[ParamSpec], n_trials: int, auto_max_lr: bool) -> None:
@@ -100,6 +115,7 @@ class _Worker:
     stream: TextIO
     finish: Callable[[Path], Any] | None
     stop: StopSignals
+    parent: SweepMirror | None = None  #: the study's MLflow run: each trial's is nested under it
 
     def run(self, heartbeat_interval: int) -> None:
         """Trials until ``n_trials`` are complete or pruned; waits while the rest run in other workers."""
@@ -145,8 +161,12 @@ class _Worker:
         if stopped_dir is not None:
             run_dir = Path(stopped_dir)
             with released_after(run_dir):  # resume locks it; its run and report are written, then it is let go
-                run = resume(run_dir, quiet=True, stream=io.StringIO(), extra_handlers={"optuna_pruning": pruning})
-                self._after_run(trial, run, pruning)
+                mirror = self._mirror(self.base, run_dir, trial)
+                with self._mirrored(mirror, run_dir, trial, pruning) as handlers:
+                    start_mirror(mirror, self.stream, send=False, say_url=False)
+                    run = resume(run_dir, quiet=True, stream=io.StringIO(),
+                                 extra_handlers={"optuna_pruning": pruning, **handlers})
+                    self._after_run(trial, run, pruning)
         else:
             cfg = trial_config(self.base, params)
             if self.auto_max_lr:
@@ -154,9 +174,31 @@ class _Worker:
             run_dir = make_run_dir(cfg, _trial_dir(self.out, trial.number))  # locked; refused if it holds files
             trial.set_user_attr("run_dir", str(run_dir))
             with released_after(run_dir):  # the trial's run and report are written under its lock, then let go
-                run = train(cfg, run_dir, quiet=True, stream=io.StringIO(), extra_handlers={"optuna_pruning": pruning})
-                self._after_run(trial, run, pruning)
+                mirror = self._mirror(cfg, run_dir, trial)
+                with self._mirrored(mirror, run_dir, trial, pruning) as handlers:
+                    run = train(cfg, run_dir, quiet=True, stream=io.StringIO(), before_run=lambda _: start_mirror(
+                        mirror, self.stream, say_url=False), extra_handlers={"optuna_pruning": pruning, **handlers})
+                    self._after_run(trial, run, pruning)
         return self._result(trial, run, pruning, params)
+
+    def _mirror(self, cfg: Config, run_dir: Path, trial: optuna.Trial) -> RunMirror | None:
+        """The trial's MLflow mirror, nested under the study's run (None without one)."""
+        if self.parent is None:
+            return None
+        return open_mirror(cfg, run_dir, uri=self.parent.uri, experiment=self.parent.experiment,
+                           parent_run_id=self.parent.run_id,
+                           tags={"kiln.trial": str(trial.number), "kiln.sweep": self.study.study_name},
+                           run_name=f"trial {trial.number:03d}", stream=self.stream)
+
+    @contextlib.contextmanager
+    def _mirrored(self, mirror: RunMirror | None, run_dir: Path, trial: optuna.Trial,
+                  pruning: OptunaPruning) -> Iterator[dict[str, Any]]:
+        """The trial's mirror around its run: a pruned trial is tagged so (its status: KILLED, as it stopped)."""
+        with mirrored(mirror, run_dir, stream=self.stream, say_sent=False) as handlers:
+            yield handlers
+        if mirror is not None and pruning.pruned:
+            with contextlib.suppress(MlflowUnavailable):
+                mirror.set_tags({"kiln.pruned": "true", "kiln.pruned_epoch": str(pruning.pruned_epoch)})
 
     def _after_run(self, trial: optuna.Trial, run: Any, pruning: OptunaPruning) -> None:
         """Under the trial's lock: note a signal its run stopped on, record a prune, draw its report."""
