@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TextIO
 
+from callbacks.files import os_error_line
 from recipes.config import Config, ConfigError
 from recipes.tracking.live import LiveMirror
 from recipes.tracking.mirror import ENV_URI, STATUS, MlflowUnavailable, RunMirror, mirror_uri, mlflow_client
@@ -87,8 +88,9 @@ def finish_mirror(mirror: RunMirror | None, run_dir: str | Path, *, extra: Mappi
         return True
     try:
         mirror.sync(final=True, extra=extra)
-    except MlflowUnavailable as e:
-        print(f"kiln: {e}: the run is not all on the server; send it later with `kiln mlflow-sync {run_dir}`",
+    except (MlflowUnavailable, OSError) as e:  # an OSError: a file of the run that could not be read
+        reason = str(e) if isinstance(e, MlflowUnavailable) else f"a file could not be read: {os_error_line(e)}"
+        print(f"kiln: {reason}: the run is not all on the server; send it later with `kiln mlflow-sync {run_dir}`",
               file=stream or sys.stderr, flush=True)
         return False
     if say_sent:

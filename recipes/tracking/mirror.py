@@ -196,13 +196,14 @@ class RunMirror:
 
     @contextlib.contextmanager
     def _calls(self) -> Iterator[None]:
-        """Calls to the server: any error but the run directory's own (OSError) is :class:`MlflowUnavailable`,
-        and leaves the server's last steps unknown (a call that failed may have landed); ``down`` follows."""
+        """Calls to the server: any error but a file's (an OSError naming a file: the run directory's own) is
+        :class:`MlflowUnavailable`, and leaves the server's last steps unknown (a call that failed may have
+        landed); ``down`` follows. (requests' errors are OSErrors too, naming no file.)"""
         try:
             yield
-        except OSError:
-            raise
         except Exception as e:  # noqa: BLE001 - requests' and MLflow's errors: the server is not usable now
+            if isinstance(e, OSError) and e.filename is not None:
+                raise
             self._last_step, self.down = None, True
             if isinstance(e, MlflowUnavailable):
                 raise
