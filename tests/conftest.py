@@ -14,6 +14,7 @@ from torch import nn
 
 from recipes.data import TensorBatches
 from tests.mlflow_server import HTTP_ENV as MLFLOW_HTTP_ENV
+from tests.services import serve
 
 NUM_CLASSES = 3
 IMAGE_SHAPE = (3, 16, 16)
@@ -133,9 +134,15 @@ def postgres_server():
     """A real PostgreSQL server for the session (``tests/postgres.py``); skipped where none can be started."""
     from tests.postgres import start_or_skip
 
-    server = start_or_skip()
-    yield server
-    server.stop()
+    yield from serve(start_or_skip)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server():
+    """A real MLflow tracking server for the session (``tests/mlflow_server.py``); skipped where none can be started."""
+    from tests.mlflow_server import start_or_skip
+
+    yield from serve(start_or_skip)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
+from tests.services import free_port, started_or_skip, unavailable
 
 __all__ = ["HTTP_ENV", "MlflowServer", "start_or_skip"]
 
@@ -27,19 +26,13 @@ HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "3", "MLFLOW_HTTP_REQUEST_MAX_RETRIES
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """One ``mlflow server`` (one worker, no job runner) on ``uri``; :meth:`kill` and :meth:`start` again keep its
     port, database and artifacts."""
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="kiln-mlflow-"))
-        self.port = _free_port()
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
@@ -85,22 +78,11 @@ class MlflowServer:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("KILN_REQUIRE_MLFLOW"):  # CI installs MLflow: there a missing server is a failure
-        pytest.fail(f"no MLflow server for the tests: {reason}")
-    pytest.skip(f"no MLflow server for the tests: {reason}")
-
-
 def start_or_skip() -> MlflowServer:
     """A started server, or a skip (a failure under KILN_REQUIRE_MLFLOW) saying why there is none."""
     try:
         import mlflow.server  # noqa: F401 - the full package: mlflow-skinny has no server
     except ImportError:
-        _unavailable("the mlflow package is not installed (pip install -e '.[mlflow,mlflow-server]')")
-    server = MlflowServer()
-    try:
-        return server.start()
-    except (RuntimeError, OSError) as e:
-        server.stop()
-        _unavailable(str(e))
-    raise AssertionError("unreachable")
+        unavailable("MLflow server", "KILN_REQUIRE_MLFLOW",
+                    "the mlflow package is not installed (pip install -e '.[mlflow,mlflow-server]')")
+    return started_or_skip(MlflowServer(), "MLflow server", "KILN_REQUIRE_MLFLOW", (RuntimeError, OSError))

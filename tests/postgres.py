@@ -11,12 +11,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
-import pytest
+from tests.services import free_port, started_or_skip, unavailable
 
 __all__ = ["PostgresServer", "start_or_skip"]
 
@@ -35,19 +35,13 @@ def _bin_dir() -> Path | None:
     return Path(on_path).parent if on_path else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     """One PostgreSQL server in a temporary directory; :meth:`database` makes a fresh database and
     returns its URL (``postgresql://postgres:PASSWORD@127.0.0.1:PORT/NAME``, psycopg 3)."""
 
     def __init__(self, bin_dir: Path) -> None:
         self.bin_dir = bin_dir
-        self.port = _free_port()
+        self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="kiln-postgres-"))
         self.data = self.root / "data"
         self._as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # they refuse root
@@ -78,7 +72,7 @@ class PostgresServer:
                 self._stop_server()
                 if attempt == attempts - 1:
                     raise
-                self.port = _free_port()
+                self.port = free_port()
         return self
 
     def url(self, database: str, password: str = PASSWORD, user: str = "postgres") -> str:
@@ -111,10 +105,8 @@ class PostgresServer:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("KILN_REQUIRE_POSTGRES"):  # CI installs PostgreSQL: there a missing server is a failure
-        pytest.fail(f"no PostgreSQL server for the tests: {reason}")
-    pytest.skip(f"no PostgreSQL server for the tests: {reason}")
+def _unavailable(reason: str) -> NoReturn:
+    unavailable("PostgreSQL server", "KILN_REQUIRE_POSTGRES", reason)  # CI installs PostgreSQL
 
 
 def start_or_skip() -> PostgresServer:
@@ -126,10 +118,5 @@ def start_or_skip() -> PostgresServer:
     bin_dir = _bin_dir()
     if bin_dir is None:
         _unavailable("no pg_ctl (apt-get install postgresql)")
-    server = PostgresServer(bin_dir)
-    try:
-        return server.start()
-    except (RuntimeError, OSError, subprocess.TimeoutExpired, LookupError) as e:
-        server.stop()
-        _unavailable(str(e))
-    raise AssertionError("unreachable")
+    return started_or_skip(PostgresServer(bin_dir), "PostgreSQL server", "KILN_REQUIRE_POSTGRES",
+                           (RuntimeError, OSError, subprocess.TimeoutExpired, LookupError))

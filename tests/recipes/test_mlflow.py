@@ -11,7 +11,6 @@ import pytest
 
 from recipes.config import hparams
 from recipes.run.rundir import RunDir, read_json, read_jsonl, run_config
-from tests.mlflow_server import start_or_skip
 from tests.runs import kiln, start, wait_for
 
 pytestmark = pytest.mark.slow
@@ -23,11 +22,9 @@ QUICK = ["--set", "data.image_size=16", "--set", "train.log_every=5", "--set", "
 
 
 @pytest.fixture(scope="module")
-def server():
-    """One server for the module's tests (they run one after another on one pytest-xdist worker)."""
-    started = start_or_skip()
-    yield started
-    started.stop()
+def server(mlflow_server):
+    """The session's server (tests/conftest.py); this module's tests run one after another on one worker."""
+    return mlflow_server
 
 
 @pytest.fixture(scope="module")
