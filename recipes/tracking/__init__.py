@@ -37,8 +37,9 @@ def open_mirror(cfg: Config, run_dir: str | Path, *, uri: str | None = None, exp
                 parent_run_id: str | None = None, tags: Mapping[str, str] | None = None, run_name: str | None = None,
                 stream: TextIO | None = None) -> RunMirror | None:
     """The mirror of the run in ``run_dir``, its server reached (the experiment found or created; the MLflow run
-    is created by :func:`start_mirror`, once the run is built), or None when no server is named (``uri``, ``cfg.tracking.mlflow_uri``, ``$KILN_MLFLOW_URI``, the run's
-    mlflow.json). A server that cannot be reached is one line, and the run trains without it for now.
+    is created by :func:`start_mirror`, once the run is built), or None when no server is named (``uri``,
+    ``cfg.tracking.mlflow_uri``, ``$KILN_MLFLOW_URI``, the run's mlflow.json). A server that cannot be reached
+    is one line on ``stream`` (stderr), and the run trains without it for now.
 
     Raises:
         ConfigError: the MLflow client is not installed, or the server cannot be reached and
@@ -47,7 +48,6 @@ def open_mirror(cfg: Config, run_dir: str | Path, *, uri: str | None = None, exp
     server = mirror_uri(uri or cfg.tracking.mlflow_uri, run_dir)
     if server is None:
         return None
-    out = stream or sys.stdout
     mirror = RunMirror(run_dir, server, experiment or cfg.tracking.mlflow_experiment or cfg.name,
                        parent_run_id=parent_run_id, tags=tags, run_name=run_name)
     try:
@@ -56,7 +56,7 @@ def open_mirror(cfg: Config, run_dir: str | Path, *, uri: str | None = None, exp
         if cfg.tracking.mlflow_required:
             raise ConfigError(f"{e} (--mlflow-required: not training without it)") from None
         print(f"kiln: {e}; training without it for now: the run is sent when it is back, or with "
-              f"`kiln mlflow-sync {run_dir}`", file=out, flush=True)
+              f"`kiln mlflow-sync {run_dir}`", file=stream or sys.stderr, flush=True)
     return mirror
 
 
@@ -64,8 +64,8 @@ def start_mirror(mirror: RunMirror | None, stream: TextIO | None = None, *, send
                  say_url: bool = True) -> None:
     """Once the run is built: create the MLflow run (or find it again), and with ``send`` its params and tags and
     the RUNNING status (a resume leaves that to the live mirror's first sync, after the records written past
-    its checkpoint are cut); print the run's address. A server that is down stays one line (said when the
-    mirror was opened, or now)."""
+    its checkpoint are cut); print the run's address (on stdout). A server that is down stays one line (said
+    when the mirror was opened, or now, on ``stream``: stderr)."""
     if mirror is None:
         return
     was_down = mirror.down
@@ -73,7 +73,7 @@ def start_mirror(mirror: RunMirror | None, stream: TextIO | None = None, *, send
         mirror.sync() if send else mirror.connect()
     except MlflowUnavailable as e:
         if not was_down:
-            print(f"kiln: {e}; training goes on without it for now", file=stream or sys.stdout, flush=True)
+            print(f"kiln: {e}; training goes on without it for now", file=stream or sys.stderr, flush=True)
         return
     if say_url:
         print(f"kiln: mlflow: {mirror.url}", file=stream or sys.stdout, flush=True)

@@ -194,7 +194,8 @@ class _Worker:
     def _mirrored(self, mirror: RunMirror | None, run_dir: Path, trial: optuna.Trial,
                   pruning: OptunaPruning) -> Iterator[dict[str, Any]]:
         """The trial's mirror around its run: a pruned trial is tagged so (its status: KILLED, as it stopped)."""
-        with mirrored(mirror, run_dir, stream=self.stream, say_sent=False) as handlers:
+        with mirrored(mirror, run_dir, self.base.tracking.mlflow_every_seconds, stream=self.stream,
+                      say_sent=False) as handlers:
             yield handlers
         if mirror is not None and pruning.pruned:
             with contextlib.suppress(MlflowUnavailable):
