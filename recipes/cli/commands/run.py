@@ -102,7 +102,8 @@ def train(recipe: str, out: str | None, quiet: bool, report: bool, resume_from: 
               help="Data-parallel processes: as many as the run was started with.")
 @click.option("--backend", type=click.Choice(["gloo", "nccl"]), help="torch.distributed backend.")
 @click.option("--mlflow", metavar="URI", help="Mirror the run to this MLflow tracking server (default: the run's "
-              "own --mlflow, else $KILN_MLFLOW_URI, else the server it was last mirrored to, whose MLflow run it continues).")
+              "own --mlflow, else $KILN_MLFLOW_URI, else the server it was last mirrored to, whose MLflow run it "
+              "continues).")
 def resume(run_dir: str, epochs: int | None, new_schedule: bool, quiet: bool, report: bool, nproc_per_node: int,
            backend: str | None, mlflow: str | None) -> None:
     """Continue the run in RUN_DIR from its checkpoints/last.pt, exactly where it stopped.
