@@ -115,6 +115,22 @@ def test_sigterm_then_resume_continues_the_same_mlflow_run(server, client, tmp_p
     assert len(client.search_runs([experiment], filter_string=f"tags.`kiln.run_dir` = '{run_dir.resolve()}'")) == 1
 
 
+def test_a_resume_that_changes_a_param_keeps_the_first_value_and_tags_the_change(server, client, tmp_path):
+    """MLflow's params cannot change: ``kiln resume --epochs 3 --new-schedule`` on a 2-epoch run keeps
+    ``train.epochs`` 2 and says 2 -> 3 in a tag; epochs 1..3 are each on the server once."""
+    run_dir = tmp_path / "run"
+    done = kiln("train", "digits", "--epochs", "2", *QUICK, "--mlflow", server.uri, "--out", str(run_dir),
+                "--quiet", "--no-report")
+    assert done.returncode == 0, done.stderr
+    resumed = kiln("resume", str(run_dir), "--epochs", "3", "--new-schedule", "--quiet", "--no-report")
+    assert resumed.returncode == 0, resumed.stderr
+    run = client.get_run(run_id(run_dir, server))
+    assert run.data.params["train.epochs"] == "2"
+    assert run.data.tags["kiln.changed_on_resume.train.epochs"] == "2 -> 3"
+    assert_mirrors(client, run_dir, server)
+    assert [step for step, _ in history(client, run_id(run_dir, server), "val_accuracy")] == [1, 2, 3]
+
+
 def test_sigkill_after_the_server_got_epochs_the_checkpoint_lacks_sends_none_twice(server, client, tmp_path):
     """Killed after epoch k's records reached the server but before the checkpoint holding epoch k: the resumed run
     writes those epochs again (equal values: exact resume) and sends none of them twice."""
