@@ -22,8 +22,9 @@ __all__ = ["ENV_URI", "STATUS", "LiveMirror", "MlflowUnavailable", "RunMirror", 
            "mirrored", "mlflow_client", "open_mirror", "require_mlflow_client", "start_mirror"]
 
 
-def require_mlflow_client(configured: str, run_dir: str | Path | None = None) -> None:
-    """Before anything is written: when a server is named (:func:`mirror_uri`), the MLflow client is installed.
+def require_mlflow_client(configured: str, run_dir: str | Path | None = None) -> str | None:
+    """Before anything is written: the server named (:func:`mirror_uri`; None: none), whose MLflow client is then
+    installed.
 
     Raises:
         ConfigError: it is not (one line naming the extra).
@@ -31,6 +32,7 @@ def require_mlflow_client(configured: str, run_dir: str | Path | None = None) ->
     server = mirror_uri(configured, run_dir)
     if server is not None:
         mlflow_client(server)
+    return server
 
 
 def open_mirror(cfg: Config, run_dir: str | Path, *, uri: str | None = None, experiment: str | None = None,

@@ -37,7 +37,8 @@ from callbacks.files import write_json_atomic
 from recipes.config import ConfigError, config_from_dict, hparams
 from recipes.run.rundir import PLOTS, RunDir, read_json, read_jsonl
 
-__all__ = ["ENV_URI", "STATUS", "MlflowUnavailable", "RunMirror", "mirror_uri", "mlflow_client", "reason_line"]
+__all__ = ["ENV_URI", "STATUS", "MlflowUnavailable", "RunMirror", "experiment_id", "mirror_uri", "mlflow_client",
+           "reason_line", "run_url"]
 
 #: The environment variable that names a tracking server when neither ``--mlflow`` nor the config does.
 ENV_URI = "KILN_MLFLOW_URI"
@@ -105,6 +106,17 @@ def reason_line(error: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def experiment_id(client: Any, name: str) -> str:
+    """The id of the MLflow experiment ``name``, created if missing (a run's, and a sweep's parent run's)."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found is not None else client.create_experiment(name)
+
+
+def run_url(uri: str, experiment: str, run_id: str) -> str:
+    """An MLflow run's page on the server ``uri``."""
+    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -135,9 +147,10 @@ class RunMirror:
         self.experiment, self.parent_run_id, self.tags = experiment, parent_run_id, dict(tags or {})
         self.run_name = run_name or self.run_dir.name
         self.client = mlflow_client(uri)
-        self.run_id: str | None = self._recorded().get("run_id")
+        recorded = self._recorded()
+        self.run_id: str | None = recorded.get("run_id")
         self.down = False  #: the last call to the server failed (LiveMirror says so once, and when it is back)
-        self._experiment_id: str | None = self._recorded().get("experiment_id")
+        self._experiment_id: str | None = recorded.get("experiment_id")
         self._last_step: dict[str, int] | None = None  # the server's last step per metric; None: to be read
         self._running = False  # this process has marked the MLflow run RUNNING
 
@@ -157,10 +170,9 @@ class RunMirror:
     @property
     def url(self) -> str | None:
         """The run's page on the server (None before it exists)."""
-        entry = self._recorded()
-        if self.run_id is None or "experiment_id" not in entry:
+        if self.run_id is None or self._experiment_id is None:
             return None
-        return f"{self.uri.rstrip('/')}/#/experiments/{entry['experiment_id']}/runs/{self.run_id}"
+        return run_url(self.uri, self._experiment_id, self.run_id)
 
     def check(self) -> None:
         """Reach the server: find the experiment (created if missing). Raises :class:`MlflowUnavailable`."""
@@ -169,9 +181,7 @@ class RunMirror:
 
     def _experiment(self) -> str:
         if self._experiment_id is None:
-            name = self.experiment or self._config().get("name") or "kiln"
-            found = self.client.get_experiment_by_name(name)
-            self._experiment_id = found.experiment_id if found is not None else self.client.create_experiment(name)
+            self._experiment_id = experiment_id(self.client, self.experiment or self._config().get("name") or "kiln")
         return self._experiment_id
 
     def connect(self) -> str:
@@ -182,16 +192,16 @@ class RunMirror:
         with self._calls():
             self._write_record()  # the uid exists before the run does: a create whose reply is lost is found
             uid = self._record()["uid"]
-            experiment_id = self._experiment()
-            runs = self.client.search_runs([experiment_id], filter_string=f"tags.`kiln.uid` = '{uid}'", max_results=1)
+            experiment = self._experiment()
+            runs = self.client.search_runs([experiment], filter_string=f"tags.`kiln.uid` = '{uid}'", max_results=1)
             if runs:
                 self.run_id = runs[0].info.run_id
             else:
                 tags = {"kiln.uid": uid, "kiln.run_dir": str(self.run_dir.resolve()), **self.tags}
                 if self.parent_run_id:
                     tags["mlflow.parentRunId"] = self.parent_run_id
-                self.run_id = self.client.create_run(experiment_id, tags=tags, run_name=self.run_name).info.run_id
-            self._write_record(experiment_id=experiment_id, run_id=self.run_id)
+                self.run_id = self.client.create_run(experiment, tags=tags, run_name=self.run_name).info.run_id
+            self._write_record(experiment_id=experiment, run_id=self.run_id)
         return self.run_id
 
     @contextlib.contextmanager
@@ -247,9 +257,10 @@ class RunMirror:
         metric values sent. Raises :class:`MlflowUnavailable` (what was not sent goes next time)."""
         with self._calls():
             self.connect()
+            values = self.metrics()  # the run directory's records, read once per sync
             if self._last_step is None:
-                self._read_server()
-            sent = self._send_metrics()
+                self._read_server(values)
+            sent = self._send_metrics(values)
             status = STATUS.get((read_json(RunDir(self.run_dir).summary) or {}).get("status", "running"), "RUNNING")
             if final:
                 self._send_artifacts(extra or {})
@@ -262,7 +273,7 @@ class RunMirror:
                 self._running = True
         return sent
 
-    def _read_server(self) -> None:
+    def _read_server(self, values: list[tuple[str, float, int]]) -> None:
         """The server's params, tags and last step per metric; params and tags it lacks are sent (none before
         config.json is written: the server is read again until they are)."""
         run = self.client.get_run(self.run_id)
@@ -279,17 +290,17 @@ class RunMirror:
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in new_params[i:i + BATCH_PARAMS]],
                                   tags=[RunTag(k, v) for k, v in list(new_tags.items())[i:i + BATCH_PARAMS]])
         last: dict[str, int] = {}
-        for key in {key for key, _, _ in self.metrics()} & set(run.data.metrics):
+        for key in {key for key, _, _ in values} & set(run.data.metrics):
             last[key] = max(m.step for m in self.client.get_metric_history(self.run_id, key))
         self._last_step = last
 
-    def _send_metrics(self) -> int:
+    def _send_metrics(self, values: list[tuple[str, float, int]]) -> int:
         from mlflow.entities import Metric
 
         if self._last_step is None:  # no config.json yet: nothing to send
             return 0
         now = int(time.time() * 1000)
-        pending = [Metric(k, v, now, step) for k, v, step in self.metrics() if step > self._last_step.get(k, -1)]
+        pending = [Metric(k, v, now, step) for k, v, step in values if step > self._last_step.get(k, -1)]
         for i in range(0, len(pending), BATCH_METRICS):
             batch = pending[i:i + BATCH_METRICS]
             self.client.log_batch(self.run_id, metrics=batch)

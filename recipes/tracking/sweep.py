@@ -5,7 +5,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from recipes.tracking.mirror import mlflow_client, reason_line
+from recipes.tracking.mirror import experiment_id, mlflow_client, reason_line, run_url
 
 __all__ = ["SweepMirror"]
 
@@ -37,9 +37,7 @@ class SweepMirror:
         if self.run_id is not None:
             return self.run_id
         try:
-            found = self.client.get_experiment_by_name(self.experiment)
-            experiment_id = found.experiment_id if found is not None else self.client.create_experiment(self.experiment)
-            run = self.client.create_run(experiment_id, run_name=f"{self.study.study_name} (sweep)",
+            run = self.client.create_run(experiment_id(self.client, self.experiment), run_name=f"{self.study.study_name} (sweep)",
                                          tags={"kiln.sweep": self.study.study_name})
             self.client.log_batch(run.info.run_id, params=_params(params))
         except Exception as e:  # noqa: BLE001 - the server is not usable: the sweep goes on without a parent
@@ -61,9 +59,8 @@ class SweepMirror:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, str(value))
             self.client.set_terminated(self.run_id, status="FINISHED")
-            experiment_id = self.client.get_run(self.run_id).info.experiment_id
-            print(f"mlflow: {self.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id} (the sweep's run; "
-                  "its trials are nested under it)", file=self.stream)
+            url = run_url(self.uri, self.client.get_run(self.run_id).info.experiment_id, self.run_id)
+            print(f"mlflow: {url} (the sweep's run; its trials are nested under it)", file=self.stream)
         except Exception as e:  # noqa: BLE001
             print(f"kiln: the sweep's results did not reach MLflow at {self.uri}: {reason_line(e)}", file=self.stream)
 

@@ -96,7 +96,7 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
     from recipes.tools.holdout import tuning_split
     from recipes.tools.sweep import SweepInterrupted, default_space, parse_param, run_sweep
     from recipes.tools.sweep.stop import quiet_failed_trials
-    from recipes.tracking import mirror_uri, require_mlflow_client
+    from recipes.tracking import require_mlflow_client
 
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, not {trials}")
@@ -109,8 +109,7 @@ def sweep(recipe: str, trials: int, params: tuple[str, ...], epochs: int | None,
         fixed["data.val_fraction"] = cfg.data.val_fraction  # every trial holds it out
     space = [parse_param(p, cfg) for p in params] or default_space(cfg, with_max_lr=not auto and max_lr is None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    server = mirror_uri(mlflow or "")
-    require_mlflow_client(mlflow or "")
+    server = require_mlflow_client(mlflow or "")
     try:  # an OSError ends the sweep and reaches main, which says it in one line: Optuna's lines about it go
         with quiet_failed_trials(OSError), output_folder(Path(out or f"runs/{cfg.name}-sweep")) as sweep_dir:
             run_sweep(recipe, cfg, space, n_trials=trials, out=sweep_dir, storage=storage, study_name=study_name,

@@ -31,9 +31,8 @@ def mlflow_sync(run_dir: str, uri: str | None, experiment: str | None, log_model
 
     from recipes.cli.jobs import model_artifacts
     from recipes.run.lock import RunLock
-    from recipes.run.rundir import run_config
+    from recipes.run.rundir import RunDir, read_summary, run_config
     from recipes.tracking import STATUS, MlflowUnavailable, RunMirror, mirror_uri
-    from recipes.run.rundir import RunDir, read_summary
 
     folder = Path(run_dir)
     if not RunDir(folder).config.is_file():
