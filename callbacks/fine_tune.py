@@ -24,12 +24,17 @@ class FineTune:
 
     The phase follows from the iteration alone, so a resumed run freezes or unfreezes exactly as the
     uninterrupted one did: the checkpoint of the last phase-1 iteration holds the first cycle's state, and
-    the second cycle starts at the same iteration after the resume.
+    the second cycle starts at the same iteration after the resume. A rollback in phase 2 to a snapshot
+    taken before the unfreeze (NanGuard's last sound state is often the epoch end just before it) brings
+    back the first cycle's schedule, spent; the body stays unfrozen, so the second cycle starts again from
+    the next iteration, at the LR the rollback lowered. (Without that, phase 2 would train at the first
+    cycle's final LR, about max_lr / 1e5.)
 
-    Events: STARTED (sets the phase of the iteration the run starts from), ITERATION_STARTED of the first
-    phase-2 iteration (unfreezes; restarts the schedule). Reads ``state.iteration``, ``state.epoch_length``.
+    Events: STARTED (sets the phase of the iteration the run starts from), ITERATION_STARTED (the first
+    phase-2 iteration unfreezes and restarts the schedule; a later one restarts it again if a rollback
+    brought the first cycle back). Reads ``state.iteration``, ``state.epoch_length``, ``schedule.cycle``.
     Writes the parameters' ``requires_grad``; restarts ``schedule``.
-    State: none (the phase is a function of the iteration; the schedule keeps its own).
+    State: none (the phase is a function of the iteration; the schedule keeps its own, and its cycle count).
 
     Args:
         frozen: the parameters phase 1 does not train.
@@ -63,12 +68,12 @@ class FineTune:
         if not self.frozen:
             raise ValueError("nothing to freeze: the model is all head")
         self.schedule, self.freeze_epochs, self.phase2_steps = schedule, freeze_epochs, phase2_steps
+        self._phase2_cycle: int | None = None  # the schedule's cycle in phase 2, once it has begun
 
     def attach(self, engine: Engine) -> list[RemovableEventHandle]:
         """Freeze and unfreeze on ``engine``; returns the handles."""
-        first_of_phase2 = lambda e, iteration: iteration == self._boundary(e) + 1  # noqa: E731
         return [engine.add_event_handler(Events.STARTED, self._on_started),
-                engine.add_event_handler(Events.ITERATION_STARTED(event_filter=first_of_phase2), self._unfreeze)]
+                engine.add_event_handler(Events.ITERATION_STARTED, self._on_iteration_started)]
 
     def _boundary(self, engine: Engine) -> int:
         """The last iteration of phase 1."""
@@ -79,11 +84,20 @@ class FineTune:
         return engine.state.iteration < self._boundary(engine)
 
     def _on_started(self, engine: Engine) -> None:
-        self._set_trainable(not self.in_phase1(engine))
+        phase2 = not self.in_phase1(engine)
+        self._set_trainable(phase2)
+        self._phase2_cycle = self.schedule.cycle if phase2 else None  # resumed in phase 2: the checkpoint's cycle
 
-    def _unfreeze(self, engine: Engine) -> None:
-        self._set_trainable(True)
+    def _on_iteration_started(self, engine: Engine) -> None:
+        if engine.state.iteration == self._boundary(engine) + 1:
+            self._set_trainable(True)
+            self._restart()
+        elif self._phase2_cycle is not None and self.schedule.cycle < self._phase2_cycle:
+            self._restart()  # a rollback brought back the first cycle's schedule: phase 2's starts again
+
+    def _restart(self) -> None:
         self.schedule.restart(self.phase2_steps)
+        self._phase2_cycle = self.schedule.cycle
 
     def _set_trainable(self, trainable: bool) -> None:
         for p in self.frozen:

@@ -41,7 +41,8 @@ class OneCycle:
     Events: OPTIMIZER_STEP_COMPLETED.
     Reads ``state.step_skipped``, ``state.optimizer_step``. Mutates ``optimizer.param_groups[*]['lr']``
     and momentum/betas.
-    State: the scheduler's state and the unread skip count, kept across resume.
+    State: the scheduler's state, the unread skip count and ``cycle`` (0 for the first cycle, one more at each
+    :meth:`restart`), kept across resume and in NanGuard's snapshots.
 
     Args:
         optimizer: the optimizer whose LR it sets (its LR is set to ``max_lr / div_factor`` at once). A param
@@ -84,6 +85,7 @@ class OneCycle:
         self.optimizer = optimizer
         self.sync_every = sync_every
         self.lr_factor = 1.0  # what scale_lr applied so far: a restarted cycle keeps it
+        self.cycle = -1  # restart() makes it 0: the cycles begun before this one
         self._shape = dict(max_lr=max_lr, pct_start=pct_start, div_factor=div_factor,
                            final_div_factor=final_div_factor, anneal_strategy=anneal_strategy,
                            cycle_momentum=cycle_momentum)
@@ -98,6 +100,7 @@ class OneCycle:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, not {total_steps}")
         self.total_steps = total_steps
+        self.cycle += 1
         shape = dict(self._shape, max_lr=self._shape["max_lr"] * self.lr_factor)
         scales = [group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
         if any(scale != 1.0 for scale in scales):  # discriminative LRs: a group's peak is max_lr x its lr_scale
@@ -176,7 +179,8 @@ class OneCycle:
         unread = self._unread_loaded + (int(self._unread) if self._unread is not None else 0)
         return {"scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps,
                 "position": self._position, "unread_skips": unread,
-                "steps_past_end": max(0, self._position - (self.total_steps - 1)), "lr_factor": self.lr_factor}
+                "steps_past_end": max(0, self._position - (self.total_steps - 1)), "lr_factor": self.lr_factor,
+                "cycle": self.cycle}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
@@ -187,3 +191,4 @@ class OneCycle:
         self._unread, self._unread_loaded = None, int(state.get("unread_skips", 0))
         self._warned_end = self._position - (self.total_steps - 1) >= 2
         self.lr_factor = float(state.get("lr_factor", 1.0))
+        self.cycle = int(state.get("cycle", self.cycle))  # checkpoints from before cycles were counted: as built

@@ -66,6 +66,40 @@ def test_the_body_waits_while_the_head_learns_then_trains_slower_on_a_second_cyc
     assert preview.lr == pytest.approx([head_lr[i] for i in range(1, 2 * epoch_length + 1)], rel=1e-12)
 
 
+
+def test_a_rollback_to_before_the_unfreeze_starts_the_second_cycle_again_at_the_lowered_lr(tmp_path):
+    """NanGuard's last sound state at the unfreeze is the epoch end before it: rolling back there brings back the
+    first cycle's spent schedule, and phase 2 would crawl at its final LR (about max_lr / 1e5) to the end."""
+    cfg = _config(**{"train.epochs": 3, "guard.on_nan": "rollback", "guard.check_every": 5})
+    run = build(cfg, tmp_path / "run", quiet=True)
+    model, optimizer, trainer = run.model, run.optimizer, run.trainer
+    head = {id(p) for p in head_parameters(model)}
+    conv = next(p for p in model.parameters() if id(p) not in head and p.ndim == 4)  # a body weight
+    lrs, body_after_rollback = {}, {}
+    trainer.add_event_handler(StepEvents.BEFORE_OPTIMIZER_STEP, lambda e: lrs.__setitem__(
+        e.state.iteration, {g["name"]: g["lr"] for g in optimizer.param_groups}))
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _poison_after_the_unfreeze(engine):
+        if engine.state.iteration == engine.state.epoch_length + 2:
+            with torch.no_grad():
+                head_parameters(model)[0].view(-1)[0] = float("nan")
+        if engine.state.iteration == engine.state.epoch_length + 3:
+            body_after_rollback["conv"] = conv.detach().clone()
+    execute(run)
+
+    n = trainer.state.epoch_length
+    [rollback] = [json.loads(line) for line in run.events_path.read_text().splitlines()
+                  if json.loads(line)["event"] == "rollback"]
+    assert (rollback["iteration"], rollback["restored_iteration"]) == (n + 2, n)  # back across the unfreeze
+    assert run.status == "completed" and conv.requires_grad
+    restarted = range(n + 3, 3 * n + 1)  # a new second cycle at half the peak, the body at its factor of it
+    peak = cfg.schedule.max_lr * cfg.guard.lr_factor
+    assert lrs[n + 3]["head"] == pytest.approx(peak / cfg.div_factor)
+    assert max(lrs[i]["head"] for i in restarted) == pytest.approx(peak, rel=0.01)
+    assert max(lrs[i]["body"] for i in restarted) == pytest.approx(peak * cfg.finetune.body_lr_factor, rel=0.01)
+    assert not torch.equal(conv, body_after_rollback["conv"])  # and the body trains on
+
 def test_the_range_test_of_a_fine_tune_loads_the_weights_and_trains_the_head_alone(tmp_path):
     path = tmp_path / "weights.pt"
     weights = build_model("small_cnn", 1, 5, 16, (32, 64, 128)).state_dict()
