@@ -15,7 +15,8 @@ cost 42 s an epoch; a test-time flip gained nothing. Three more on 2026-12-07: t
 over its whole 3x3 map (a 2x2 pool of a 3x3 map reads 4 of its 9 pixels) 93.60% (507 s); then each block
 pooled before its BatchNorm (as airbench does: the norm and ReLU see a quarter of the pixels, a quarter
 off a step) and a second conv at 7x7 and at 3x3 (16 | 32,64 | 128,128 | 256, 543k parameters) 93.72%
-(543 s); the same with 64 channels at 14x14 (566k) 93.87% but 619 s. None reaches 94% inside 600 s.
+(543 s); the same with 64 channels at 14x14 (566k) 93.87% but 619 s, and with its first 8 epochs on
+images shrunk to 20x20 (progressive resizing: those epochs cost 0.62x) 93.50%. None reaches 94% inside 600 s.
 max_lr 0.005 is the best of a grid of whole 24-epoch runs at 0.005 x 1/8 .. 8
 (benchmarks/results/*-lr-grid-fashion-mnist.json; 0.931-0.9375, flat within 0.65 points), and
 ``kiln lr-find fashion-mnist`` suggests 0.0044-0.0047 (2 seeds). Short sweeps mislead here: ``kiln sweep
