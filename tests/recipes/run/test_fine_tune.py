@@ -17,6 +17,7 @@ from recipes.config import ConfigError, apply_overrides
 from recipes.models import build_model, head_parameters
 from recipes.run import build, execute
 from recipes.run.parts import training_parts
+from recipes.run.rundir import read_jsonl
 from recipes.tools.schedule import schedule_series
 from tests.runs import FAST, assert_same_run, kiln, shared_run, start, wait_for_iteration
 
@@ -66,7 +67,6 @@ def test_the_body_waits_while_the_head_learns_then_trains_slower_on_a_second_cyc
     assert preview.lr == pytest.approx([head_lr[i] for i in range(1, 2 * epoch_length + 1)], rel=1e-12)
 
 
-
 def test_a_rollback_to_before_the_unfreeze_starts_the_second_cycle_again_at_the_lowered_lr(tmp_path):
     """NanGuard's last sound state at the unfreeze is the epoch end before it: rolling back there brings back the
     first cycle's spent schedule, and phase 2 would crawl at its final LR (about max_lr / 1e5) to the end."""
@@ -89,8 +89,7 @@ def test_a_rollback_to_before_the_unfreeze_starts_the_second_cycle_again_at_the_
     execute(run)
 
     n = trainer.state.epoch_length
-    [rollback] = [json.loads(line) for line in run.events_path.read_text().splitlines()
-                  if json.loads(line)["event"] == "rollback"]
+    [rollback] = [record for record in read_jsonl(run.events_path) if record["event"] == "rollback"]
     assert (rollback["iteration"], rollback["restored_iteration"]) == (n + 2, n)  # back across the unfreeze
     assert run.status == "completed" and conv.requires_grad
     restarted = range(n + 3, 3 * n + 1)  # a new second cycle at half the peak, the body at its factor of it
@@ -99,6 +98,7 @@ def test_a_rollback_to_before_the_unfreeze_starts_the_second_cycle_again_at_the_
     assert max(lrs[i]["head"] for i in restarted) == pytest.approx(peak, rel=0.01)
     assert max(lrs[i]["body"] for i in restarted) == pytest.approx(peak * cfg.finetune.body_lr_factor, rel=0.01)
     assert not torch.equal(conv, body_after_rollback["conv"])  # and the body trains on
+
 
 def test_the_range_test_of_a_fine_tune_loads_the_weights_and_trains_the_head_alone(tmp_path):
     path = tmp_path / "weights.pt"
